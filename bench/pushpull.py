@@ -1,0 +1,167 @@
+"""One worker's round trip, isolated: PSClient.push_pull of MNIST-MLP-sized gradients to a shard.
+
+    python bench/pushpull.py [--calls 2000] [--clients 1] [--shards 1] [--reps 3] [--profile OUT]
+
+A shard server (SGD, async; one process per shard, spawned) and `--clients` client processes
+that each call `push_pull` in a loop with the gradients of the 784-256-256-10 MLP (4 tensors,
+1.08 MB) and no compute in between. Reported per round trip (median over `--reps`):
+wall milliseconds, client CPU milliseconds and shard CPU milliseconds (user + system of the
+whole process, gRPC threads included). On a 2-core machine the CPU milliseconds are what the
+cluster pays per step on top of the model's own math; the wall time bounds one worker's rate.
+`--profile OUT` writes a cProfile of client 0 (and OUT.ps<i>, a yappi CPU profile of every thread
+of each shard) for the last rep.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+MLP_SHAPES = {"dense0/w": (784, 256), "dense0/b": (256,), "dense1/w": (256, 256), "dense1/b": (256,),
+              "dense2/w": (256, 10), "dense2/b": (10,)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process, all threads (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _server_main(conn, index: int, shards: int, workers: int, profile: str | None) -> None:
+    from asyncps.config import Config
+    from asyncps.ps.server import ShardServer
+
+    cfg = Config()
+    cfg.cluster.ps, cfg.cluster.workers = shards, workers
+    server = ShardServer(cfg, index)
+    conn.send(server.start())
+    prof = None
+    while True:
+        msg = conn.recv()
+        if msg == "profile" and profile:
+            import yappi  # every thread (gRPC's pool runs the handlers), CPU clock
+
+            yappi.set_clock_type("cpu")
+            yappi.start()
+            prof = yappi
+        elif msg == "stop":
+            break
+    if prof is not None:
+        prof.stop()
+        prof.get_func_stats().save(f"{profile}.ps{index}", type="pstat")
+    server.stop(0)
+
+
+def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None) -> None:
+    from asyncps.config import Config
+    from asyncps.ps.partition import place
+    from asyncps.worker.ps_client import PSClient
+
+    cfg = Config()
+    cfg.cluster.ps, cfg.cluster.workers = len(ports), 2
+    rng = np.random.default_rng(worker)
+    params = {n: rng.standard_normal(s).astype(np.float32) * 0.01 for n, s in MLP_SHAPES.items()}
+    grads = {n: (rng.standard_normal(s) * 1e-6).astype(np.float32) for n, s in MLP_SHAPES.items()}
+    placement = place({n: (v.shape, v.dtype) for n, v in params.items()}, len(ports))
+    kw = {} if unary is None else {"unary_bytes": unary}
+    client = PSClient([f"127.0.0.1:{p}" for p in ports], placement, cfg, **kw)
+    client.init(params)
+    client.register(worker)
+    _, versions = client.pull(worker=worker)
+    seq = 0
+    conn.send("ready")
+    while True:
+        msg = conn.recv()
+        if msg == "stop":
+            break
+        prof = None
+        if msg == "profile" and profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(calls):
+            _, _, versions = client.push_pull(grads, versions, worker, seq)
+            seq += 1
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(profile)
+        conn.send((wall, cpu))
+    client.close()
+
+
+def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, unary: int | None = None) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    servers = []
+    for i in range(shards):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_server_main, args=(child, i, shards, clients, profile), daemon=True)
+        proc.start()
+        servers.append((proc, parent, parent.recv()))
+    ports = [port for _, _, port in servers]
+    workers = []
+    for w in range(clients):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary), daemon=True)
+        proc.start()
+        workers.append((proc, parent))
+    for _, conn in workers:
+        assert conn.recv() == "ready"
+    rows = []
+    try:
+        for rep in range(reps + 1):  # rep 0 warms up
+            last = rep == reps
+            msg = "profile" if (last and profile) else "go"
+            if last and profile:
+                for _, conn, _ in servers:
+                    conn.send("profile")
+            ps_cpu0 = [_cpu_seconds(p.pid) for p, _, _ in servers]
+            t0 = time.perf_counter()
+            for _, conn in workers:
+                conn.send(msg)
+            results = [conn.recv() for _, conn in workers]
+            wall = time.perf_counter() - t0
+            ps_cpu = sum(_cpu_seconds(p.pid) - c for (p, _, _), c in zip(servers, ps_cpu0))
+            n = calls * clients
+            if rep:
+                rows.append({"calls_per_s": n / wall, "wall_ms": 1e3 * statistics.mean(r[0] for r in results) / calls,
+                             "client_cpu_ms": 1e3 * sum(r[1] for r in results) / n, "ps_cpu_ms": 1e3 * ps_cpu / n})
+    finally:
+        for _, conn in workers:
+            conn.send("stop")
+        for _, conn, _ in servers:
+            conn.send("stop")
+        for proc, _ in workers:
+            proc.join(30)
+        for proc, _, _ in servers:
+            proc.join(30)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--unary-bytes", type=int, default=None, help="PSClient unary_bytes (0: streams only)")
+    args = parser.parse_args(argv)
+    rows = run(args.calls, args.clients, args.shards, args.reps, args.profile, args.unary_bytes)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print(f"push_pull MLP 1.08 MB, {args.clients} client(s), {args.shards} shard(s), {args.calls} calls x {args.reps} reps (medians)")
+    print(f"  total calls/s {med['calls_per_s']:.0f}   wall/call {med['wall_ms']:.2f} ms   "
+          f"client CPU/call {med['client_cpu_ms']:.2f} ms   shard CPU/call {med['ps_cpu_ms']:.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

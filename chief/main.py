@@ -1,0 +1,316 @@
+"""The chief process: it owns time. It initializes (or restores) the shards, hands out worker
+indices, watches progress, evaluates on held-out data, takes checkpoints, repairs the model
+when a shard dies, decides when to stop, and writes the run's report.
+
+Start: the shards are given their variables BEFORE the chief serves, so no worker can register
+and pull from an empty shard: `init` for a new run; with `checkpoint.resume`, a restore of every
+shard from the checkpoint (or, when every shard still holds its variables, as after a restart of
+the chief alone, the shards' state is adopted as it is: it is newer than any checkpoint).
+
+A shard that comes back empty (restarted after a crash, `StatsReply.initialized` false) makes
+the chief pause every shard, restore EVERY shard from the latest valid checkpoint (so the model
+stays consistent), and resume; the failure and the steps lost are recorded (docs/failures.md).
+
+Stopping is ordered so the final model is exact: raise the stop flag (workers see it in their
+next heartbeat), pause every shard (no push applies after that), pull and score the final
+weights, write the final checkpoint, collect the shards' counters, wait for every live worker
+to have seen the flag, stop the shards.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from asyncps.chief import checkpoint as ckpt
+from asyncps.chief.checkpointer import Checkpointer
+from asyncps.chief.membership import Membership
+from asyncps.chief.report import cluster_report, merged_histogram
+from asyncps.chief.servicer import SERVICE_NAME, ChiefServicer
+from asyncps.cluster import ClusterSpec, bind_host
+from asyncps.config import Config
+from asyncps.errors import UserError
+from asyncps.histogram import summarize
+from asyncps.protos import chief_pb2_grpc
+from asyncps.protos.serving import RoleServer
+from asyncps.runs import PARAMS_FILE, MetricsLog, Progress, TargetTracker, read_metrics, resolve_run_dir, save_params, write_report
+
+POLL_SECONDS = 0.2
+STATS_ATTEMPTS = 3  # rpc_timeout-long waits for an unreachable shard before the run is given up
+
+
+class RunFailed(UserError):
+    """The run cannot go on (a shard lost its state and there is no checkpoint, a shard is gone)."""
+
+
+def run_chief(cfg: Config, spec: ClusterSpec) -> int:
+    """Runs the chief until the run is over; returns the process exit code."""
+    run = ChiefRun(cfg, spec)
+    try:
+        run.start()
+        run.train()
+        run.finish()
+    finally:
+        run.close()
+    return 0
+
+
+def global_step(versions: list[int]) -> int:
+    """Updates applied by every shard: each push (a sync round) bumps each shard's version once."""
+    return min(versions) if versions else 0
+
+
+class ChiefRun:
+    """One run as the chief sees it; see the module docstring for the order of events."""
+
+    def __init__(self, cfg: Config, spec: ClusterSpec):
+        from asyncps.worker.data import load_dataset
+        from asyncps.worker.models import build_model
+        from asyncps.worker.ps_client import PSClient
+        from asyncps.worker.variables import initial_params, placement_for
+
+        self.cfg, self.spec = cfg, spec
+        self.run_dir = resolve_run_dir(cfg)
+        self.previous = previous_incarnation(self.run_dir / "metrics.jsonl")
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
+        self.model = build_model(cfg.model, self.data.meta)
+        self.params0 = initial_params(cfg, self.model)
+        self.placement = placement_for(self.params0, len(spec.ps))
+        self.ps = PSClient(list(spec.ps), self.placement, cfg)
+        self.checkpoints = Checkpointer(cfg, self.run_dir, self.ps, self.placement, self.log)
+        self.stop = threading.Event()
+        self.step = 0
+        self.start_time = time.time()
+        self.membership = Membership(spec.workers, cfg.cluster.heartbeat_timeout, on_event=self._member_event)
+        self.server = self._make_server()
+        self.target = TargetTracker(cfg.train.target)
+        self.events: list[dict] = []
+        self.failures: list[dict] = []
+        self.resumed_from: int | None = None
+        self._eval_histogram: dict[int, int] = {}
+
+    def _make_server(self) -> RoleServer:
+        host, port = self.spec.chief.rsplit(":", 1)
+        server = RoleServer("chief", bind_host(host), int(port), (SERVICE_NAME,),
+                            max_workers=max(8, 2 * self.spec.workers + 4), security=self.cfg.cluster.security)
+        servicer = ChiefServicer(self.membership, self.stop, list(self.spec.ps), self.cfg.seed,
+                                 lambda: self.step, self._worker_metrics)
+        chief_pb2_grpc.add_ChiefServicer_to_server(servicer, server.server)
+        return server
+
+    def _member_event(self, kind: str, member) -> None:
+        row = self.log.write(kind, self.step, worker=member.index, hostname=member.hostname, pid=member.pid)
+        self.events.append(row)
+        print(f"chief: {kind} worker {member.index} ({member.hostname}:{member.pid}) at step {self.step}", flush=True)
+        if kind == "worker_dead" and not self.stop.is_set():  # its in-flight gradient is lost, nothing else
+            self._record_failure("worker", member.index, self.step, self.step)
+
+    def _worker_metrics(self, report) -> None:
+        self.log.write("worker", self.step, worker=report.worker_index, worker_step=report.step, **dict(report.values))
+
+    # ------------------------------------------------------------------------------------------
+    # Start
+
+    def start(self) -> None:
+        """Give every shard its variables (init, restore or adopt), then serve the Chief service."""
+        self._prepare_shards()
+        port = self.server.start()
+        print(f"chief: serving on {self.spec.chief.rsplit(':', 1)[0]}:{port}; run_dir {self.run_dir}", flush=True)
+        self.log.write("start", self.step, workers=self.spec.workers, shards=len(self.spec.ps), mode=self.cfg.cluster.mode,
+                       pid=os.getpid(), resumed_from=self.resumed_from)
+
+    def _prepare_shards(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        stats = self.ps.stats()  # waits for the shards to come up
+        if resume and all(s.initialized for s in stats):
+            self.step = global_step([s.version for s in stats])
+            self.ps.resume()  # the previous chief may have died with the shards paused (mid-checkpoint)
+            self.start_time = self.log.start = time.time() - self.previous["time"]
+            print(f"chief: every shard still holds its variables; continuing from step {self.step}", flush=True)
+            self._carry_over_failures(self.step)
+        elif resume:
+            self._resume(ckpt.resolve(resume, self.checkpoints.folder, warn=self._warn))
+        else:
+            self.ps.init(self.params0)
+        self.checkpoints.restart_from(self.step)
+
+    def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
+        versions = self.checkpoints.restore(checkpoint)
+        self.step, self.resumed_from = global_step(versions), checkpoint.step
+        self.start_time = time.time() - float(checkpoint.manifest.get("seconds", 0.0))
+        self.log.start = self.start_time  # metrics' `time` continues from the checkpoint's
+        print(f"chief: restored {len(versions)} shards from {checkpoint.path} (step {checkpoint.step})", flush=True)
+        self._carry_over_failures(checkpoint.step)
+
+    def _carry_over_failures(self, restored_step: int) -> None:
+        """Failures of earlier chiefs of this run; the death of the last one, if it died."""
+        self.failures = list(self.previous["failures"])
+        if self.previous["at_step"] is not None and not self.previous["finished"]:
+            self._record_failure("chief", 0, self.previous["at_step"], restored_step)
+
+    def _warn(self, message: str) -> None:
+        print(f"chief: {message}", flush=True)
+        self.log.write("checkpoint_refused", self.step, message=message)
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+
+    def train(self) -> None:
+        """Watch progress until a stop condition holds."""
+        t = self.cfg.train
+        progress = Progress(t.max_steps, every=t.log_every)
+        next_eval = (self.step // t.eval_every + 1) * t.eval_every if t.eval_every else None
+        next_log = (self.step // t.log_every + 1) * t.log_every
+        try:
+            while True:
+                self.step = global_step(self.versions())
+                self.membership.reap()
+                progress.update(min(self.step, t.max_steps), workers=len(self.membership.alive()))
+                if self.step >= next_log:
+                    self.log.write("progress", self.step, steps_per_second=self.step / self.elapsed())
+                    next_log = (self.step // t.log_every + 1) * t.log_every
+                if next_eval is not None and next_eval <= self.step < t.max_steps:
+                    self._guarded(self.evaluate)
+                    next_eval = (self.step // t.eval_every + 1) * t.eval_every
+                    if self.target.step is not None and t.target.stop:
+                        break
+                if self.checkpoints.enabled and self.checkpoints.due(self.step) and self.step < t.max_steps:
+                    self._guarded(lambda: self.checkpoints.save(self.elapsed()))
+                if self.step >= t.max_steps or (t.max_seconds is not None and self.elapsed() >= t.max_seconds):
+                    break
+                time.sleep(POLL_SECONDS)
+        finally:
+            progress.close()
+
+    def versions(self) -> list[int]:
+        """Every shard's version; first repairs the model if a shard came back empty."""
+        stats = self._stats()
+        fresh = [s.shard for s in stats if not s.initialized]
+        if fresh:  # the model had reached the survivors' global step (at least the last one seen)
+            self.step = max(self.step, global_step([s.version for s in stats if s.initialized]))
+            self.recover_shards(fresh)
+            stats = self._stats()
+        return [s.version for s in stats]
+
+    def _stats(self):
+        """The shards' stats, waiting (a few deadlines) for a shard that is being restarted."""
+        for attempt in range(STATS_ATTEMPTS):
+            try:
+                return self.ps.stats()
+            except grpc.RpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                print(f"chief: a shard does not answer ({err.code().name}); waiting", flush=True)
+        raise RunFailed(f"a parameter-server shard stayed unreachable for {STATS_ATTEMPTS} x "
+                        f"{self.cfg.cluster.rpc_timeout:g} s (cluster.rpc_timeout); giving up")
+
+    def recover_shards(self, fresh: list[int]) -> None:
+        """Restarted (empty) shards: restore EVERY shard from the latest valid checkpoint."""
+        at_step = self.step
+        checkpoint = self.checkpoints.latest(warn=self._warn) if self.checkpoints.enabled else None
+        if checkpoint is None:
+            raise RunFailed(f"shard(s) {fresh} restarted without their variables and there is no checkpoint to "
+                            f"restore the model from (set checkpoint.every_steps or checkpoint.every_seconds)")
+        started = time.perf_counter()
+        self.ps.pause()
+        try:
+            self.checkpoints.restore(checkpoint)
+        finally:
+            self.ps.resume()
+        recovery_ms = (time.perf_counter() - started) * 1e3
+        for index in fresh:
+            self._record_failure("ps", index, at_step, checkpoint.step, recovery_ms=round(recovery_ms, 1))
+
+    def _record_failure(self, role: str, index: int, at_step: int, restored_step: int, **extra) -> None:
+        row = {"role": role, "index": index, "at_step": at_step, "restored_step": restored_step,
+               "steps_lost": max(0, at_step - restored_step), "wall_time": time.time(), **extra}
+        self.failures.append(row)
+        self.log.write("failure", at_step, **row)
+        print(f"chief: {role} {index} failed at step {at_step}; model at step {restored_step} "
+              f"({row['steps_lost']} steps lost)", flush=True)
+
+    def _guarded(self, action) -> None:
+        """Runs `action`; a shard error (one died meanwhile) is logged, the next poll repairs it."""
+        try:
+            action()
+        except grpc.RpcError as err:
+            print(f"chief: {err.code().name} from a shard ({err.details()}); retrying later", flush=True)
+            self.log.write("rpc_error", self.step, code=err.code().name, details=err.details())
+
+    def elapsed(self) -> float:
+        return time.time() - self.start_time
+
+    def evaluate(self, params: dict | None = None, versions: list[int] | None = None) -> dict:
+        """Score the shards' current weights on the test set; one `eval` row in metrics.jsonl.
+
+        The row carries wall time, global step, per-shard versions and the staleness of the
+        pushes applied since the previous evaluation (difference of the shards' histograms).
+        """
+        if params is None:
+            params, versions = self.ps.pull()
+        since = self._staleness_since_last_eval(self.ps.stats())
+        metrics = self.model.evaluate(params, self.data.x_test, self.data.y_test)
+        step = global_step(versions)
+        self.log.write("eval", step, wall_time=time.time(), versions=versions, staleness=since, **metrics)
+        self.target.observe(step, self.elapsed(), metrics)
+        return metrics
+
+    def _staleness_since_last_eval(self, stats) -> dict:
+        now = merged_histogram(stats)
+        diff = {s: n - self._eval_histogram.get(s, 0) for s, n in now.items()}
+        self._eval_histogram = now
+        summary = summarize({s: n for s, n in diff.items() if n > 0})  # a restarted shard's counts restart
+        return {k: summary[k] for k in ("count", "mean", "p50", "p99", "max")}
+
+    # ------------------------------------------------------------------------------------------
+    # Stop
+
+    def finish(self) -> None:
+        """Freeze the shards, score and checkpoint the final weights, write the report, stop everyone."""
+        self.stop.set()
+        self.ps.pause()  # no push applies after this: the final model is the one scored
+        params, versions = self.ps.pull()
+        seconds = self.elapsed()
+        final = self.evaluate(params, versions)
+        if self.checkpoints.enabled:
+            self.checkpoints.save(seconds, already_paused=True)
+        stats = self.ps.stats()
+        report = cluster_report(self, final, stats, params, seconds)
+        self.log.write("final", global_step(versions), **final)
+        save_params(Path(self.run_dir) / PARAMS_FILE, params)
+        write_report(self.run_dir, report)
+        print(f"chief: final {final} at step {global_step(versions)}; report {self.run_dir / 'report.json'}", flush=True)
+        self._wait_for_workers_to_see_stop()
+        self.ps.stop()
+
+    def _wait_for_workers_to_see_stop(self, timeout: float | None = None) -> None:
+        """Until every live worker has heartbeated after the stop flag (or is declared dead)."""
+        flagged = time.monotonic()
+        timeout = timeout or 3 * self.cfg.cluster.heartbeat_interval + 2
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.membership.reap()
+            if all(m.last_seen >= flagged for m in self.membership.alive()):
+                return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.log.close()
+        self.server.stop(grace=1.0)
+        self.ps.close()
+
+
+def previous_incarnation(metrics_path: Path) -> dict:
+    """What metrics.jsonl says of the run's earlier chiefs: failures recorded, the last step the
+    latest one logged, and whether it finished (wrote `final`)."""
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
+    failures = [{k: v for k, v in r.items() if k not in ("kind", "step", "time")} for r in rows if r["kind"] == "failure"]
+    starts = [i for i, r in enumerate(rows) if r["kind"] == "start"]
+    last = rows[starts[-1]:] if starts else []
+    return {"failures": failures, "at_step": max((r["step"] for r in last), default=None),
+            "time": max((r["time"] for r in last), default=0.0),
+            "finished": any(r["kind"] == "final" for r in last)}

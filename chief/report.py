@@ -1,0 +1,75 @@
+"""report.json of a cluster run: the final metrics, the target, throughput and staleness.
+
+Staleness comes from the shards' own counters (exact, one entry per applied push per shard):
+`staleness` merges every shard, so its count is pushes x shards; `staleness_per_shard` and
+`staleness_per_worker` break it down. `failures` lists every process death the chiefs of this
+run saw (docs/failures.md), `checkpoints` the checkpoints taken and their pause times.
+"""
+from __future__ import annotations
+
+from asyncps.histogram import merge_histograms, summarize
+from asyncps.runs import small_variables
+
+
+def histogram_of(counts) -> dict[int, int]:
+    """A shard's bucket list (index = staleness) as {staleness: count}."""
+    return {s: int(c) for s, c in enumerate(counts) if c}
+
+
+def merged_histogram(stats) -> dict[int, int]:
+    """Every shard's staleness histogram added together."""
+    return merge_histograms(*(histogram_of(s.histogram) for s in stats))
+
+
+def staleness_section(stats) -> dict:
+    """Overall, per-shard and per-worker staleness summaries from every shard's StatsReply."""
+    per_shard = {str(s.shard): summarize(histogram_of(s.histogram)) for s in stats}
+    workers: dict[int, list] = {}
+    for s in stats:
+        for w in s.workers:
+            workers.setdefault(w.worker, []).append(w)
+    per_worker = {}
+    for index, rows in sorted(workers.items()):
+        summary = summarize(merge_histograms(*(histogram_of(w.histogram) for w in rows)))
+        summary["max"] = max(w.staleness_max for w in rows)
+        per_worker[str(index)] = summary
+    overall = summarize(merge_histograms(*(histogram_of(s.histogram) for s in stats)))
+    overall["max"] = max((w.staleness_max for rows in workers.values() for w in rows), default=0)
+    return {"staleness": overall, "staleness_per_shard": per_shard, "staleness_per_worker": per_worker}
+
+
+def push_counters(stats) -> dict:
+    """Applied, dropped, rejected and duplicate pushes, summed over shards and workers."""
+    fields = ("applied", "dropped", "rejected", "duplicates")
+    totals = {f: sum(getattr(w, f) for s in stats for w in s.workers) for f in fields}
+    totals["rejected"] += sum(s.rejected_unknown for s in stats)
+    return totals
+
+
+def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dict:
+    """The report of a finished ChiefRun."""
+    cfg = run.cfg
+    steps = min(s.version for s in stats)
+    c = cfg.cluster
+    examples = steps * cfg.train.batch_size * (c.workers - c.backup_workers if c.mode == "sync" else 1)
+    return {
+        "run_dir": str(run.run_dir),
+        "kind": "cluster",
+        "config": cfg.to_dict(),
+        "final": final,
+        "target": run.target.as_dict(),
+        "steps": steps,
+        "seconds": seconds,
+        "versions": [s.version for s in stats],
+        "throughput": {
+            "steps_per_second": steps / seconds if seconds else 0.0,
+            "examples_per_second": examples / seconds if seconds else 0.0,
+        },
+        **staleness_section(stats),
+        "pushes": push_counters(stats),
+        "membership": {"joins": run.membership.joins, "deaths": run.membership.deaths, "events": run.events},
+        "failures": run.failures,
+        "resumed_from": run.resumed_from,
+        "checkpoints": run.checkpoints.summary(),
+        "variables": small_variables(params),
+    }

@@ -1,0 +1,3 @@
+from asyncps.cli.main import main
+
+raise SystemExit(main())

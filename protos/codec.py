@@ -1,0 +1,597 @@
+"""The tensor codec: the one place that turns numpy arrays into `Tensor` messages and back.
+
+A tensor travels as raw little-endian C-order bytes plus dtype name and shape. Tensors larger
+than ``chunk_bytes`` (1 MiB) are cut into pieces that travel in consecutive messages of one
+stream; small tensors are packed several to a message. Every stream message type that carries
+tensors has a ``repeated Tensor tensors`` field, so one encoder and one assembler serve Init,
+Pull, Push, PushPull, Snapshot and Restore.
+
+Copies: the encoder makes one ``bytes`` per piece (protobuf accepts nothing else); the decoder
+reads each piece's ``data`` field exactly once (every read of a protobuf ``bytes`` field is a new
+copy) and wraps it with ``np.frombuffer``; a tensor in several pieces is copied once more into
+its preallocated buffer.
+
+>>> from asyncps.protos import ps_pb2
+>>> msgs = list(encode_stream({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, ps_pb2.PushChunk))
+>>> asm = Assembler()
+>>> for m in msgs:
+...     asm.add(m.tensors)
+>>> asm.finish()["w"]
+array([[0., 1., 2.],
+       [3., 4., 5.]], dtype=float32)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from asyncps.sparse import SparseRows
+
+CHUNK_BYTES = 1 << 20  # bytes of tensor data per stream message (see bench/transport.py)
+MAX_TENSOR_BYTES = 1 << 36  # 64 GiB: a declared size above this is rejected before allocating
+_MIN_PIECE = 64 << 10  # start a new message rather than send a piece smaller than this
+
+_DTYPE_NAMES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
+DTYPES: dict[str, np.dtype] = {name: np.dtype(name).newbyteorder("<") for name in _DTYPE_NAMES}
+try:  # bfloat16 only where ml_dtypes is installed
+    import ml_dtypes
+
+    DTYPES["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+
+
+class CodecError(ValueError):
+    """A Tensor message (or a stream of pieces) that does not describe a valid tensor."""
+
+
+def dtype_of(name: str) -> np.dtype:
+    """The little-endian numpy dtype for a whitelisted dtype name."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CodecError(f"unsupported dtype {name!r} (expected one of: {', '.join(DTYPES)})") from None
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The wire name of a numpy dtype; rejects dtypes outside the whitelist."""
+    name = np.dtype(dtype).name
+    dtype_of(name)
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+
+
+_WIRE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}  # little-endian dtypes only
+
+
+def _wire_array(array: Any) -> np.ndarray:
+    """A C-contiguous little-endian view (or copy, only when needed) of `array`."""
+    if type(array) is np.ndarray and array.flags.c_contiguous and array.dtype in _WIRE_NAMES:
+        return array  # the common case, without numpy's slower conversions
+    array = np.asarray(array)
+    le = dtype_of(dtype_name(array.dtype))
+    return np.asarray(array, dtype=le, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+
+
+def _pieces(value) -> tuple[np.ndarray, bytes, bool]:
+    """(data array, row-index bytes, sparse flag) of a dense array or SparseRows."""
+    if isinstance(value, SparseRows):
+        rows = np.ascontiguousarray(value.rows, dtype="<i8")
+        values = _wire_array(value.values)
+        if rows.ndim != 1 or values.ndim < 1 or values.shape[0] != rows.shape[0]:
+            raise CodecError(f"sparse rows: {rows.shape} indices for values of shape {values.shape}")
+        return values, rows.tobytes(), True
+    return _wire_array(value), b"", False
+
+
+def _items(tensors) -> Iterator[tuple[str, str, Any]]:
+    """(name, slot, value) from a mapping name -> value or an iterable of such triples."""
+    if isinstance(tensors, Mapping):
+        for name, value in tensors.items():
+            yield name, "", value
+    else:
+        yield from tensors
+
+
+def encode_stream(
+    tensors: Mapping[str, Any] | Iterable[tuple[str, str, Any]],
+    new_message: Callable[[], Any],
+    chunk_bytes: int = CHUNK_BYTES,
+    first: Any = None,
+) -> Iterator[Any]:
+    """Messages (from `new_message()`, each with a ``tensors`` field) carrying all `tensors`.
+
+    `tensors` maps names to arrays or SparseRows, or is an iterable of (name, slot, value).
+    Each message carries about `chunk_bytes` of data; at least one message is yielded. `first`,
+    when given, is used as the first message (a message with its header already set).
+    """
+    msg, used = (new_message() if first is None else first), 0
+    for name, slot, value in _items(tensors):
+        array, rows, sparse = _pieces(value)
+        data = memoryview(array).cast("B") if array.size else memoryview(b"")
+        total, offset = len(data), 0
+        while True:
+            room = chunk_bytes - used
+            if used and (room < min(_MIN_PIECE, total - offset) or room <= 0):
+                yield msg
+                msg, used = new_message(), 0
+                room = chunk_bytes
+            n = min(room, total - offset)
+            piece = msg.tensors.add(name=name, dtype=array.dtype.name, offset=offset, total=total)
+            piece.shape.extend(array.shape)
+            piece.data = bytes(data[offset : offset + n])
+            if sparse:
+                piece.sparse = True
+                if offset == 0:
+                    piece.rows = rows
+            if slot:
+                piece.slot = slot
+            used += max(n, 1)
+            offset += n
+            if offset >= total:
+                break
+    yield msg
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+
+class _Partial:
+    """A tensor whose pieces are still arriving."""
+
+    __slots__ = ("dtype", "shape", "sparse", "rows", "buf", "received")
+
+    def __init__(self, dtype, shape, sparse, rows, total):
+        self.dtype, self.shape, self.sparse, self.rows = dtype, shape, sparse, rows
+        try:
+            self.buf = np.empty(total, dtype=np.uint8)
+        except MemoryError:  # a declared size this process cannot hold: the sender's error, not ours
+            raise CodecError(f"tensor declares {total} bytes, more than this process can allocate") from None
+        self.received = 0
+
+
+def _header(piece) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Validated (dtype, shape, total) of a piece; total checked against shape and dtype."""
+    dtype = dtype_of(piece.dtype)
+    shape = tuple(piece.shape)
+    if any(d < 0 for d in shape):
+        raise CodecError(f"tensor {piece.name!r}: negative dimension in shape {shape}")
+    expected = math.prod(shape) * dtype.itemsize
+    if piece.total != expected:
+        raise CodecError(
+            f"tensor {piece.name!r}: {piece.total} bytes declared, but shape {shape} of "
+            f"{dtype.name} needs {expected}"
+        )
+    if expected > MAX_TENSOR_BYTES:
+        raise CodecError(f"tensor {piece.name!r}: {expected} bytes exceeds the limit of {MAX_TENSOR_BYTES}")
+    return dtype, shape, expected
+
+
+def _row_indices(piece, shape) -> np.ndarray | None:
+    """The int64 row indices of a sparse first piece (None for a dense one)."""
+    if not piece.sparse:
+        return None
+    raw = piece.rows
+    if not shape or len(raw) != 8 * shape[0]:
+        raise CodecError(
+            f"tensor {piece.name!r}: sparse values of shape {shape} need {8 * (shape[0] if shape else 0)} "
+            f"bytes of int64 row indices, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype="<i8")
+
+
+def _finished(dtype, shape, rows, flat) -> np.ndarray | SparseRows:
+    values = flat.view(dtype).reshape(shape) if flat.dtype != dtype else flat.reshape(shape)
+    return values if rows is None else SparseRows(rows, values)
+
+
+class Assembler:
+    """Reassembles the Tensor pieces of one stream, checking order, sizes and completeness.
+
+    Feed every message's ``tensors`` to `add`, then call `finish`. Errors raise CodecError
+    naming the tensor: unknown dtype, shape and byte count that disagree, a piece out of order
+    or missing, a piece past the declared end, a tensor sent twice, or (at `finish`) a stream
+    that ended before a tensor was complete.
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[str, str], np.ndarray | SparseRows] = {}
+        self._partial: dict[tuple[str, str], _Partial] = {}
+        self.nbytes = 0  # data bytes received, for accounting
+
+    def add(self, pieces: Iterable[Any]) -> None:
+        """Takes the pieces of one message, in order."""
+        for piece in pieces:
+            self._add_piece(piece)
+
+    def _add_piece(self, piece) -> None:
+        key = (piece.name, piece.slot)
+        data = piece.data  # read once: every read of a bytes field copies
+        self.nbytes += len(data)
+        partial = self._partial.get(key)
+        if partial is None:
+            self._first_piece(key, piece, data)
+        else:
+            self._next_piece(key, partial, piece, data)
+
+    def _first_piece(self, key, piece, data: bytes) -> None:
+        label = _label(key)
+        if key in self._done:
+            raise CodecError(f"tensor {label}: sent twice in one stream")
+        dtype, shape, total = _header(piece)
+        if piece.offset != 0:
+            raise CodecError(f"tensor {label}: first piece starts at byte {piece.offset}, expected 0 (missing or out-of-order chunk)")
+        if len(data) > total:
+            raise CodecError(f"tensor {label}: piece of {len(data)} bytes exceeds the declared total of {total}")
+        rows = _row_indices(piece, shape)
+        if len(data) == total:  # whole tensor in one piece: no copy beyond the field read
+            self._done[key] = _finished(dtype, shape, rows, np.frombuffer(data, dtype=dtype))
+            return
+        partial = _Partial(dtype, shape, piece.sparse, rows, total)
+        partial.buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+        partial.received = len(data)
+        self._partial[key] = partial
+
+    def _next_piece(self, key, partial: _Partial, piece, data: bytes) -> None:
+        label = _label(key)
+        if (piece.dtype, tuple(piece.shape), piece.total, piece.sparse) != (
+            partial.dtype.name, partial.shape, len(partial.buf), partial.sparse
+        ):
+            raise CodecError(f"tensor {label}: a later piece disagrees with the first on dtype, shape or size")
+        if piece.offset != partial.received:
+            raise CodecError(
+                f"tensor {label}: piece at byte {piece.offset}, expected {partial.received} "
+                "(missing or out-of-order chunk)"
+            )
+        end = partial.received + len(data)
+        if end > len(partial.buf):
+            raise CodecError(f"tensor {label}: piece ends at byte {end}, past the declared total of {len(partial.buf)}")
+        partial.buf[partial.received : end] = np.frombuffer(data, dtype=np.uint8)
+        partial.received = end
+        if end == len(partial.buf):
+            del self._partial[key]
+            self._done[key] = _finished(partial.dtype, partial.shape, partial.rows, partial.buf)
+
+    def add_wire(self, message: bytes) -> bytes | None:
+        """Takes one serialized stream message; returns its header's bytes (None: no header).
+
+        The tensors are parsed from the bytes directly (see `encode_wire`); data is not copied.
+        """
+        return _add_wire(self, message)
+
+    def finish(self) -> dict[str, np.ndarray | SparseRows]:
+        """Values (slot "") by name; raises CodecError if any tensor is incomplete."""
+        self._check_complete()
+        return {name: v for (name, slot), v in self._done.items() if not slot}
+
+    def slots(self) -> dict[str, dict[str, np.ndarray]]:
+        """Optimizer slots by variable name, then slot name (Snapshot/Restore streams)."""
+        self._check_complete()
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for (name, slot), value in self._done.items():
+            if slot:
+                out.setdefault(name, {})[slot] = value
+        return out
+
+    def _check_complete(self) -> None:
+        for key, partial in self._partial.items():
+            raise CodecError(
+                f"tensor {_label(key)}: stream ended after {partial.received} of {len(partial.buf)} bytes (truncated)"
+            )
+
+
+def _label(key: tuple[str, str]) -> str:
+    name, slot = key
+    return repr(name) if not slot else f"{name!r} slot {slot!r}"
+
+
+def decode_stream(messages: Iterable[Any]) -> dict[str, np.ndarray | SparseRows]:
+    """All tensors of an iterable of messages with a ``tensors`` field."""
+    asm = Assembler()
+    for msg in messages:
+        asm.add(msg.tensors)
+    return asm.finish()
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path: stream messages as wire bytes, without protobuf objects for the tensor data.
+#
+# Every tensor-carrying stream message (InitChunk, PullChunk, PushChunk, SnapshotChunk) has its
+# header in field 1 and ``repeated Tensor tensors = 2``. `encode_wire` writes such a message's
+# protobuf encoding directly: the small fields through a protobuf Tensor, then the data field
+# appended from a memoryview of the array, so each byte is copied once (by ``bytes.join``)
+# instead of four times (slice, arena, serialize, gRPC). `Assembler.add_wire` parses the same
+# bytes with a few lines of wire-format reading and wraps the data with ``np.frombuffer`` on a
+# memoryview: no copy for a whole tensor. Both produce and accept standard protobuf, so peers
+# using the generated classes interoperate (tests/test_codec.py checks this).
+
+_LEN = 2  # wire type of length-delimited fields
+_VARINT = 0
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    n &= (1 << 64) - 1  # negative int64: ten-byte two's complement, as protobuf does
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field_prefix(field_number: int, length: int) -> bytes:
+    return _varint(field_number << 3 | _LEN) + _varint(length)
+
+
+_DATA_FIELD = 4  # Tensor.data
+_TENSORS_FIELD = 2  # <Stream>Chunk.tensors
+_HEADER_FIELD = 1  # <Stream>Chunk.header
+
+
+def encode_wire(
+    tensors: Mapping[str, Any] | Iterable[tuple[str, str, Any]],
+    header: bytes | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """Serialized stream messages carrying `tensors`; `header` (a serialized header message,
+    possibly empty) goes into the first. Same layout and chunking as `encode_stream`.
+
+    Per tensor the work is a dict lookup: the framing of a whole dense tensor (field tags,
+    name, dtype, shape, sizes) depends only on those, and is cached.
+    """
+    parts: list = [] if header is None else [_field_prefix(_HEADER_FIELD, len(header)), header]
+    used = 0
+    for name, slot, value in _items(tensors):
+        array, rows, sparse = _pieces(value)
+        data = memoryview(array).cast("B") if array.size else _NO_DATA
+        total, offset = len(data), 0
+        while True:
+            room = chunk_bytes - used
+            if used and (room < min(_MIN_PIECE, total - offset) or room <= 0):
+                yield b"".join(parts)
+                parts, used, room = [], 0, chunk_bytes
+            n = min(room, total - offset)
+            if n == total and not sparse:  # the whole tensor in this message
+                key = (name, slot, array.dtype, array.shape)
+                framing = _FRAMING.get(key)
+                if framing is None:
+                    framing = _framing(name, slot, _WIRE_NAMES[array.dtype], array.shape, 0, total, False, b"", n)
+                    if len(_FRAMING) >= _FRAMING_MAX:
+                        _FRAMING.clear()
+                    _FRAMING[key] = framing
+                parts += [framing, data]
+            else:
+                parts += [_framing(name, slot, _WIRE_NAMES[array.dtype], array.shape, offset, total, sparse,
+                                   rows if offset == 0 else b"", n), data[offset : offset + n]]
+            used += max(n, 1)
+            offset += n
+            if offset >= total:
+                break
+    yield b"".join(parts)
+
+
+_NO_DATA = memoryview(b"")
+_FRAMING: dict[tuple, bytes] = {}  # (name, slot, dtype, shape) -> framing of the whole tensor
+_FRAMING_MAX = 1 << 14
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _field_prefix(number, len(payload)) + payload
+
+
+def _framing(name: str, slot: str, dtype: str, shape: tuple, offset: int, total: int, sparse: bool,
+             rows: bytes, n: int) -> bytes:
+    """The bytes of one ``tensors`` entry up to its data: the entry's tag and length, the
+    Tensor's fields other than ``data`` (proto3 rules: default values are left out), then the
+    ``data`` tag and length. The ``n`` data bytes follow."""
+    meta = []
+    if name:
+        meta.append(_len_field(1, name.encode()))
+    if dtype:
+        meta.append(_len_field(2, dtype.encode()))
+    if shape:
+        meta.append(_len_field(3, b"".join(_varint(d) for d in shape)))
+    for number, value in ((5, offset), (6, total), (7, int(sparse))):
+        if value:
+            meta.append(_varint(number << 3 | _VARINT) + _varint(value))
+    if rows:
+        meta.append(_len_field(8, rows))
+    if slot:
+        meta.append(_len_field(9, slot.encode()))
+    meta_bytes = b"".join(meta)
+    data_prefix = _field_prefix(_DATA_FIELD, n)
+    return _field_prefix(_TENSORS_FIELD, len(meta_bytes) + len(data_prefix) + n) + meta_bytes + data_prefix
+
+
+ONE_MESSAGE = 1 << 62  # a chunk size that puts every tensor, whole, into one message
+
+
+def encode_message(tensors: Mapping[str, Any] | Iterable[tuple[str, str, Any]], header: bytes | None = None) -> bytes:
+    """One serialized stream message carrying all `tensors` unchunked (the unary ``...One``
+    methods); parse it with `Assembler.add_wire` like any stream message."""
+    return next(iter(encode_wire(tensors, header, ONE_MESSAGE)))
+
+
+class _WirePiece:
+    """The fields of one Tensor read from wire bytes; `data` and `rows` are memoryviews."""
+
+    __slots__ = ("name", "dtype", "shape", "data", "offset", "total", "sparse", "rows", "slot")
+
+    def __init__(self):
+        self.name = self.dtype = self.slot = ""
+        self.shape: list[int] = []
+        self.data = self.rows = memoryview(b"")
+        self.offset = self.total = 0
+        self.sparse = False
+
+
+def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise CodecError("malformed message: truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _fields(buf, pos: int, end: int):
+    """(field number, wire type, value or (start, stop)) of each field in buf[pos:end]."""
+    while pos < end:
+        key, pos = _read_varint(buf, pos, end)
+        field_number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            value, pos = _read_varint(buf, pos, end)
+            yield field_number, wire_type, value
+        elif wire_type == _LEN:
+            length, pos = _read_varint(buf, pos, end)
+            if pos + length > end:
+                raise CodecError("malformed message: a field runs past the end of the message")
+            yield field_number, wire_type, (pos, pos + length)
+            pos += length
+        elif wire_type in (1, 5):  # fixed64 / fixed32: not used by Tensor, skipped
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise CodecError(f"malformed message: unsupported wire type {wire_type}")
+
+
+def _packed_varints(buf, start: int, stop: int) -> list[int]:
+    out = []
+    while start < stop:
+        v, start = _read_varint(buf, start, stop)
+        out.append(_signed(v))
+    return out
+
+
+def _text(view: memoryview, a: int, b: int, what: str) -> str:
+    try:
+        return str(view[a:b], "utf-8")
+    except UnicodeDecodeError:
+        raise CodecError(f"malformed message: tensor {what} is not valid UTF-8") from None
+
+
+def _parse_tensor(view: memoryview, start: int, stop: int) -> _WirePiece:
+    piece = _WirePiece()
+    for number, wire_type, value in _fields(view, start, stop):
+        if wire_type == _LEN:
+            a, b = value
+            if number == 1:
+                piece.name = _text(view, a, b, "name")
+            elif number == 2:
+                piece.dtype = _text(view, a, b, "dtype")
+            elif number == 3:
+                piece.shape.extend(_packed_varints(view, a, b))
+            elif number == 4:
+                piece.data = view[a:b]
+            elif number == 8:
+                piece.rows = view[a:b]
+            elif number == 9:
+                piece.slot = _text(view, a, b, "slot")
+        elif number == 3:
+            piece.shape.append(_signed(value))
+        elif number == 5:
+            piece.offset = _signed(value)
+        elif number == 6:
+            piece.total = _signed(value)
+        elif number == 7:
+            piece.sparse = bool(value)
+    return piece
+
+
+def read_header(message: bytes) -> bytes | None:
+    """The header bytes (field 1) of a serialized stream message, without parsing its tensors."""
+    view = memoryview(message)
+    for number, wire_type, value in _fields(view, 0, len(view)):
+        if number == _HEADER_FIELD and wire_type == _LEN:
+            return bytes(view[value[0] : value[1]])
+    return None
+
+
+def parse_header(cls, raw: bytes):
+    """The header message `cls` from its bytes; CodecError when they are not one."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return cls.FromString(raw)
+    except DecodeError as exc:
+        raise CodecError(f"malformed message: the {cls.DESCRIPTOR.name} header does not parse ({exc})") from None
+
+
+def _add_wire(self: Assembler, message: bytes) -> bytes | None:
+    view = memoryview(message)
+    header = None
+    for number, wire_type, value in _fields(view, 0, len(view)):
+        if wire_type != _LEN:
+            continue
+        if number == _HEADER_FIELD:
+            header = bytes(view[value[0] : value[1]])
+        elif number == _TENSORS_FIELD:
+            self._add_piece(_parse_tensor(view, *value))
+    return header
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshots: a shard's whole state, as streamed by Snapshot and Restore
+
+
+@dataclass
+class Snapshot:
+    """A shard's state at one version: values, optimizer slots and per-worker counters."""
+
+    version: int
+    values: dict[str, np.ndarray]
+    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> slot -> array
+    updates: dict[str, int] = field(default_factory=dict)  # name -> updates applied to it
+    last_seq: dict[int, int] = field(default_factory=dict)  # worker -> highest push seq seen
+    clocks: dict[int, int] = field(default_factory=dict)  # worker -> pushes applied
+    optimizer: str = ""
+
+
+def encode_snapshot(snap: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Serialized SnapshotChunk messages carrying `snap`."""
+    from asyncps.protos import ps_pb2
+
+    header = ps_pb2.SnapshotHeader(version=snap.version, optimizer=snap.optimizer, last_seq=snap.last_seq,
+                                   clocks=snap.clocks, updates=snap.updates)
+    items = [(n, "", v) for n, v in snap.values.items()]
+    items += [(n, slot, v) for n, slots in snap.slots.items() for slot, v in slots.items()]
+    return encode_wire(items, header.SerializeToString(), chunk_bytes)
+
+
+def decode_snapshot(messages: Iterable[bytes]) -> Snapshot:
+    """The Snapshot carried by serialized SnapshotChunk messages."""
+    from asyncps.protos import ps_pb2
+
+    asm, header = Assembler(), None
+    for msg in messages:
+        raw = asm.add_wire(msg)
+        if header is None and raw is not None:
+            header = parse_header(ps_pb2.SnapshotHeader, raw)
+    if header is None:
+        raise CodecError("snapshot stream has no header")
+    return Snapshot(
+        version=header.version,
+        values=asm.finish(),
+        slots=asm.slots(),
+        updates=dict(header.updates),
+        last_seq=dict(header.last_seq),
+        clocks=dict(header.clocks),
+        optimizer=header.optimizer,
+    )

@@ -1,0 +1,291 @@
+"""TLS, mutual TLS and a shared job token for every asyncps gRPC server and client.
+
+Settings come from the YAML (``cluster.security``, `asyncps.config.SecurityConfig`) or, for
+tools that have no config (`asyncps health`, a client built without one), from the environment:
+
+    ASYNCPS_TLS_DIR    a folder made by `asyncps certs`: ca.pem, ROLE.pem, ROLE-key.pem
+    ASYNCPS_TLS_CA / ASYNCPS_TLS_CERT / ASYNCPS_TLS_KEY    single files instead (PEM)
+    ASYNCPS_MTLS=1     present the client certificate (implied by ASYNCPS_TLS_CERT)
+    ASYNCPS_TOKEN / ASYNCPS_TOKEN_FILE                  the job token, or a file holding it
+
+What is checked, on every server built by `asyncps.protos.serving.RoleServer`:
+
+- TLS: the server presents ROLE.pem (signed by the job's CA); clients verify it against ca.pem,
+  host name included (the certificates carry SANs for 127.0.0.1, localhost, ps0.., chief).
+- mTLS: the server also demands a client certificate signed by the same CA
+  (``require_client_auth=True``); a client without one fails the handshake (UNAVAILABLE on the
+  client side: no call reaches a handler).
+- Token: every call must carry ``authorization: Bearer TOKEN`` (or ``x-asyncps-token: TOKEN``);
+  compared with `hmac.compare_digest`. A call without it, or with a wrong one, ends with
+  UNAUTHENTICATED before any handler runs, so it changes nothing. The only exception is the
+  standard health service (``/grpc.health.v1.Health/``): container health checks must work
+  without the secret, and it reveals no more than "serving or not". `asyncps health` sends the
+  token anyway when it knows one, and speaks TLS when told to (environment above).
+
+Clients attach the token with a client interceptor (it works on insecure and secure channels
+alike; `grpc.metadata_call_credentials` would need TLS and costs a thread hop per call).
+
+The token is never read from the YAML itself (the resolved YAML is copied into every run
+directory): only from a file or an environment variable the YAML names.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from asyncps.errors import ConfigError
+
+ROLES = ("ps", "worker", "chief", "client")
+TOKEN_KEY = "authorization"
+ALT_TOKEN_KEY = "x-asyncps-token"
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)  # health checks need no token (see the docstring)
+
+ENV_DIR, ENV_CA, ENV_CERT, ENV_KEY = "ASYNCPS_TLS_DIR", "ASYNCPS_TLS_CA", "ASYNCPS_TLS_CERT", "ASYNCPS_TLS_KEY"
+ENV_MTLS, ENV_TOKEN, ENV_TOKEN_FILE = "ASYNCPS_MTLS", "ASYNCPS_TOKEN", "ASYNCPS_TOKEN_FILE"
+
+
+def cert_paths(directory: str | os.PathLike, role: str) -> tuple[Path, Path, Path]:
+    """(ca, cert, key) paths of `role` in a folder written by `asyncps certs`."""
+    d = Path(directory)
+    return d / "ca.pem", d / f"{role}.pem", d / f"{role}-key.pem"
+
+
+@dataclass(frozen=True)
+class Security:
+    """Resolved settings of one process: PEM bytes and the token, ready for gRPC."""
+
+    tls: bool = False
+    mtls: bool = False
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+    server_name: str | None = None  # overrides the host name checked in the server certificate
+
+    @property
+    def enabled(self) -> bool:
+        return self.tls or self.token is not None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=self.mtls)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        if self.mtls:
+            return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                                certificate_chain=self.cert)
+        return grpc.ssl_channel_credentials(root_certificates=self.ca)
+
+    def __repr__(self) -> str:  # never print the token or the key
+        return (f"Security(tls={self.tls}, mtls={self.mtls}, token={'set' if self.token else None}, "
+                f"server_name={self.server_name!r})")
+
+
+INSECURE = Security()
+
+
+def _read(path: str | os.PathLike, what: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path} ({exc.strerror}); make certificates with `asyncps certs DIR`") from None
+
+
+def _read_token(text: str, where: str) -> str:
+    token = text.strip()
+    if not token:
+        raise ConfigError(f"{where}: the job token is empty")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(f"{where}: the job token must be printable ASCII without spaces")
+    return token
+
+
+def resolve(section: Any = None, role: str | None = None) -> Security:
+    """The Security of `role` from a `SecurityConfig` (None: from the environment).
+
+    `role` picks the certificate (ps, worker, chief, client); None: this process's role from
+    TF_CONFIG's task.type, else "client". Errors (missing file, unset token variable) raise
+    ConfigError naming the key.
+    """
+    if isinstance(section, Security):
+        return section
+    role = role or process_role()
+    if section is None:
+        return _from_env(role)
+    where = "cluster.security"
+    token = None
+    if section.token_file:
+        token = _read_token(_read(section.token_file, f"{where}.token_file").decode("utf-8", "replace"),
+                            f"{where}.token_file {section.token_file}")
+    elif section.token_env:
+        value = os.environ.get(section.token_env)
+        if value is None:
+            raise ConfigError(f"{where}.token_env: environment variable {section.token_env} is not set")
+        token = _read_token(value, f"environment variable {section.token_env}")
+    if not (section.tls or section.mtls):
+        return Security(token=token)
+    ca, cert, key = (section.ca, section.cert, section.key)
+    if section.dir:
+        d_ca, d_cert, d_key = cert_paths(section.dir, role)
+        ca, cert, key = ca or d_ca, cert or d_cert, key or d_key
+    missing = [name for name, value in (("ca", ca), ("cert", cert), ("key", key)) if not value]
+    if missing:
+        raise ConfigError(f"{where}: tls needs {', '.join(missing)} (or dir: a folder made by `asyncps certs`)")
+    ca, cert, key = (str(p).replace("{role}", role) for p in (ca, cert, key))
+    return Security(tls=True, mtls=bool(section.mtls), ca=_read(ca, f"{where}.ca"), cert=_read(cert, f"{where}.cert"),
+                    key=_read(key, f"{where}.key"), token=token, server_name=section.server_name)
+
+
+def _from_env(role: str) -> Security:
+    env = os.environ
+    token = None
+    if env.get(ENV_TOKEN_FILE):
+        token = _read_token(_read(env[ENV_TOKEN_FILE], ENV_TOKEN_FILE).decode("utf-8", "replace"), ENV_TOKEN_FILE)
+    elif env.get(ENV_TOKEN):
+        token = _read_token(env[ENV_TOKEN], ENV_TOKEN)
+    ca, cert, key = env.get(ENV_CA), env.get(ENV_CERT), env.get(ENV_KEY)
+    if env.get(ENV_DIR):
+        d_ca, d_cert, d_key = cert_paths(env[ENV_DIR], role)
+        ca, cert, key = ca or d_ca, cert or (d_cert if d_cert.exists() else None), key or (d_key if d_key.exists() else None)
+    if not ca:
+        return Security(token=token)
+    mtls = bool(cert and key) and env.get(ENV_MTLS, "1") not in ("0", "false", "")
+    return Security(tls=True, mtls=mtls, ca=_read(ca, ENV_CA), token=token,
+                    cert=_read(cert, ENV_CERT) if mtls else None, key=_read(key, ENV_KEY) if mtls else None)
+
+
+def process_role() -> str:
+    """This process's role from TF_CONFIG (task.type), else "client"."""
+    try:
+        role = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {}).get("type")
+    except (ValueError, AttributeError):
+        role = None
+    return role if role in ROLES else "client"
+
+
+# ----------------------------------------------------------------------------------------------
+# Clients
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+class TokenClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                             grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer TOKEN`` to every call."""
+
+    def __init__(self, token: str):
+        self._entry = (TOKEN_KEY, f"Bearer {token}")
+
+    def _details(self, d):
+        metadata = list(d.metadata or ()) + [self._entry]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials, getattr(d, "wait_for_ready", None),
+                            getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def open_channel(address: str, security: Any = None, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to `address`: TLS/mTLS and the token as `security` says (a SecurityConfig, a
+    Security, or None: the environment; see the module docstring)."""
+    sec = resolve(security)
+    options = list(options)
+    if sec.tls:
+        if sec.server_name:
+            options.append(("grpc.ssl_target_name_override", sec.server_name))
+        channel = grpc.secure_channel(address, sec.channel_credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    if sec.token is not None:
+        channel = grpc.intercept_channel(channel, TokenClientInterceptor(sec.token))
+    return channel
+
+
+# ----------------------------------------------------------------------------------------------
+# Servers
+
+
+def _rejecting_handler(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same kind as `handler` that ends the call with `code` at once.
+
+    Requests are taken as raw bytes (no deserializer): nothing of them is parsed.
+    """
+
+    def unary(request, context):
+        context.abort(code, message)
+
+    def streaming(request, context):
+        context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    req_stream = bool(handler and handler.request_streaming)
+    resp_stream = bool(handler and handler.response_streaming)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[req_stream, resp_stream](streaming if resp_stream else unary)
+
+
+class TokenServerInterceptor(grpc.ServerInterceptor):
+    """Ends every call without the job token with UNAUTHENTICATED, before any handler runs."""
+
+    def __init__(self, token: str, exempt: Sequence[str] = EXEMPT_PREFIXES):
+        self._token = token.encode()
+        self._exempt = tuple(exempt)
+        self.rejected = 0  # calls refused (read by tests and logs; updated without a lock: a count)
+
+    def authorized(self, metadata) -> bool:
+        offered = None
+        for key, value in metadata or ():
+            if key == TOKEN_KEY and isinstance(value, str) and value[:7].lower() == "bearer ":
+                offered = value[7:].strip()
+            elif key == ALT_TOKEN_KEY and isinstance(value, str):
+                offered = value.strip()
+            if offered is not None:
+                break
+        if offered is None:
+            return False
+        return hmac.compare_digest(offered.encode("utf-8", "replace"), self._token)
+
+    def intercept_service(self, continuation, details):
+        if details.method.startswith(self._exempt):
+            return continuation(details)
+        if self.authorized(details.invocation_metadata):
+            return continuation(details)
+        self.rejected += 1
+        return _rejecting_handler(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
+                                  "missing or wrong job token (authorization: Bearer TOKEN)")
+
+
+def server_interceptors(sec: Security) -> list[grpc.ServerInterceptor]:
+    """The interceptors `sec` asks for (the token check, or none)."""
+    return [TokenServerInterceptor(sec.token)] if sec.token is not None else []
+
+
+def add_port(server: grpc.Server, address: str, sec: Security) -> int:
+    """Binds `address` with TLS or without, as `sec` says; the bound port (0: failed)."""
+    try:
+        if sec.tls:
+            return server.add_secure_port(address, sec.server_credentials())
+        return server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises for an address it cannot bind
+        return 0

@@ -1,0 +1,114 @@
+"""The shard process: a gRPC server with the ParameterServer and health services.
+
+    python -m asyncps.ps.server CONFIG --index 0 [--port 0] [--host 127.0.0.1] [--port-file F] [key=value ...]
+
+prints ``asyncps ps 0: serving on 127.0.0.1:PORT`` and, with ``--port-file``, writes the bound
+port (atomically) to F, so a launcher can ask for port 0 and learn the port the OS chose. The
+health service (``grpc.health.v1.Health``) reports SERVING for "" and "asyncps.ParameterServer"
+once the server is listening. SIGTERM, SIGINT or the Stop RPC shut it down gracefully: health
+goes NOT_SERVING, waiting calls fail with UNAVAILABLE, in-flight calls get `grace` seconds.
+
+Create gRPC objects only inside the process that uses them: build a `ShardServer` after the
+process has started, never before a fork.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+from asyncps.config import Config, load_config
+from asyncps.errors import UserError
+from asyncps.protos.rpc import ps_handler
+from asyncps.protos.serving import RoleServer
+from asyncps.ps.servicer import SERVICE_NAME, ParameterServerServicer
+from asyncps.ps.shard import Shard
+
+DEFAULT_GRACE = 5.0  # seconds in-flight calls get at shutdown
+
+
+class ShardServer:
+    """One shard behind a gRPC server: `start()`, then `wait()` or `stop()`.
+
+    ``stop_requested`` is set by the Stop RPC or by `request_stop` (the SIGTERM handler).
+    """
+
+    def __init__(self, cfg: Config, index: int = 0, port: int = 0, host: str = "127.0.0.1", shard: Shard | None = None):
+        self.cfg, self.index = cfg, index
+        self.shard = shard or Shard(cfg, index)
+        self.stop_requested = threading.Event()
+        self._grace = DEFAULT_GRACE
+        # Threads: every in-flight call holds one, and ssp/sync pulls may wait in theirs.
+        self._role = RoleServer(f"ps {index}", host, port, (SERVICE_NAME,),
+                                max_workers=max(16, 2 * cfg.cluster.workers + 8), security=cfg.cluster.security)
+        self.server = self._role.server
+        self.server.add_generic_rpc_handlers((ps_handler(ParameterServerServicer(self.shard, self.request_stop)),))
+        self.port = 0
+
+    def start(self) -> int:
+        """Binds, starts serving, flips health to SERVING; returns the bound port."""
+        self.port = self._role.start()
+        return self.port
+
+    def request_stop(self, grace: float | None = None) -> None:
+        """Asks `wait` to shut the server down (safe from a handler or a signal)."""
+        if grace is not None and grace > 0:
+            self._grace = grace
+        self.stop_requested.set()
+
+    def wait(self) -> None:
+        """Blocks until a stop is requested, then shuts down gracefully."""
+        self.stop_requested.wait()
+        self.stop()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, waiting calls woken with UNAVAILABLE, then stop with `grace`."""
+        self._role.health.enter_graceful_shutdown()
+        self.shard.stop()
+        self._role.stop(self._grace if grace is None else grace)
+
+
+def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_file: str | None = None) -> int:
+    """Runs shard `index` until SIGTERM/SIGINT or the Stop RPC; returns the exit code (0).
+
+    Port 0 asks the OS for a free port; the chosen one is printed and, if `port_file` is given,
+    written there (atomically), for launchers.
+    """
+    server = ShardServer(cfg, index, port, host)
+    bound = server.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.request_stop())
+    print(f"asyncps ps {index}: serving on {host}:{bound} (mode {cfg.cluster.mode})", flush=True)
+    if port_file:
+        from asyncps.atomic import atomic_write_bytes
+
+        atomic_write_bytes(port_file, f"{bound}\n".encode())
+    server.wait()
+    print(f"asyncps ps {index}: stopped at version {server.shard.version}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of one shard process (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m asyncps.ps.server", description="Run one parameter-server shard.")
+    parser.add_argument("config", help="run YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--index", type=int, default=0, help="shard index (default 0)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port-file", default=None, help="write the bound port to this file")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not 0 <= args.index < cfg.cluster.ps:
+            raise UserError(f"--index {args.index} is outside the cluster's {cfg.cluster.ps} shards (cluster.ps)")
+        return serve(cfg, args.index, args.port, args.host, args.port_file)
+    except UserError as err:
+        print(f"asyncps ps: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The thin gRPC layer over `Shard`: decode messages, call the shard, encode the answer.
+
+Tensor streams arrive and leave as wire bytes (see `asyncps.protos.rpc`): requests are parsed
+by `codec.Assembler.add_wire`, replies built by `codec.encode_wire`.
+
+Every ShardError or CodecError becomes ``context.abort(code, message)``; no error travels as
+text in a reply field. Waits inside the shard (ssp bound, sync round, pause) are bounded by the
+call's own deadline (``context.time_remaining()``).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import grpc
+
+from asyncps.protos import codec, ps_pb2
+from asyncps.protos.codec import CodecError
+from asyncps.ps.errors import ShardError
+from asyncps.ps.shard import Shard
+
+SERVICE_NAME = "asyncps.ParameterServer"  # also the name the health service reports
+
+
+def _abort(context: grpc.ServicerContext, err: Exception) -> None:
+    code = grpc.StatusCode[err.code] if isinstance(err, ShardError) else grpc.StatusCode.INVALID_ARGUMENT
+    context.abort(code, str(err))
+
+
+def _rpc(method):
+    """Maps domain errors of a unary- or stream-answering handler to gRPC status codes."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except (ShardError, CodecError) as err:
+                _abort(context, err)
+
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except (ShardError, CodecError) as err:
+            _abort(context, err)
+
+    return unary
+
+
+def _push_reply(result) -> ps_pb2.PushReply:
+    return ps_pb2.PushReply(
+        result=ps_pb2.PushReply.Result.Value(result.result), version=result.version, staleness=result.staleness
+    )
+
+
+class ParameterServerServicer:
+    """gRPC handlers of the ParameterServer service (see protos/ps.proto) over one Shard."""
+
+    def __init__(self, shard: Shard, on_stop: Callable[[float], None] | None = None,
+                 chunk_bytes: int = codec.CHUNK_BYTES):
+        self._shard = shard
+        self._on_stop = on_stop
+        self._chunk = chunk_bytes
+
+    @_rpc
+    def Init(self, request_iterator, context):
+        """Creates the variables from the streamed initial values (first Init wins)."""
+        asm = codec.Assembler()
+        for message in request_iterator:
+            asm.add_wire(message)
+        created = self._shard.init(asm.finish())
+        return ps_pb2.InitReply(created=created, num_variables=self._shard.num_variables, version=self._shard.version)
+
+    @_rpc
+    def RegisterWorker(self, request, context):
+        """Makes a worker index known to the shard, or retires it."""
+        clock, last_seq = self._shard.register_worker(request.worker, request.retire)
+        return ps_pb2.RegisterWorkerReply(clock=clock, last_seq=last_seq)
+
+    @_rpc
+    def Pull(self, request, context):
+        """Streams the requested values with the shard version (may wait: ssp/sync)."""
+        worker = request.worker if request.HasField("worker") else None
+        yield from self._shard.pull(worker, request.names, context.time_remaining(), self._export())
+
+    @_rpc
+    def Push(self, request_iterator, context):
+        """Applies one streamed gradient; answers APPLIED/ACCUMULATED/DROPPED/DUPLICATE."""
+        return _push_reply(self._push(request_iterator, context))
+
+    @_rpc
+    def PushPull(self, request_iterator, context):
+        """Push, then pull all values, in one round trip."""
+        result, worker = self._push(request_iterator, context, with_worker=True)
+        yield from self._shard.pull(worker, (), context.time_remaining(), self._export(_push_reply(result)))
+
+    @_rpc
+    def PullOne(self, request, context):
+        """Pull as one unary reply message (all values unchunked)."""
+        worker = request.worker if request.HasField("worker") else None
+        return self._shard.pull(worker, request.names, context.time_remaining(), self._export(one=True))
+
+    @_rpc
+    def PushOne(self, request, context):
+        """Push of one message (all gradients unchunked)."""
+        return _push_reply(self._push((request,), context))
+
+    @_rpc
+    def PushPullOne(self, request, context):
+        """PushPull with one request and one reply message."""
+        result, worker = self._push((request,), context, with_worker=True)
+        return self._shard.pull(worker, (), context.time_remaining(), self._export(_push_reply(result), one=True))
+
+    def _export(self, push_reply: ps_pb2.PushReply | None = None, one: bool = False):
+        """Encodes pulled values into wire messages (run by the shard under its lock); with
+        `one`, into a single message."""
+
+        def export(version, values):
+            header = ps_pb2.PullHeader(version=version, push=push_reply).SerializeToString()
+            if one:
+                return codec.encode_message(values, header)
+            return list(codec.encode_wire(values, header, self._chunk))  # bytes.join copies
+
+        return export
+
+    def _push(self, request_iterator, context, with_worker=False):
+        header, grads = self._read_push(request_iterator)
+        result = self._shard.push(header.worker, header.seq, header.read_version, grads, context.time_remaining())
+        return (result, header.worker) if with_worker else result
+
+    def _read_push(self, request_iterator):
+        """(header, gradients) of a push stream; a malformed stream is counted as rejected."""
+        asm, header = codec.Assembler(), None
+        for message in request_iterator:
+            if header is None:  # read first, so a malformed tensor is counted against its worker
+                raw = codec.read_header(message)
+                if raw is None:
+                    raise CodecError("the first message of a push carries no header")
+                header = codec.parse_header(ps_pb2.PushHeader, raw)
+            try:
+                asm.add_wire(message)
+            except CodecError:
+                self._shard.count_rejected(header.worker)
+                raise
+        if header is None:
+            raise CodecError("empty push stream (no header)")
+        try:
+            return header, asm.finish()
+        except CodecError:
+            self._shard.count_rejected(header.worker)
+            raise
+
+    @_rpc
+    def Pause(self, request, context):
+        """Stops applying updates (pushes wait); returns once none is in progress."""
+        return ps_pb2.PauseReply(version=self._shard.pause())
+
+    @_rpc
+    def Resume(self, request, context):
+        """Resumes applying updates."""
+        return ps_pb2.ResumeReply(version=self._shard.resume())
+
+    @_rpc
+    def Snapshot(self, request, context):
+        """Streams values, slots and counters, all at one version."""
+        yield from codec.encode_snapshot(self._shard.snapshot(), self._chunk)
+
+    @_rpc
+    def Restore(self, request_iterator, context):
+        """Replaces the shard's state with the streamed snapshot."""
+        return ps_pb2.RestoreReply(version=self._shard.restore(codec.decode_snapshot(request_iterator)))
+
+    @_rpc
+    def Stats(self, request, context):
+        """The shard's counters: staleness per worker and histogram, applied/dropped/rejected."""
+        stats = self._shard.stats()
+        workers = [ps_pb2.WorkerStats(**w) for w in stats.pop("workers")]
+        return ps_pb2.StatsReply(workers=workers, **stats)
+
+    @_rpc
+    def Stop(self, request, context):
+        """Asks the server process to shut down (after this reply)."""
+        if self._on_stop is not None:
+            self._on_stop(request.grace)
+        return ps_pb2.StopReply()

@@ -1,0 +1,86 @@
+"""Checks of incoming tensors against the shard's variables, before any state is touched.
+
+Each function raises a ShardError naming the variable and the problem, or returns the tensor
+in the form the optimizer takes (sparse rows deduplicated by summing).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from asyncps.protos.codec import SparseRows
+from asyncps.ps.errors import InvalidArgument, NotFound
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True when no element is NaN or Inf (exact; fast path through one BLAS dot product)."""
+    if array.dtype in (np.float32, np.float64) and array.flags.c_contiguous:
+        flat = array.reshape(-1)
+        if np.isfinite(np.dot(flat, flat)):  # NaN/Inf propagate into the sum of squares ...
+            return True  # ... and a finite sum proves every element finite
+    return bool(np.isfinite(array).all())  # exact check (also when the squares overflowed)
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    """Rejects NaN or Inf in a floating-point array."""
+    if array.dtype.kind == "f" and not all_finite(array):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise InvalidArgument(f"variable {name!r}: {bad} non-finite value(s) (NaN or Inf)")
+
+
+def check_initial_values(values: Mapping[str, np.ndarray], frozen) -> None:
+    """Init: values must be dense, finite, and floating point unless frozen."""
+    for name, value in values.items():
+        if isinstance(value, SparseRows):
+            raise InvalidArgument(f"variable {name!r}: initial value must be dense, got sparse rows")
+        if value.dtype.kind != "f" and not frozen(name):
+            raise InvalidArgument(
+                f"variable {name!r}: dtype {value.dtype.name} cannot be trained (only floating point); "
+                "freeze it with train.frozen"
+            )
+        check_finite(name, value)
+
+
+def check_gradients(grads: Mapping, variables: Mapping) -> dict:
+    """Validated gradients: known, trainable variables, right shape and dtype, finite values."""
+    return {name: _check_one(name, grad, variables) for name, grad in grads.items()}
+
+
+def _check_one(name: str, grad, variables: Mapping):
+    var = variables.get(name)
+    if var is None:
+        raise NotFound(f"variable {name!r} is not held by this shard")
+    if var.frozen:
+        raise InvalidArgument(f"variable {name!r} is frozen (train.frozen): its gradient must not be pushed")
+    if isinstance(grad, SparseRows):
+        return _check_sparse(name, grad, var.value)
+    _check_dtype(name, grad, var.value)
+    if grad.shape != var.value.shape:
+        raise InvalidArgument(f"variable {name!r}: gradient of shape {grad.shape}, expected {var.value.shape}")
+    check_finite(name, grad)
+    return grad
+
+
+def _check_dtype(name: str, grad: np.ndarray, value: np.ndarray) -> None:
+    if grad.dtype != value.dtype:
+        raise InvalidArgument(f"variable {name!r}: gradient of dtype {grad.dtype.name}, expected {value.dtype.name}")
+
+
+def _check_sparse(name: str, grad: SparseRows, value: np.ndarray) -> SparseRows:
+    """Sparse rows in range, row shape right; duplicate rows summed (the optimizer wants unique)."""
+    rows, values = grad.rows, grad.values
+    if value.ndim == 0:
+        raise InvalidArgument(f"variable {name!r} is a scalar: it takes no sparse rows")
+    _check_dtype(name, values, value)
+    if values.shape[1:] != value.shape[1:]:
+        raise InvalidArgument(f"variable {name!r}: sparse rows of shape {values.shape[1:]}, expected {value.shape[1:]}")
+    if rows.size and (rows.min() < 0 or rows.max() >= value.shape[0]):
+        raise InvalidArgument(f"variable {name!r}: row index out of range [0, {value.shape[0]})")
+    check_finite(name, values)
+    unique, inverse = np.unique(rows, return_inverse=True)
+    if len(unique) == len(rows):
+        return grad
+    summed = np.zeros((len(unique), *values.shape[1:]), dtype=values.dtype)
+    np.add.at(summed, inverse, values)
+    return SparseRows(unique, summed)

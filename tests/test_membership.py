@@ -1,0 +1,37 @@
+"""Worker membership: indices at registration, heartbeats, deaths, rejoining."""
+import pytest
+
+from asyncps.chief.membership import Membership, MembershipFull
+
+
+class FakeClock:
+    """A clock the test moves by hand (time itself, not a mock of any asyncps part)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_indices_are_handed_out_in_order_and_registration_is_idempotent():
+    m = Membership(2, timeout=5)
+    assert m.register("a", 1).index == 0
+    assert m.register("b", 2).index == 1
+    assert m.register("a", 1).index == 0  # a retried Register
+    with pytest.raises(MembershipFull, match="all 2 worker slots"):
+        m.register("c", 3)
+
+
+def test_silent_worker_is_declared_dead_and_its_index_reused():
+    clock, events = FakeClock(), []
+    m = Membership(2, timeout=5, on_event=lambda kind, member: events.append((kind, member.index)), clock=clock)
+    m.register("a", 1)
+    m.register("b", 2)
+    clock.now = 3
+    assert m.heartbeat(1, step=7) is not None
+    clock.now = 6
+    assert [d.index for d in m.reap()] == [0]
+    assert m.heartbeat(0, step=1) is None  # the dead worker must register again
+    assert m.register("a", 99).index == 0  # a restarted worker gets the free slot: same data shard
+    assert ("worker_dead", 0) in events and m.deaths == 1 and m.joins == 3

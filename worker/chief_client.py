@@ -1,0 +1,86 @@
+"""The worker's side of the Chief service: register once, heartbeat in the background."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import grpc
+
+from asyncps.protos import chief_pb2, chief_pb2_grpc
+
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "asyncps.Chief"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+
+class ChiefClient:
+    """Calls to the chief, each with a deadline; build it inside the process that uses it."""
+
+    def __init__(self, address: str, timeout: float, security=None):
+        self.timeout = timeout
+        from asyncps.protos.security import open_channel  # security None: from the environment
+        self._channel = open_channel(address, security, options=[
+            ("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)])
+        self._stub = chief_pb2_grpc.ChiefStub(self._channel)
+
+    def register(self) -> chief_pb2.RegisterReply:
+        """This process's worker index and data shard (waits for the chief to come up)."""
+        request = chief_pb2.RegisterRequest(hostname=socket.gethostname(), pid=os.getpid())
+        return self._stub.Register(request, timeout=self.timeout, wait_for_ready=True)
+
+    def heartbeat(self, index: int, step: int) -> chief_pb2.HeartbeatReply:
+        return self._stub.Heartbeat(chief_pb2.HeartbeatRequest(worker_index=index, step=step), timeout=self.timeout)
+
+    def report(self, index: int, step: int, wall_time: float, values: dict[str, float]) -> None:
+        request = chief_pb2.MetricsReport(worker_index=index, step=step, wall_time=wall_time, values=values)
+        self._stub.ReportMetrics(request, timeout=self.timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class Heartbeat(threading.Thread):
+    """Beats every `interval` seconds; sets `stop` when the chief says so or cannot be reached.
+
+    `step()` gives the worker's current local step. A chief that stays unreachable for
+    `give_up` seconds means the run is over (or the chief died, which the launcher handles).
+    """
+
+    def __init__(self, client: ChiefClient, index: int, step, interval: float, give_up: float):
+        super().__init__(name="heartbeat", daemon=True)
+        self.client, self.index, self.step = client, index, step
+        self.interval, self.give_up = interval, give_up
+        self.stop = threading.Event()
+        self.reason = ""
+
+    def run(self) -> None:
+        failing_since = None
+        while not self.stop.wait(self.interval):
+            try:
+                reply = self.client.heartbeat(self.index, self.step())
+            except grpc.RpcError as err:
+                failing_since = failing_since or time.monotonic()
+                if err.code() == grpc.StatusCode.NOT_FOUND or time.monotonic() - failing_since > self.give_up:
+                    self.finish(f"chief: {err.code().name} {err.details()}")
+                continue
+            failing_since = None
+            if reply.should_stop:
+                self.finish("the chief asked to stop")
+
+    def beat_now(self) -> bool:
+        """One synchronous heartbeat; True if the run should stop."""
+        try:
+            return self.client.heartbeat(self.index, self.step()).should_stop
+        except grpc.RpcError:
+            return True
+
+    def finish(self, reason: str) -> None:
+        """Ends the run for this worker (the chief said stop, SIGTERM, or the chief is gone)."""
+        self.reason = reason
+        self.stop.set()
+

@@ -1,0 +1,78 @@
+"""The data layer the workers and the chief's evaluator read: one `load_dataset` for every model.
+
+- ``mnist``: 50,000 training and 10,000 test images (float32 rows of 784 in [0, 1]), plus the
+  10,000 validation images as ``x_valid, y_valid``; see `asyncps.worker.data.mnist`.
+- ``linear``: y = 2x (+ noise), shapes (n, 1); see `asyncps.worker.data.synthetic`.
+- ``charlm``: the previous `context` character ids -> the next one; see `asyncps.worker.data.text`.
+
+Per-worker batches come from `BatchStream` (`asyncps.worker.data.sharding`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from asyncps.config import DataConfig
+from asyncps.worker.data.mnist import default_cache_dir, load_mnist, prepare_mnist
+from asyncps.worker.data.sharding import BatchId, BatchStream, shard_indices
+from asyncps.worker.data.synthetic import make_linear
+from asyncps.worker.data.text import Vocab, load_charlm
+
+__all__ = [
+    "BatchId", "BatchStream", "Dataset", "DatasetMeta", "Vocab", "default_cache_dir",
+    "load_dataset", "prepare_mnist", "shard_indices",
+]
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What a model needs to know about its data."""
+
+    name: str  # "mnist", "linear" or "charlm"
+    input_shape: tuple[int, ...]  # one example's x, e.g. (784,)
+    num_classes: int | None  # 10 for mnist, the vocabulary size for charlm, None for regression
+    vocab: list[str] | None = None  # charlm: id -> character
+
+
+@dataclass
+class Dataset:
+    """Training and test arrays (first axis: examples) and their `meta`; MNIST adds a validation split."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    meta: DatasetMeta
+    x_valid: np.ndarray | None = None
+    y_valid: np.ndarray | None = None
+
+
+def load_dataset(data_cfg: DataConfig, context: int = 8, *, seed: int = 0,
+                 cache_dir: str | Path | None = None) -> Dataset:
+    """The dataset `data_cfg` names. Every process of a run gets identical arrays.
+
+    `context` is ``model.context`` (charlm), `seed` the run's seed (linear). The MNIST cache is
+    ``data.cache_dir``, else `cache_dir` (e.g. `default_cache_dir()` read at the entry point),
+    else ``$ASYNCPS_CACHE`` or ``~/.cache/asyncps``.
+    """
+    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm}
+    return loaders[data_cfg.name](data_cfg, context=context, seed=seed, cache_dir=cache_dir)
+
+
+def _mnist(cfg: DataConfig, *, cache_dir, **_) -> Dataset:
+    a = load_mnist(cfg.path, cfg.cache_dir if cfg.cache_dir is not None else cache_dir)
+    meta = DatasetMeta("mnist", a["x_train"].shape[1:], num_classes=10)
+    return Dataset(a["x_train"], a["y_train"], a["x_test"], a["y_test"], meta, a["x_valid"], a["y_valid"])
+
+
+def _linear(cfg: DataConfig, *, seed: int, **_) -> Dataset:
+    x_train, y_train, x_test, y_test = make_linear(cfg.num_train, noise=cfg.noise, seed=seed)
+    return Dataset(x_train, y_train, x_test, y_test, DatasetMeta("linear", (1,), num_classes=None))
+
+
+def _charlm(cfg: DataConfig, *, context: int, **_) -> Dataset:
+    x_train, y_train, x_test, y_test, vocab = load_charlm(cfg.text, context)
+    meta = DatasetMeta("charlm", (context,), num_classes=len(vocab), vocab=list(vocab.chars))
+    return Dataset(x_train, y_train, x_test, y_test, meta)

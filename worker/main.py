@@ -1,0 +1,220 @@
+"""The worker process: register with the chief, then pull, compute, push until told to stop.
+
+Each step sends the gradient and receives the new weights in one round trip per shard
+(PushPull), so the next step starts on the freshest weights the shards had when the push was
+applied. The data this worker reads is its own shard of the training set, chosen by the index
+the chief assigned, so a restarted worker that gets the same index reads the same shard.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from asyncps.cluster import ClusterSpec
+from asyncps.config import Config
+
+REPORT_EVERY_SECONDS = 2.0
+STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
+# Errors after which a worker re-registers and re-pulls instead of exiting (a shard restarted
+# or restored); MAX_REJOINS in a row without a successful push end the worker.
+REJOIN_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE)
+MAX_REJOINS = 20
+
+
+def run_worker(cfg: Config, spec: ClusterSpec) -> int:
+    """Trains until the chief says stop; returns the process exit code."""
+    from asyncps.worker.chief_client import ChiefClient, Heartbeat
+
+    chief = ChiefClient(spec.chief, cfg.cluster.rpc_timeout, security=cfg.cluster.security)
+    reply = chief.register()
+    index = reply.worker_index
+    print(f"worker {index}: registered ({reply.num_workers} workers, data shard {reply.data_shard})", flush=True)
+    loop = WorkerLoop(cfg, reply, list(reply.ps_addresses) or list(spec.ps))
+    beat = Heartbeat(chief, index, lambda: loop.seq, cfg.cluster.heartbeat_interval,
+                     give_up=cfg.cluster.heartbeat_timeout)
+    beat.start()
+    signal.signal(signal.SIGTERM, lambda *_: beat.finish("SIGTERM"))
+    try:
+        error = run_until_stopped(loop, beat, chief)
+    finally:
+        beat.stop.set()
+        chief.close()
+        loop.close()  # ends a push left waiting at a frozen shard, so the process exits now
+    if error is not None and not beat.reason:
+        print(f"worker {index}: {describe(error)}", file=sys.stderr, flush=True)
+        return 1
+    print(f"worker {index}: stopped after {loop.seq} pushes ({beat.reason or 'run over'})", flush=True)
+    return 0
+
+
+def run_until_stopped(loop: "WorkerLoop", beat, chief) -> BaseException | None:
+    """Runs the loop in a daemon thread; returns once it ends or the chief says stop.
+
+    The chief freezes the shards before it stops them, so a push may be left waiting at a
+    shard when the run ends: the stop flag, not that call, decides when this process exits.
+    """
+    done, errors = threading.Event(), []
+
+    def body():
+        try:
+            loop.run(beat.stop, chief)
+        except BaseException as exc:  # reported by the caller, with the stop flag in view
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=body, name="train-loop", daemon=True).start()
+    while not done.wait(0.1):
+        if beat.stop.is_set():
+            done.wait(STOP_GRACE_SECONDS)
+            break
+    if errors and not beat.stop.is_set() and beat.beat_now():
+        beat.reason = "the chief asked to stop"
+    return errors[0] if errors else None
+
+
+def report_metrics(chief, index: int, seq: int, values: dict) -> None:
+    """Best effort: a chief being restarted must not end the training loop."""
+    try:
+        chief.report(index, seq, time.time(), values)
+    except grpc.RpcError:
+        pass
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
+
+
+class LossReporter:
+    """Sends the mean training loss to the chief every REPORT_EVERY_SECONDS."""
+
+    def __init__(self, chief, index: int):
+        self.chief, self.index = chief, index
+        self.last, self.losses = time.monotonic(), []
+
+    def add(self, step: int, loss: float) -> None:
+        self.losses.append(loss)
+        if time.monotonic() - self.last > REPORT_EVERY_SECONDS:
+            report_metrics(self.chief, self.index, step, {"train/loss": float(np.mean(self.losses))})
+            self.last, self.losses = time.monotonic(), []
+
+
+class WorkerLoop:
+    """The pull-compute-push loop of one worker."""
+
+    def __init__(self, cfg: Config, reply, ps_addresses: list[str]):
+        from asyncps.worker.data import BatchStream, load_dataset
+        from asyncps.worker.delays import DelayModel
+        from asyncps.worker.models import build_model
+        from asyncps.worker.ps_client import PSClient
+        from asyncps.worker.step import GradientComputer, limit_blas_threads
+        from asyncps.worker.variables import initial_params, placement_for, trainable_names
+
+        limit_blas_threads(1)  # workers are the parallelism: a BLAS pool each oversubscribes the cores
+        self.cfg, self.index = cfg, reply.worker_index
+        self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
+        model = build_model(cfg.model, self.data.meta)
+        params0 = initial_params(cfg, model)
+        self.ps = PSClient(ps_addresses, placement_for(params0, len(ps_addresses)), cfg)
+        clocks = self.ps.register(self.index)
+        # A rejoining worker continues its sequence numbers, so no push of its is mistaken for a retry.
+        self.seq = max(last_seq for _, last_seq in clocks) + 1
+        self.compute = GradientComputer(model, trainable_names(params0, cfg.train.frozen), cfg.train.graph_mode)
+        self.stream = BatchStream(len(self.data.x_train), cfg.train.batch_size, reply.data_shard,
+                                  reply.num_data_shards, reply.seed, start_step=self.seq)
+        self.rng = np.random.default_rng([reply.seed, self.index, self.seq])
+        self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
+
+    def run(self, stop, chief) -> None:
+        if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async":
+            return self.run_prefetching(stop, chief)
+        params, versions = self.ps.pull(worker=self.index)
+        reporter = LossReporter(chief, self.index)
+        while not stop.is_set():
+            loss, grads = self.gradient(params, stop)
+            params, versions = self.push_or_rejoin(grads, versions, stop)
+            reporter.add(self.seq, loss)
+
+    def gradient(self, params, stop):
+        """(loss, gradients) of the next batch, then the configured delay (before the push)."""
+        indices, _ = next(self.stream)
+        started = time.perf_counter()
+        loss, grads = self.compute(params, self.data.x_train[indices], self.data.y_train[indices], self.rng)
+        if self.delay.active:
+            self.delay.wait(self.seq, time.perf_counter() - started, stop)
+        return loss, grads
+
+    def run_prefetching(self, stop, chief) -> None:
+        """The loop with cluster.prefetch (async only): the push-pull of step t travels in the
+        background while step t+1 computes on the weights step t started from, so the transfer
+        overlaps the math. Each gradient carries the versions it was computed on: the shards
+        record the extra version of staleness like any other."""
+        params, versions = self.ps.pull(worker=self.index)
+        pending = None  # the push-pull in flight
+        reporter = LossReporter(chief, self.index)
+        while not stop.is_set():
+            loss, grads = self.gradient(params, stop)
+            fresh = None
+            if pending is not None:
+                fresh, pending = self.settle(pending, stop), None
+                if fresh is None:  # the shards lost this worker: registered again, re-pulled
+                    params, versions = self.rejoin(stop)
+                    continue  # (this gradient was computed on weights the shards no longer have)
+            pending = self.ps.push_pull_async(grads, versions, self.index, self.seq)
+            self.seq += 1
+            if fresh is not None:
+                params, versions = fresh
+            reporter.add(self.seq, loss)
+
+    def settle(self, pending, stop):
+        """(params, versions) of a finished background push-pull; None when the worker must
+        rejoin (the same errors as `push_or_rejoin`)."""
+        try:
+            _, params, versions = pending.result()
+            self.rejoins = 0
+            return params, versions
+        except grpc.RpcError as err:
+            self.rejoins = getattr(self, "rejoins", 0) + 1
+            if stop.is_set() or err.code() not in REJOIN_CODES or self.rejoins > MAX_REJOINS:
+                raise
+            print(f"worker {self.index}: {describe(err)}; registering again and re-pulling", flush=True)
+            return None
+
+    def push_or_rejoin(self, grads, versions, stop):
+        """push_pull, then the next seq; when the shards lost this worker's view (a shard was
+        restarted, or every shard restored from a checkpoint: FAILED_PRECONDITION, a read version
+        the shard no longer has: INVALID_ARGUMENT, UNAVAILABLE), the gradient is dropped and the
+        worker registers again and re-pulls (see docs/failures.md)."""
+        try:
+            _, params, versions = self.ps.push_pull(grads, versions, self.index, self.seq)
+            self.seq, self.rejoins = self.seq + 1, 0
+            return params, versions
+        except grpc.RpcError as err:
+            self.rejoins = getattr(self, "rejoins", 0) + 1
+            if stop.is_set() or err.code() not in REJOIN_CODES or self.rejoins > MAX_REJOINS:
+                raise
+            print(f"worker {self.index}: {describe(err)}; registering again and re-pulling", flush=True)
+            return self.rejoin(stop)
+
+    def rejoin(self, stop):
+        """Registers again with every shard and pulls, until the shards are back (or stop)."""
+        deadline = time.monotonic() + 2 * self.cfg.cluster.rpc_timeout
+        while True:
+            try:
+                clocks = self.ps.register(self.index)
+                self.seq = max(self.seq + 1, max(last_seq for _, last_seq in clocks) + 1)  # never reuse a seq
+                return self.ps.pull(worker=self.index)
+            except grpc.RpcError as err:
+                if stop.is_set() or err.code() not in REJOIN_CODES or time.monotonic() > deadline:
+                    raise
+                stop.wait(0.2)
+
+    def close(self) -> None:
+        self.ps.close()
