@@ -64,7 +64,22 @@ def load_dataset(data_cfg: DataConfig, context: int = 8, *, seed: int = 0,
 def _mnist(cfg: DataConfig, *, cache_dir, **_) -> Dataset:
     a = load_mnist(cfg.path, cfg.cache_dir if cfg.cache_dir is not None else cache_dir)
     meta = DatasetMeta("mnist", a["x_train"].shape[1:], num_classes=10)
+    if cfg.standardize:
+        a = standardized(a)
     return Dataset(a["x_train"], a["y_train"], a["x_test"], a["y_test"], meta, a["x_valid"], a["y_valid"])
+
+
+def standardized(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every ``x_*`` array shifted and scaled by the training set's global pixel mean and std.
+
+    The statistics come from ``x_train`` only, so no test information leaks into training; they
+    are computed in float64 and applied in float32, identically in every process of a run.
+    """
+    x_train = arrays["x_train"]
+    mean = float(x_train.mean(dtype=np.float64))
+    std = float(x_train.std(dtype=np.float64))
+    return {key: ((value - np.float32(mean)) / np.float32(std)).astype(np.float32) if key.startswith("x_") else value
+            for key, value in arrays.items()}
 
 
 def _linear(cfg: DataConfig, *, seed: int, **_) -> Dataset:
