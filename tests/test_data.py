@@ -176,6 +176,18 @@ def test_idx_folder_is_parsed_scaled_and_split(tmp_path, rng):
     assert data.meta.input_shape == (784,) and data.meta.num_classes == 10
 
 
+def test_standardize_uses_training_statistics_only(tmp_path, rng):
+    _write_idx_folder(tmp_path, rng)
+    raw = load_dataset(DataConfig(name="mnist", path=str(tmp_path)))
+    std = load_dataset(DataConfig(name="mnist", path=str(tmp_path), standardize=True))
+    mean, scale = raw.x_train.astype(np.float64).mean(), raw.x_train.astype(np.float64).std()
+    assert abs(std.x_train.mean()) < 1e-5 and abs(std.x_train.std() - 1) < 1e-5
+    for split in ("x_train", "x_valid", "x_test"):  # every split shifted by the *training* statistics
+        assert getattr(std, split).dtype == np.float32
+        np.testing.assert_allclose(getattr(std, split), (getattr(raw, split) - mean) / scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(std.y_train, raw.y_train)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
