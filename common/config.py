@@ -235,6 +235,25 @@ class StalenessConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    """What a cluster run measures and where it shows it (see README, "Telemetry").
+
+    `every_seconds`: the chief writes a `telemetry` row to metrics.jsonl this often (staleness
+    histograms per shard and per worker since the previous row, throughput, pull-to-push time;
+    0: never). `tensorboard`: also event files in the run directory (needs tensorboardX).
+    `prometheus_port`: base port of the /metrics endpoints (needs prometheus-client; 0: off):
+    the chief serves on it, shard i on port + 1 + i, worker i on port + 1 + cluster.ps + i.
+    `record_staleness`: false keeps only the push counts at the shards (for the overhead bench).
+    """
+
+    every_seconds: float = 5.0
+    tensorboard: bool = False
+    prometheus_port: int = 0
+    prometheus_host: str = "127.0.0.1"
+    record_staleness: bool = True
+
+
+@dataclass
 class Config:
     """A whole run: model, data, optimizer, training and cluster settings."""
 
@@ -249,6 +268,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     delay: DelayConfig = field(default_factory=DelayConfig)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that `from_dict` turns back into an equal Config."""
@@ -409,6 +429,8 @@ _RANGES = [
     (DelayConfig, "sigma", lambda v: v >= 0, "0 or more"),
     (StalenessConfig, "s", lambda v: 0 <= v <= 10000, "in [0, 10000]"),
     (StalenessConfig, "p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    (TelemetryConfig, "every_seconds", lambda v: v >= 0, "0 or more"),
+    (TelemetryConfig, "prometheus_port", lambda v: 0 <= v <= 65535, "in [0, 65535]"),
 ]
 
 

@@ -1,6 +1,8 @@
 """Per-worker push counters and the staleness histogram: exact and cheap.
 
 Recording one applied push costs a few integer increments on preallocated lists: no allocation.
+`set_recording(False)` (config `telemetry.record_staleness: false`, set once by the shard's entry
+point) keeps only the count of applied pushes: the baseline of bench/staleness_overhead.py.
 """
 from __future__ import annotations
 
@@ -36,9 +38,13 @@ class WorkerCounters:
             self.staleness_max = staleness
         self.histogram[min(staleness, HIST_BUCKETS - 1)] += 1
 
+    def _count_applied(self, staleness: int) -> None:
+        """`record_applied` with staleness recording off: the count alone."""
+        self.applied += 1
+
     def trimmed_histogram(self) -> list[int]:
         """The histogram without its trailing zero buckets."""
-        return _trim(self.histogram)
+        return _trim(self.histogram[:min(self.staleness_max, HIST_BUCKETS - 1) + 1])
 
 
 def _trim(counts: list[int]) -> list[int]:
@@ -48,10 +54,24 @@ def _trim(counts: list[int]) -> list[int]:
     return counts[:end]
 
 
+_RECORD = WorkerCounters.record_applied
+
+
+def set_recording(on: bool) -> None:
+    """Staleness recording on (the default) or off, for every WorkerCounters of this process."""
+    WorkerCounters.record_applied = _RECORD if on else WorkerCounters._count_applied
+
+
+def recording() -> bool:
+    """True while staleness is recorded."""
+    return WorkerCounters.record_applied is _RECORD
+
+
 def total_histogram(workers) -> list[int]:
-    """Sum of the workers' histograms, trailing zeros trimmed."""
+    """Sum of the workers' histograms, trailing zeros trimmed (only the buckets up to the
+    largest staleness seen are visited: the chief asks several times a second)."""
     total = [0] * HIST_BUCKETS
     for w in workers:
-        for s, n in enumerate(w.histogram):
-            total[s] += n
+        for s in range(min(w.staleness_max, HIST_BUCKETS - 1) + 1):
+            total[s] += w.histogram[s]
     return _trim(total)
