@@ -148,6 +148,10 @@ def supervise(children: list[Child], cfg: Config | None = None) -> int:
                           f"({child.restarts + 1} of {policy.max_restarts})", file=sys.stderr)
                     child.restart()
                     write_pids(pids_path, children)
+                elif died(child) and not child.reported and child.role == "worker":  # a shard or the chief ends the run
+                    child.reported = True
+                    print(f"asyncps launch: {child.name} exited with code {child.poll()} (see {child.log_path}); "
+                          f"not restarted (cluster.restart_policy)", file=sys.stderr)
             if (code := chief.poll()) is not None:
                 break
             failed = failed_shard(children)

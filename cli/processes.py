@@ -47,6 +47,7 @@ class Child:
     restarts: int = 0
     role: str = ""  # "ps", "worker" or "chief"
     restart_argv: list[str] | None = None  # the command of a restart, when it differs
+    reported: bool = False  # its death without a restart was reported
 
     def restart(self) -> None:
         """Starts the process again (after reaping the dead one); counts the restart."""

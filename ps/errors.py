@@ -28,6 +28,13 @@ class FailedPrecondition(ShardError):
     code = "FAILED_PRECONDITION"
 
 
+class OutOfRange(ShardError):
+    """A read version ahead of the shard: the shard was restored to an older version since the
+    worker pulled (the worker re-registers and re-pulls; not a malformed request)."""
+
+    code = "OUT_OF_RANGE"
+
+
 class DeadlineExceeded(ShardError):
     """A wait (ssp bound, sync round, pause) outlasted the caller's deadline."""
 

@@ -49,6 +49,7 @@ from asyncps.ps.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     ShardError,
     Unavailable,
 )
@@ -226,9 +227,13 @@ class Shard:
                 if seq <= w.last_seq:
                     w.duplicates += 1
                     return PushResult("DUPLICATE", self.version, 0)
-                if read_version > self.version or read_version < 0:
+                if read_version < 0:
                     w.rejected += 1
-                    raise InvalidArgument(f"worker {worker}: read_version {read_version} is not a version of shard {self.index} (now {self.version})")
+                    raise InvalidArgument(f"worker {worker}: read_version {read_version} is negative")
+                if read_version > self.version:  # restored to an older version since the pull
+                    w.rejected += 1
+                    raise OutOfRange(f"worker {worker}: read_version {read_version} is ahead of shard {self.index} "
+                                     f"(now {self.version}; restored since the pull?)")
                 if not self._paused:
                     break
                 self._wait(lambda: not self._paused, deadline, f"worker {worker} push while paused")

@@ -149,7 +149,7 @@ def test_unregistered_worker_and_bad_versions_are_refused(cluster):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "out of range" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         raw_push(stub, [piece("w", W)], worker=0, read_version=5)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "read_version 5" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE and "read_version 5" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
         c.client.pull(worker=1)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

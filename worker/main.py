@@ -20,9 +20,11 @@ from asyncps.config import Config
 
 REPORT_EVERY_SECONDS = 2.0
 STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
-# Errors after which a worker re-registers and re-pulls instead of exiting (a shard restarted
-# or restored); MAX_REJOINS in a row without a successful push end the worker.
-REJOIN_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE)
+# Errors after which a worker re-registers and re-pulls instead of exiting (a shard restarted:
+# FAILED_PRECONDITION, UNAVAILABLE; restored to a version older than the one read: OUT_OF_RANGE);
+# MAX_REJOINS in a row without a successful push end the worker. INVALID_ARGUMENT (a NaN
+# gradient, a wrong shape) is never retried: the worker exits 1 with the shard's message.
+REJOIN_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE)
 MAX_REJOINS = 20
 
 
@@ -190,7 +192,7 @@ class WorkerLoop:
     def push_or_rejoin(self, grads, versions, stop):
         """push_pull, then the next seq; when the shards lost this worker's view (a shard was
         restarted, or every shard restored from a checkpoint: FAILED_PRECONDITION, a read version
-        the shard no longer has: INVALID_ARGUMENT, UNAVAILABLE), the gradient is dropped and the
+        the shard no longer has: OUT_OF_RANGE, UNAVAILABLE), the gradient is dropped and the
         worker registers again and re-pulls (see docs/failures.md)."""
         try:
             _, params, versions = self.ps.push_pull(grads, versions, self.index, self.seq)
