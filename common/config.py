@@ -154,6 +154,9 @@ class ClusterConfig:
     # async only: a worker's push-pull of step t travels while step t+1 computes, on weights one
     # version older (recorded as staleness like any other); see docs/performance.md
     prefetch: bool = False
+    # gradients pushed as float16 or bfloat16 with error feedback (the shards widen them back to
+    # float32; pulls stay float32); see asyncps.worker.compression and docs/performance.md
+    compression: Literal["none", "fp16", "bf16"] = "none"
     security: SecurityConfig = field(default_factory=SecurityConfig)
     restart_policy: RestartPolicyConfig = field(default_factory=lambda: RestartPolicyConfig())
 

@@ -37,12 +37,12 @@ _MIN_PIECE = 64 << 10  # start a new message rather than send a piece smaller th
 
 _DTYPE_NAMES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 DTYPES: dict[str, np.dtype] = {name: np.dtype(name).newbyteorder("<") for name in _DTYPE_NAMES}
-try:  # bfloat16 only where ml_dtypes is installed
-    import ml_dtypes
-
-    DTYPES["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - depends on the environment
-    pass
+# bfloat16 travels as the top 16 bits of a float32 (2 bytes, little-endian) with the tag
+# "bfloat16". numpy has no such type, so here it is a one-field record of the bits: arrays of it
+# are carried, not computed with; `widen` gives float32 (see `bfloat16_from_float32`). Arrays of
+# ml_dtypes.bfloat16, where that package is installed, are accepted by the encoder too.
+BFLOAT16 = np.dtype([("bfloat16", "<u2")])
+DTYPES["bfloat16"] = BFLOAT16
 
 
 class CodecError(ValueError):
@@ -59,9 +59,55 @@ def dtype_of(name: str) -> np.dtype:
 
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype; rejects dtypes outside the whitelist."""
-    name = np.dtype(dtype).name
+    dtype = np.dtype(dtype)
+    if dtype == BFLOAT16 or dtype.name == "bfloat16":  # ours, or ml_dtypes'
+        return "bfloat16"
+    name = dtype.name
     dtype_of(name)
     return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduced-precision floats (gradient compression, asyncps.worker.compression)
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def bfloat16_from_float32(x: np.ndarray) -> np.ndarray:
+    """float32 -> BFLOAT16: the top 16 bits, rounded to nearest (ties away from zero).
+
+    Finite values above bfloat16's largest (about 3.39e38) round to Inf, as IEEE rounding does;
+    NaN stays NaN. Two passes over the data (add-and-shift, narrow), plus one on NaN input.
+    """
+    x = np.asarray(x, dtype="<f4", order="C")
+    bits = np.add(x.view("<u4"), np.uint32(0x8000), out=np.empty(x.shape, "<u4"))  # carries into the exponent
+    out = np.right_shift(bits, np.uint32(16), out=np.empty(x.shape, "<u2"), casting="unsafe")
+    flat = x.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = not flat.size or np.isfinite(np.dot(flat, flat))
+    if not finite:  # NaN bits may have wrapped to +-0 above
+        out[np.isnan(x)] = 0x7FC0
+    return out.view(BFLOAT16)
+
+
+def float32_from_bfloat16(b: np.ndarray) -> np.ndarray:
+    """BFLOAT16 (or ml_dtypes.bfloat16, or its uint16 bits) -> float32, exactly."""
+    bits = np.asarray(b).view("<u2")
+    wide = np.empty(bits.shape, "<u4")
+    np.left_shift(bits, np.uint32(16), out=wide, casting="unsafe")  # one pass, computed in uint32
+    return wide.view("<f4")
+
+
+def widen(array: np.ndarray) -> np.ndarray:
+    """float32 values of a float16 or bfloat16 array (exact: every such value is a float32)."""
+    if array.dtype == BFLOAT16 or array.dtype.name == "bfloat16":
+        return float32_from_bfloat16(array)
+    return array.astype(np.float32)
+
+
+def is_reduced_float(dtype: np.dtype) -> bool:
+    """True for the 16-bit float wire types a float32 variable accepts (float16, bfloat16)."""
+    return dtype == np.float16 or dtype == BFLOAT16 or dtype.name == "bfloat16"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,6 +122,8 @@ def _wire_array(array: Any) -> np.ndarray:
     if type(array) is np.ndarray and array.flags.c_contiguous and array.dtype in _WIRE_NAMES:
         return array  # the common case, without numpy's slower conversions
     array = np.asarray(array)
+    if array.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: carried as our record of its bits
+        return np.ascontiguousarray(array).view("<u2").view(BFLOAT16).reshape(array.shape)
     le = dtype_of(dtype_name(array.dtype))
     return np.asarray(array, dtype=le, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
 
@@ -124,7 +172,7 @@ def encode_stream(
                 msg, used = new_message(), 0
                 room = chunk_bytes
             n = min(room, total - offset)
-            piece = msg.tensors.add(name=name, dtype=array.dtype.name, offset=offset, total=total)
+            piece = msg.tensors.add(name=name, dtype=_WIRE_NAMES[array.dtype], offset=offset, total=total)
             piece.shape.extend(array.shape)
             piece.data = bytes(data[offset : offset + n])
             if sparse:
@@ -243,7 +291,7 @@ class Assembler:
     def _next_piece(self, key, partial: _Partial, piece, data: bytes) -> None:
         label = _label(key)
         if (piece.dtype, tuple(piece.shape), piece.total, piece.sparse) != (
-            partial.dtype.name, partial.shape, len(partial.buf), partial.sparse
+            _WIRE_NAMES[partial.dtype], partial.shape, len(partial.buf), partial.sparse
         ):
             raise CodecError(f"tensor {label}: a later piece disagrees with the first on dtype, shape or size")
         if piece.offset != partial.received:

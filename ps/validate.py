@@ -2,6 +2,13 @@
 
 Each function raises a ShardError naming the variable and the problem, or returns the tensor
 in the form the optimizer takes (sparse rows deduplicated by summing).
+
+Compressed gradients (``cluster.compression``): a float32 variable also accepts a float16 or
+bfloat16 gradient. It is widened to float32 here (exactly: every 16-bit value is a float32) and
+checked for NaN/Inf after widening, so a float16 value that overflowed to Inf on the way is
+rejected with an error naming the variable. The worker's compressor never produces one from a
+finite gradient: it saturates at float16's largest value and keeps the excess in its residual
+(asyncps.worker.compression).
 """
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from asyncps.protos.codec import SparseRows
+from asyncps.protos.codec import SparseRows, dtype_name, is_reduced_float, widen
 from asyncps.ps.errors import InvalidArgument, NotFound
 
 
@@ -22,11 +29,12 @@ def all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())  # exact check (also when the squares overflowed)
 
 
-def check_finite(name: str, array: np.ndarray) -> None:
-    """Rejects NaN or Inf in a floating-point array."""
+def check_finite(name: str, array: np.ndarray, sent_as: str = "") -> None:
+    """Rejects NaN or Inf in a floating-point array (`sent_as`: the wire dtype it was widened from)."""
     if array.dtype.kind == "f" and not all_finite(array):
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-        raise InvalidArgument(f"variable {name!r}: {bad} non-finite value(s) (NaN or Inf)")
+        how = f", sent as {sent_as}" if sent_as else ""
+        raise InvalidArgument(f"variable {name!r}: {bad} non-finite value(s) (NaN or Inf{how})")
 
 
 def check_initial_values(values: Mapping[str, np.ndarray], frozen) -> None:
@@ -55,16 +63,29 @@ def _check_one(name: str, grad, variables: Mapping):
         raise InvalidArgument(f"variable {name!r} is frozen (train.frozen): its gradient must not be pushed")
     if isinstance(grad, SparseRows):
         return _check_sparse(name, grad, var.value)
+    sent_as = _sent_as(grad, var.value)
+    grad = _widened(grad, var.value)
     _check_dtype(name, grad, var.value)
     if grad.shape != var.value.shape:
         raise InvalidArgument(f"variable {name!r}: gradient of shape {grad.shape}, expected {var.value.shape}")
-    check_finite(name, grad)
+    check_finite(name, grad, sent_as)
+    return grad
+
+
+def _sent_as(grad: np.ndarray, value: np.ndarray) -> str:
+    return dtype_name(grad.dtype) if grad.dtype != value.dtype else ""
+
+
+def _widened(grad: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """A float16/bfloat16 gradient of a float32 variable as float32; anything else unchanged."""
+    if value.dtype == np.float32 and grad.dtype != np.float32 and is_reduced_float(grad.dtype):
+        return widen(grad)
     return grad
 
 
 def _check_dtype(name: str, grad: np.ndarray, value: np.ndarray) -> None:
     if grad.dtype != value.dtype:
-        raise InvalidArgument(f"variable {name!r}: gradient of dtype {grad.dtype.name}, expected {value.dtype.name}")
+        raise InvalidArgument(f"variable {name!r}: gradient of dtype {dtype_name(grad.dtype)}, expected {value.dtype.name}")
 
 
 def _check_sparse(name: str, grad: SparseRows, value: np.ndarray) -> SparseRows:
@@ -72,12 +93,15 @@ def _check_sparse(name: str, grad: SparseRows, value: np.ndarray) -> SparseRows:
     rows, values = grad.rows, grad.values
     if value.ndim == 0:
         raise InvalidArgument(f"variable {name!r} is a scalar: it takes no sparse rows")
+    sent_as = _sent_as(values, value)
+    values = _widened(values, value)
+    grad = SparseRows(rows, values)
     _check_dtype(name, values, value)
     if values.shape[1:] != value.shape[1:]:
         raise InvalidArgument(f"variable {name!r}: sparse rows of shape {values.shape[1:]}, expected {value.shape[1:]}")
     if rows.size and (rows.min() < 0 or rows.max() >= value.shape[0]):
         raise InvalidArgument(f"variable {name!r}: row index out of range [0, {value.shape[0]})")
-    check_finite(name, values)
+    check_finite(name, values, sent_as)
     unique, inverse = np.unique(rows, return_inverse=True)
     if len(unique) == len(rows):
         return grad

@@ -111,6 +111,8 @@ class PSClient:
         self._pools: list[ThreadPoolExecutor] = []
         self._pools_lock = threading.Lock()
         self._background: ThreadPoolExecutor | None = None  # push_pull_async
+        from asyncps.worker.compression import make_compressor  # cluster.compression: 16-bit pushes
+        self._compress = make_compressor(getattr(cfg.cluster, "compression", "none"))
 
     # ------------------------------------------------------------------------------------------
     # Plumbing
@@ -207,7 +209,7 @@ class PSClient:
 
     def push(self, grads: Mapping[str, Any], versions: list[int], worker: int, seq: int) -> list[PushResult]:
         """Sends one gradient to every shard (even an empty one); per shard, its PushResult."""
-        pieces = self.placement.split(grads)
+        pieces = self.placement.split(grads if self._compress is None else self._compress(grads))
 
         def one(i, stub, part):
             if _nbytes(part) <= self._unary:
@@ -239,6 +241,8 @@ class PSClient:
     def _push_pull_requests(self, grads, versions: list[int], worker: int, seq: int, eager: bool = False) -> list:
         """Per shard (unary?, request): one message, or the stream's messages (a list if `eager`)."""
         requests = []
+        if self._compress is not None:  # error feedback: see asyncps.worker.compression
+            grads = self._compress(grads)
         for i, part in enumerate(self.placement.split(grads)):
             if self._pull_bytes[i] <= self._unary and _nbytes(part) <= self._unary:
                 requests.append((True, self._push_message(part, versions[i], worker, seq)))
