@@ -27,6 +27,7 @@ COMMANDS = {
     "certs": ("certs", "make a CA and per-role TLS certificates for cluster.security"),
     "inspect": ("inspect", "show a checkpoint: step, versions, variables with shapes and norms, slots"),
     "eval": ("eval", "score a checkpoint on the test set with the worker's model code"),
+    "replay": ("replay", "recompute a cluster run from its update log, bit for bit (or without staleness)"),
 }
 
 

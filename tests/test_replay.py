@@ -1,0 +1,96 @@
+"""`asyncps replay`: a real asynchronous cluster run, recomputed in one process, bit for bit."""
+import json
+
+import numpy as np
+import pytest
+
+from asyncps.ps import update_log as ul
+from asyncps.runs import PARAMS_FILE, load_params
+from cli_runner import CONFIGS, asyncps, run_ok
+
+
+def _launch(run_dir, config, *overrides, timeout=300):
+    run_ok("launch", CONFIGS / config, f"run_dir={run_dir}", *overrides, timeout=timeout)
+
+
+def _staleness_histogram(run_dir) -> dict:
+    return json.loads((run_dir / "report.json").read_text())["staleness"]["histogram"]
+
+
+@pytest.fixture(scope="module")
+def softmax_run(tmp_path_factory):
+    """A 2-worker, 2-shard async softmax run on MNIST (300 updates)."""
+    run_dir = tmp_path_factory.mktemp("softmax")
+    _launch(run_dir, "mnist_softmax.yaml", "train.max_steps=300", "train.eval_every=0")
+    return run_dir
+
+
+def test_replay_reproduces_async_softmax_run_bit_for_bit(softmax_run):
+    proc = run_ok("replay", softmax_run, timeout=300)
+    assert "bit-identical" in proc.stdout
+    replayed = load_params(softmax_run / "replay" / "params_replay.npz")
+    final = load_params(softmax_run / PARAMS_FILE)
+    assert sorted(replayed) == sorted(final)
+    assert all(np.array_equal(replayed[n], final[n]) for n in final)
+    summary = json.loads((softmax_run / "replay" / "replay.json").read_text())
+    assert summary["identical"]
+    # the replay recomputes every push's staleness: the same histogram as the shards recorded
+    assert summary["staleness"]["histogram"] == _staleness_histogram(softmax_run)
+    assert max(int(s) for s in summary["staleness"]["histogram"]) > 0  # a run that had staleness
+
+
+def test_without_staleness_is_a_different_staleness_0_result(softmax_run):
+    run_ok("replay", softmax_run, "--without-staleness", timeout=300)
+    counterfactual = load_params(softmax_run / "replay" / "params_without_staleness.npz")
+    final = load_params(softmax_run / PARAMS_FILE)
+    assert not all(np.array_equal(counterfactual[n], final[n]) for n in final)
+    summary = json.loads((softmax_run / "replay" / "without_staleness.json").read_text())
+    assert list(summary["staleness"]["histogram"]) == ["0"]
+    assert summary["metrics"]["accuracy"] > 0.85
+
+
+def test_shard_log_records_every_applied_push(softmax_run):
+    report = json.loads((softmax_run / "report.json").read_text())
+    for shard, version in enumerate(report["versions"]):
+        header, records = ul.read_log(softmax_run / "replay" / f"ps{shard}.log")
+        pushes = records[records["kind"] == ul.PUSH]
+        assert header["mode"] == "async" and len(pushes) == version
+        assert list(pushes["version"]) == list(range(1, version + 1))
+
+
+@pytest.mark.slow
+def test_replay_reproduces_cnn_with_dropout_and_momentum(tmp_path):
+    _launch(tmp_path, "mnist_cnn.yaml", "train.max_steps=20", "train.batch_size=16", "train.eval_every=0")
+    assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ("cluster.prefetch=true",),
+    ("cluster.mode=ssp", "cluster.staleness_bound=1"),
+    ("cluster.mode=sync",),
+    ("optimizer.staleness_policy.name=drop", "optimizer.staleness_policy.max_staleness=1"),
+    ("optimizer.staleness_policy.name=dcasgd",),
+], ids=["prefetch", "ssp", "sync", "drop", "dcasgd"])
+def test_replay_reproduces_each_mode_and_policy(tmp_path, overrides):
+    _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=150", "train.eval_every=0", *overrides)
+    assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+
+
+@pytest.mark.slow
+def test_replay_reproduces_sparse_embedding_gradients(tmp_path):
+    _launch(tmp_path, "charlm.yaml", "train.max_steps=60", "train.eval_every=0")
+    assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+
+
+def test_run_dir_without_a_log_is_refused_with_one_line(tmp_path):
+    run_ok("train", CONFIGS / "linear_regression.yaml", f"run_dir={tmp_path}", "train.max_steps=10")
+    proc = asyncps("replay", tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no update log" in lines[0], proc.stderr
+
+
+def test_not_a_run_dir_is_refused(tmp_path):
+    proc = asyncps("replay", tmp_path / "nowhere")
+    assert proc.returncode == 2 and "no config.yaml" in proc.stderr
