@@ -209,21 +209,28 @@ class ChiefRun:
                         f"{self.cfg.cluster.rpc_timeout:g} s (cluster.rpc_timeout); giving up")
 
     def recover_shards(self, fresh: list[int]) -> None:
-        """Restarted (empty) shards: restore EVERY shard from the latest valid checkpoint."""
-        at_step = self.step
+        """Restarted (empty) shards: restore EVERY shard from the latest valid checkpoint.
+
+        The failure rows carry every shard's version once paused (`versions_before`; 0 for a
+        fresh one) and after the restore (`versions_after`): a surviving shard lost exactly
+        before - after updates, so its applied-push counters reconcile with report.json, and
+        `at_step` is the survivors' global step when paused (nothing applies after that).
+        """
         checkpoint = self.checkpoints.latest(warn=self._warn) if self.checkpoints.enabled else None
         if checkpoint is None:
             raise RunFailed(f"shard(s) {fresh} restarted without their variables and there is no checkpoint to "
                             f"restore the model from (set checkpoint.every_steps or checkpoint.every_seconds)")
         started = time.perf_counter()
-        self.ps.pause()
+        before = self.ps.pause()
         try:
-            self.checkpoints.restore(checkpoint)
+            after = self.checkpoints.restore(checkpoint)
         finally:
             self.ps.resume()
         recovery_ms = (time.perf_counter() - started) * 1e3
+        at_step = max(self.step, global_step([v for i, v in enumerate(before) if i not in fresh]))
         for index in fresh:
-            self._record_failure("ps", index, at_step, checkpoint.step, recovery_ms=round(recovery_ms, 1))
+            self._record_failure("ps", index, at_step, checkpoint.step, recovery_ms=round(recovery_ms, 1),
+                                 versions_before=before, versions_after=after, fresh=fresh)
 
     def _record_failure(self, role: str, index: int, at_step: int, restored_step: int, **extra) -> None:
         row = {"role": role, "index": index, "at_step": at_step, "restored_step": restored_step,

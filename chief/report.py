@@ -39,8 +39,10 @@ def staleness_section(stats) -> dict:
 
 
 def push_counters(stats) -> dict:
-    """Applied, dropped, rejected and duplicate pushes, summed over shards and workers."""
-    fields = ("applied", "dropped", "rejected", "duplicates")
+    """Applied, dropped, rejected, duplicate and reapplied pushes, summed over shards and workers
+    (`reapplied`: pushes applied with a sequence number not above one already applied, in the
+    shard's history since its last restore: a push applied twice; always 0)."""
+    fields = ("applied", "dropped", "rejected", "duplicates", "reapplied")
     totals = {f: sum(getattr(w, f) for s in stats for w in s.workers) for f in fields}
     totals["rejected"] += sum(s.rejected_unknown for s in stats)
     return totals
@@ -67,6 +69,7 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         },
         **staleness_section(stats),
         "pushes": push_counters(stats),
+        "pushes_per_shard": {str(s.shard): push_counters([s]) for s in stats},
         "membership": {"joins": run.membership.joins, "deaths": run.membership.deaths, "events": run.events},
         "failures": run.failures,
         "resumed_from": run.resumed_from,

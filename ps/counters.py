@@ -14,7 +14,7 @@ class WorkerCounters:
 
     __slots__ = (
         "worker", "active", "clock", "last_seq", "applied", "dropped", "rejected", "duplicates",
-        "staleness_sum", "staleness_max", "histogram",
+        "staleness_sum", "staleness_max", "histogram", "last_applied_seq", "reapplied",
     )
 
     def __init__(self, worker: int):
@@ -22,6 +22,8 @@ class WorkerCounters:
         self.active = True  # False once retired (dead): not waited for by ssp/sync
         self.clock = 0  # pushes of this worker the shard has processed (applied or dropped)
         self.last_seq = -1  # highest push sequence number seen
+        self.last_applied_seq = -1  # highest seq applied in the shard's history (rewound by a restore)
+        self.reapplied = 0  # pushes applied with a seq <= last_applied_seq: applied twice (never)
         self.applied = 0
         self.dropped = 0
         self.rejected = 0
@@ -41,6 +43,14 @@ class WorkerCounters:
     def _count_applied(self, staleness: int) -> None:
         """`record_applied` with staleness recording off: the count alone."""
         self.applied += 1
+
+    def applied_seq(self, seq: int) -> None:
+        """Witness of "no push applied twice", independent of the duplicate check on `last_seq`:
+        applied seqs must increase, so every applied (worker, seq) is unique in the shard's
+        history; one that does not is counted in `reapplied`."""
+        if seq <= self.last_applied_seq:
+            self.reapplied += 1
+        self.last_applied_seq = max(self.last_applied_seq, seq)
 
     def trimmed_histogram(self) -> list[int]:
         """The histogram without its trailing zero buckets."""

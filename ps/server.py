@@ -78,8 +78,9 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     """
     server = ShardServer(cfg, index, port, host)
     bound = server.start()
+    signals = []  # a signal, not the chief's Stop RPC: exit 128 + signal, so a launcher restarts it
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.request_stop())
+        signal.signal(sig, lambda signum, _: signals.append(signum) or server.request_stop())
     print(f"asyncps ps {index}: serving on {host}:{bound} (mode {cfg.cluster.mode})", flush=True)
     if port_file:
         from asyncps.atomic import atomic_write_bytes
@@ -87,7 +88,7 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
         atomic_write_bytes(port_file, f"{bound}\n".encode())
     server.wait()
     print(f"asyncps ps {index}: stopped at version {server.shard.version}", flush=True)
-    return 0
+    return 128 + signals[0] if signals else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,6 +251,7 @@ class Shard:
             applied |= self._apply(name, grad, lr, staleness, value_read.get(name))
         w.last_seq, w.clock = seq, w.clock + 1
         if applied:
+            w.applied_seq(seq)
             w.record_applied(staleness)
             self.version += 1
         else:
@@ -374,6 +375,7 @@ class Shard:
             for worker, seq in snap.last_seq.items():
                 w = self._workers.setdefault(worker, WorkerCounters(worker))
                 w.last_seq, w.clock = seq, snap.clocks.get(worker, 0)
+                w.last_applied_seq = seq  # what the checkpoint's history may hold
             self._round.clear()
             self._read.clear()
             self._cond.notify_all()
@@ -490,4 +492,5 @@ def _worker_stats(w: WorkerCounters) -> dict:
         "worker": w.worker, "applied": w.applied, "dropped": w.dropped, "rejected": w.rejected,
         "duplicates": w.duplicates, "staleness_sum": w.staleness_sum, "staleness_max": w.staleness_max,
         "histogram": w.trimmed_histogram(), "last_seq": w.last_seq, "active": w.active,
+        "reapplied": w.reapplied,
     }

@@ -9,6 +9,7 @@ every update a shard lost is accounted for in report.json.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -47,3 +48,109 @@ def test_worker_pushing_nan_exits_at_once_naming_the_variable(tmp_path, launch):
     assert "registering again" not in log, log
     (line,) = [x for x in log.splitlines() if "INVALID_ARGUMENT" in x]
     assert line.startswith("worker 0: INVALID_ARGUMENT: variable 'linear.") and "non-finite" in line, line
+
+
+# ----------------------------------------------------------------------------------------------
+# The chaos drill
+
+CHAOS_ARGS = [
+    "cluster.ps=2", "cluster.workers=3", "checkpoint.every_steps=100", "train.max_steps=3000",
+    "train.eval_every=100", "train.log_every=10", "cluster.heartbeat_interval=0.5",
+    "cluster.heartbeat_timeout=15",  # generous: a loaded 2-core CI machine delays heartbeats
+    "cluster.restart_policy.max_restarts=8",
+]
+KILLS = ["worker", "worker", "worker", "ps", "ps", "ps"]  # shuffled per seed; signals drawn per kill
+
+
+def current_step(run: Launch) -> int:
+    """The latest global step the chief logged (it goes back after a shard restore)."""
+    rows = [r for r in run.rows() if r["kind"] in ("progress", "eval", "checkpoint", "failure")]
+    return rows[-1]["step"] if rows else 0
+
+
+def count(run: Launch, kind: str, **match) -> int:
+    return sum(r["kind"] == kind and all(r.get(k) == v for k, v in match.items()) for r in run.rows())
+
+
+def restarted(run: Launch, name: str, old_pid: int) -> bool:
+    pid = run.pids()[name]
+    return pid != old_pid and pid is not None
+
+
+def kill_one(run: Launch, rng: random.Random, role: str, sig: signal.Signals) -> dict:
+    """Kills a random process of `role` with `sig`, then waits (on events, not time) until the
+    launcher restarted it and, for a shard, the chief restored the model (so each shard kill is
+    one restore). A worker's replacement is not waited for: the next kill may hit it while it
+    loads its data. Returns what was done."""
+    name = f"{role}{rng.randrange(2 if role == 'ps' else 3)}"
+    failures = count(run, "failure", role="ps")
+    pid, step = run.pids()[name], current_step(run)
+    os.kill(pid, sig)
+    run.wait_until(f"the restart of {name}", lambda: restarted(run, name, pid), timeout=90)
+    if role == "ps":
+        run.wait_until(f"the restore after {name}", lambda: count(run, "failure", role="ps") > failures, timeout=120)
+    return {"process": name, "signal": sig.name, "at_step": step}
+
+
+def reconcile(report: dict) -> dict[str, int]:
+    """Every update each shard applied is in its final version or in a restore's rollback.
+
+    A shard's applied-push counter counts since its process started; a restore rewinds its
+    version from `versions_before` to `versions_after`. So for shard s, over the restores since
+    its own last restart (after which its version was versions_after[s]):
+        applied = final version - starting version + sum of (before - after) of later restores.
+    Returns the updates rolled back per shard (over the whole run)."""
+    restores = {}
+    for f in report["failures"]:
+        if f["role"] == "ps":  # one row per fresh shard of a restore: the same restore
+            restores[(f["wall_time"], tuple(f["versions_before"]))] = f
+    rolled_back = {}
+    for s, final_version in enumerate(report["versions"]):
+        start, lost, total = 0, 0, 0
+        for f in restores.values():
+            if s in f["fresh"]:
+                start, lost = f["versions_after"][s], 0  # a new process: its counters start here
+            else:
+                lost += f["versions_before"][s] - f["versions_after"][s]
+                total += f["versions_before"][s] - f["versions_after"][s]
+        applied = report["pushes_per_shard"][str(s)]["applied"]
+        assert applied == final_version - start + lost, (s, applied, final_version, start, lost, restores)
+        rolled_back[str(s)] = total
+    return rolled_back
+
+
+@pytest.mark.slow
+def test_mnist_survives_random_kills_of_workers_and_shards_with_sigkill_and_sigterm(tmp_path, launch):
+    seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    started = time.monotonic()
+    run = launch(tmp_path, MNIST, *CHAOS_ARGS)
+    roles = rng.sample(KILLS, len(KILLS))
+    done = []
+    for role in roles:
+        gap = rng.randint(30, 110)  # steps of training between two kills
+        base = current_step(run)
+        if role == "ps":  # a shard restores from the latest checkpoint: one must exist
+            run.wait_until("a checkpoint", lambda: count(run, "checkpoint") > 0, timeout=180)
+        run.wait_until(f"step {base + gap}", lambda: current_step(run) >= base + gap, timeout=180)
+        time.sleep(rng.uniform(0, 0.3))  # land anywhere inside a step, a push or a checkpoint
+        done.append(kill_one(run, rng, role, rng.choice([signal.SIGKILL, signal.SIGTERM])))
+    assert run.wait(300) == 0, run.tail()
+    r = report(tmp_path)
+    rolled_back = reconcile(r)
+    restores = [f for f in r["failures"] if f["role"] == "ps"]
+    steps_lost = sum(f["steps_lost"] for f in restores)
+    print(f"\nCHAOS_SEED={seed}: kills {done}; final accuracy {r['final']['accuracy']:.4f}, target "
+          f"{r['target']}; steps lost {steps_lost} (updates rolled back per shard {rolled_back}); pushes "
+          f"{r['pushes']}; wall {time.monotonic() - started:.0f} s")
+    assert r["target"]["reached"] and r["final"]["accuracy"] >= 0.91
+    assert r["pushes"]["reapplied"] == 0  # no push applied twice on any shard
+    assert len(restores) == roles.count("ps")
+    for f in restores:  # the loss each restore reports is the one the shards' versions show
+        survivors = [v for i, v in enumerate(f["versions_before"]) if i not in f["fresh"]]
+        assert f["at_step"] == min(survivors) and f["restored_step"] == min(f["versions_after"])
+        assert f["steps_lost"] == f["at_step"] - f["restored_step"] >= 0
+    # a worker killed before it registered is no failure of the run; one that was loses no step
+    assert all(f["steps_lost"] == 0 for f in r["failures"] if f["role"] == "worker")
+    pids = json.loads((tmp_path / "pids.json").read_text())
+    assert sum(p["restarts"] for p in pids.values()) == len(KILLS), pids

@@ -21,10 +21,12 @@ from asyncps.config import Config
 REPORT_EVERY_SECONDS = 2.0
 STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
 # Errors after which a worker re-registers and re-pulls instead of exiting (a shard restarted:
-# FAILED_PRECONDITION, UNAVAILABLE; restored to a version older than the one read: OUT_OF_RANGE);
-# MAX_REJOINS in a row without a successful push end the worker. INVALID_ARGUMENT (a NaN
-# gradient, a wrong shape) is never retried: the worker exits 1 with the shard's message.
-REJOIN_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE)
+# FAILED_PRECONDITION, UNAVAILABLE, or CANCELLED by its shutdown on SIGTERM; restored to a version
+# older than the one read: OUT_OF_RANGE); MAX_REJOINS in a row without a successful push end the
+# worker. INVALID_ARGUMENT (a NaN gradient, a wrong shape) is never retried: the worker exits 1
+# with the shard's message. (The worker's own cancellations happen only once it stops.)
+REJOIN_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED)
 MAX_REJOINS = 20
 
 
@@ -51,7 +53,7 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
         print(f"worker {index}: {describe(error)}", file=sys.stderr, flush=True)
         return 1
     print(f"worker {index}: stopped after {loop.seq} pushes ({beat.reason or 'run over'})", flush=True)
-    return 0
+    return 128 + signal.SIGTERM if beat.reason == "SIGTERM" else 0  # not the chief's stop: restartable
 
 
 def run_until_stopped(loop: "WorkerLoop", beat, chief) -> BaseException | None:
@@ -137,7 +139,7 @@ class WorkerLoop:
     def run(self, stop, chief) -> None:
         if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async":
             return self.run_prefetching(stop, chief)
-        params, versions = self.ps.pull(worker=self.index)
+        params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
         reporter = LossReporter(chief, self.index)
         while not stop.is_set():
             loss, grads = self.gradient(params, stop)
@@ -158,7 +160,7 @@ class WorkerLoop:
         background while step t+1 computes on the weights step t started from, so the transfer
         overlaps the math. Each gradient carries the versions it was computed on: the shards
         record the extra version of staleness like any other."""
-        params, versions = self.ps.pull(worker=self.index)
+        params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
         pending = None  # the push-pull in flight
         reporter = LossReporter(chief, self.index)
         while not stop.is_set():
