@@ -32,10 +32,23 @@ def staleness_section(stats) -> dict:
     for index, rows in sorted(workers.items()):
         summary = summarize(merge_histograms(*(histogram_of(w.histogram) for w in rows)))
         summary["max"] = max(w.staleness_max for w in rows)
-        per_worker[str(index)] = summary
+        per_worker[str(index)] = {**summary, **controlled_ages(rows)}
     overall = summarize(merge_histograms(*(histogram_of(s.histogram) for s in stats)))
     overall["max"] = max((w.staleness_max for rows in workers.values() for w in rows), default=0)
+    overall.update(controlled_ages([w for rows in workers.values() for w in rows]))
+    if any(s.history_depth for s in stats):
+        overall["history"] = {"depth": max(s.history_depth for s in stats), "bytes": [s.history_bytes for s in stats]}
     return {"staleness": overall, "staleness_per_shard": per_shard, "staleness_per_worker": per_worker}
+
+
+def controlled_ages(rows) -> dict:
+    """Controlled staleness (ps/history.py), over WorkerStats `rows`: `served` (the age each
+    applied push was computed at), `requested` (the worker's draws) and `clamped`; {} otherwise."""
+    if not any(w.requested_age_histogram for w in rows):
+        return {}
+    merged = {key: summarize(merge_histograms(*(histogram_of(getattr(w, key + "_age_histogram")) for w in rows)))
+              for key in ("served", "requested")}
+    return {**merged, "clamped": sum(w.clamped for w in rows)}
 
 
 def push_counters(stats) -> dict:

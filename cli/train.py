@@ -151,12 +151,14 @@ class ControlledStaleness:
         self.hist: dict[int, int] = {}
         self.requested: dict[int, int] = {}
         self.dropped = 0
+        self.clamped = 0  # reads served fewer versions back than drawn (before step r)
 
     def read(self, params: dict) -> tuple[dict, int]:
         want = self.sampler.draw()
         self.requested[want] = self.requested.get(want, 0) + 1
         r = min(want, len(self.past))
         self.hist[r] = self.hist.get(r, 0) + 1
+        self.clamped += r < want
         if r == 0:
             return params, 0
         return {**params, **self.past[-r]}, r
@@ -180,7 +182,9 @@ class ControlledStaleness:
     def summary(self) -> dict:
         """The staleness section of report.json: the staleness each gradient really had."""
         out = summarize(self.hist)
+        out["served"] = summarize(self.hist)  # the same key as a cluster's report (there != histogram)
         out["requested"] = summarize(self.requested)
+        out["clamped"] = self.clamped
         out["distribution_mean"] = self.sampler.mean
         out["dropped"] = self.dropped
         return out

@@ -85,7 +85,7 @@ class ParameterServerServicer:
     def Pull(self, request, context):
         """Streams the requested values with the shard version (may wait: ssp/sync)."""
         worker = request.worker if request.HasField("worker") else None
-        yield from self._shard.pull(worker, request.names, context.time_remaining(), self._export())
+        yield from self._shard.pull(worker, request.names, context.time_remaining(), self._export(), age=request.age)
 
     @_rpc
     def Push(self, request_iterator, context):
@@ -95,14 +95,16 @@ class ParameterServerServicer:
     @_rpc
     def PushPull(self, request_iterator, context):
         """Push, then pull all values, in one round trip."""
-        result, worker = self._push(request_iterator, context, with_worker=True)
-        yield from self._shard.pull(worker, (), context.time_remaining(), self._export(_push_reply(result)))
+        result, header = self._push(request_iterator, context, with_header=True)
+        yield from self._shard.pull(header.worker, (), context.time_remaining(), self._export(_push_reply(result)),
+                                    age=header.pull_age)
 
     @_rpc
     def PullOne(self, request, context):
         """Pull as one unary reply message (all values unchunked)."""
         worker = request.worker if request.HasField("worker") else None
-        return self._shard.pull(worker, request.names, context.time_remaining(), self._export(one=True))
+        return self._shard.pull(worker, request.names, context.time_remaining(), self._export(one=True),
+                                age=request.age)
 
     @_rpc
     def PushOne(self, request, context):
@@ -112,8 +114,9 @@ class ParameterServerServicer:
     @_rpc
     def PushPullOne(self, request, context):
         """PushPull with one request and one reply message."""
-        result, worker = self._push((request,), context, with_worker=True)
-        return self._shard.pull(worker, (), context.time_remaining(), self._export(_push_reply(result), one=True))
+        result, header = self._push((request,), context, with_header=True)
+        return self._shard.pull(header.worker, (), context.time_remaining(), self._export(_push_reply(result), one=True),
+                                age=header.pull_age)
 
     def _export(self, push_reply: ps_pb2.PushReply | None = None, one: bool = False):
         """Encodes pulled values into wire messages (run by the shard under its lock); with
@@ -127,10 +130,10 @@ class ParameterServerServicer:
 
         return export
 
-    def _push(self, request_iterator, context, with_worker=False):
+    def _push(self, request_iterator, context, with_header=False):
         header, grads = self._read_push(request_iterator)
         result = self._shard.push(header.worker, header.seq, header.read_version, grads, context.time_remaining())
-        return (result, header.worker) if with_worker else result
+        return (result, header) if with_header else result
 
     def _read_push(self, request_iterator):
         """(header, gradients) of a push stream; a malformed stream is counted as rejected."""

@@ -22,6 +22,9 @@ Sync: a round collects one gradient per worker read at the current version; when
 version). A gradient read at an older version belongs to a finished round: dropped and counted.
 A worker whose gradient is in the pending round waits at pull until the round is applied.
 
+Controlled staleness (``staleness.controlled``): the shard keeps its last s_max versions and a
+worker pull may ask for the values of ``age`` versions ago; see ``asyncps.ps.history``.
+
 Pause: pushes that arrive while paused wait (up to their deadline) for `resume`; pulls proceed.
 Since every update runs under the shard's lock, `pause` returns only once none is in progress.
 
@@ -44,6 +47,7 @@ from asyncps.config import Config
 from asyncps.protos.codec import Snapshot, SparseRows
 from asyncps.ps import validate
 from asyncps.ps.counters import WorkerCounters, total_histogram
+from asyncps.ps.history import AgeCounters, VersionHistory, history_depth
 from asyncps.ps.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -102,6 +106,8 @@ class Shard:
         self._rounds = 0
         self._rejected_unknown = 0
         self._read: dict[int, tuple[int, dict]] = {}  # dcasgd: worker -> (version, values read)
+        self._history = VersionHistory(history_depth(cfg.staleness))  # controlled staleness (ps/history.py)
+        self._ages: dict[int, AgeCounters] = {}  # controlled staleness: worker -> ages served
 
     # ------------------------------------------------------------------------------------------
     # Control
@@ -180,8 +186,12 @@ class Shard:
     # ------------------------------------------------------------------------------------------
     # Pull and push
 
-    def pull(self, worker: int | None, names: Iterable[str] = (), timeout: float | None = None, export=None):
+    def pull(self, worker: int | None, names: Iterable[str] = (), timeout: float | None = None, export=None,
+             age: int = 0):
         """(version, {name: copy of value}) of the named variables (all if `names` is empty).
+
+        `age` (controlled staleness, ps/history.py): the values of ``age`` versions ago instead
+        of the current ones, clamped to the oldest version kept; the version returned is theirs.
 
         `worker` is None for the chief or an evaluator (never waits); a worker waits, up to
         `timeout` seconds, for the ssp bound or its sync round (see the module docstring).
@@ -196,14 +206,28 @@ class Shard:
             if worker is not None:
                 w = self._worker(worker)
                 self._wait(lambda: self._may_pull(w), deadline, f"worker {worker} pull (mode {self.mode})")
+            version, live = self._read_at(worker, age, wanted)
             if export is not None and not (worker is not None and self._policy.needs_value_read):
-                return export(self.version, {name: self._vars[name].value for name in wanted})
-            values = {name: self._vars[name].value.copy() for name in wanted}
+                return export(version, live)
+            values = {name: value.copy() for name, value in live.items()}
             if export is not None:
-                return export(self.version, values)
+                return export(version, values)
             if worker is not None and self._policy.needs_value_read:
-                self._read[worker] = (self.version, values)  # never written to afterwards
-            return self.version, values
+                self._read[worker] = (version, values)  # never written to afterwards
+            return version, values
+
+    def _read_at(self, worker: int | None, age: int, wanted: list[str]) -> tuple[int, dict]:
+        """(version served, its live arrays) for a pull of `age`; caller holds the lock."""
+        if not age and not self._history.depth:
+            return self.version, {name: self._vars[name].value for name in wanted}
+        if age and self.mode == "sync":
+            raise FailedPrecondition(f"shard {self.index}: controlled staleness (pull age {age}) needs "
+                                     f"cluster.mode async or ssp, not sync")
+        version = self._history.resolve(self.version, age)
+        if worker is not None:
+            self._ages.setdefault(worker, AgeCounters()).pulled(version, self.version - version, age)
+        kept = self._history.values(version) if version < self.version else {}
+        return version, {name: kept[name] if name in kept else self._vars[name].value for name in wanted}
 
     def push(self, worker: int, seq: int, read_version: int, grads: Mapping, timeout: float | None = None) -> PushResult:
         """Applies (or accumulates, drops, ignores as duplicate) one worker's gradients.
@@ -245,6 +269,8 @@ class Shard:
         """async/ssp: apply now. Caller holds the lock."""
         staleness = self.version - read_version
         value_read = self._values_read(w.worker, read_version)
+        if self._history.depth:  # controlled staleness: keep this version before it changes
+            self._history.record(self.version, {n: v.value for n, v in self._vars.items() if not v.frozen})
         lr = self._schedule(self.version)
         applied = not grads  # an empty push still counts (it advances clock and version)
         for name, grad in grads.items():
@@ -253,6 +279,8 @@ class Shard:
         if applied:
             w.applied_seq(seq)
             w.record_applied(staleness)
+            if w.worker in self._ages:
+                self._ages[w.worker].applied(read_version)
             self.version += 1
         else:
             w.dropped += 1  # the staleness policy dropped every gradient
@@ -378,6 +406,9 @@ class Shard:
                 w.last_applied_seq = seq  # what the checkpoint's history may hold
             self._round.clear()
             self._read.clear()
+            self._history.clear()  # the kept versions belong to the history before the restore
+            for ages in self._ages.values():
+                ages.pending = None
             self._cond.notify_all()
             return self.version
 
@@ -394,7 +425,8 @@ class Shard:
     def stats(self) -> dict:
         """Counters as a dict shaped like the StatsReply message."""
         with self._cond:
-            workers = [_worker_stats(w) for _, w in sorted(self._workers.items())]
+            workers = [{**_worker_stats(w), **(self._ages[i].stats() if i in self._ages else {})}
+                       for i, w in sorted(self._workers.items())]
             return {
                 "shard": self.index,
                 "version": self.version,
@@ -405,6 +437,8 @@ class Shard:
                 "paused": self._paused,
                 "mode": self.mode,
                 "initialized": self._initialized,
+                "history_depth": self._history.depth,
+                "history_bytes": self._history.nbytes,
             }
 
     # ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Controlled staleness: seeded draws of r, and gradients computed on weights exactly r versions old."""
+import grpc
 import numpy as np
 import pytest
 
@@ -105,3 +106,218 @@ def test_histogram_must_be_given():
         load_config(LINEAR, ["staleness.controlled=true", "staleness.distribution=histogram"])
     with pytest.raises(ConfigError, match="staleness.p must be in"):
         load_config(LINEAR, ["staleness.p=0"])
+
+
+# ----------------------------------------------------------------------------------------------
+# On the cluster: the shard's version history (ps/history.py), pulls of "r versions ago"
+
+from asyncps.ps.errors import FailedPrecondition, InvalidArgument  # noqa: E402
+from asyncps.ps.history import VersionHistory, history_depth  # noqa: E402
+from asyncps.ps.shard import Shard  # noqa: E402
+from cli_runner import report, run_ok  # noqa: E402
+
+DISTRIBUTIONS = [
+    StalenessConfig(True, "constant", s=3),
+    StalenessConfig(True, "uniform", s=5),
+    StalenessConfig(True, "geometric", s=7, p=0.3),
+    StalenessConfig(True, "histogram", histogram={0: 1, 6: 2, 2: 0}),
+]
+
+
+@pytest.mark.parametrize("cfg", DISTRIBUTIONS)
+def test_shard_history_is_as_deep_as_the_largest_draw(cfg):
+    assert history_depth(cfg) == StalenessSampler(cfg, 0).s_max
+    cfg.controlled = False
+    assert history_depth(cfg) == 0
+
+
+def _shard(*overrides, mode="async"):
+    cfg = load_config(LINEAR, ["staleness.controlled=true", "optimizer.learning_rate=1.0", f"cluster.mode={mode}",
+                               "cluster.workers=1", *overrides])
+    shard = Shard(cfg)
+    shard.init({"w": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)})
+    shard.register_worker(0)
+    return cfg, shard
+
+
+def _drive(shard, ages, worker=0):
+    """Pull at each age, then push a gradient of -1 to w (lr 1): version t holds w = t."""
+    staleness = []
+    for t, r in enumerate(ages):
+        version, values = shard.pull(worker, age=r)
+        assert version == shard.version - min(r, shard.version) and values["w"][0] == version
+        staleness.append(shard.push(worker, t, version, {"w": np.full(1, -1.0, np.float32)}).staleness)
+    return staleness
+
+
+def test_one_worker_pushes_are_exactly_r_stale_and_match_train():
+    """The shard serves t - r; with one worker the recorded staleness is r (clamped to t like
+    `asyncps train`), draw for draw, and the counters say so."""
+    cfg, shard = _shard("staleness.distribution=geometric", "staleness.s=6", "staleness.p=0.3")
+    sampler = StalenessSampler(cfg.staleness, cfg.seed)
+    ages = [sampler.draw() for _ in range(300)]
+    staleness = _drive(shard, ages)
+    assert staleness == [min(r, t) for t, r in enumerate(ages)]
+    params = {"w": np.zeros(1, np.float32)}
+    stale = ControlledStaleness(cfg, params, ["w"])
+    opt = make_optimizer(cfg.optimizer)
+    slots = {"w": opt.init_slots(params["w"])}
+    for t in range(300):
+        read, r = stale.read(params)
+        stale.apply(opt, params, slots, {"w": np.full(1, -1.0, np.float32)}, read, r, 1.0, t)
+    trained = stale.summary()
+    stats = shard.stats()
+    w0 = stats["workers"][0]
+    assert {str(s): n for s, n in enumerate(stats["histogram"]) if n} == trained["histogram"]
+    assert {str(s): n for s, n in enumerate(w0["served_age_histogram"]) if n} == trained["served"]["histogram"]
+    assert {str(s): n for s, n in enumerate(w0["requested_age_histogram"]) if n} == trained["requested"]["histogram"]
+    assert w0["clamped"] == trained["clamped"] == sum(r > t for t, r in enumerate(ages)) > 0
+    assert stats["history_depth"] == 6 and stats["history_bytes"] == 6 * 2 * 4  # 6 versions of w and b (float32[1])
+
+
+def test_several_workers_read_r_ago_and_record_r_plus_the_others_pushes():
+    cfg, shard = _shard("staleness.distribution=constant", "staleness.s=3", "cluster.workers=2")
+    shard.register_worker(1)
+    for t in range(10):
+        shard.push(0, t, shard.version, {"w": np.full(1, -1.0, np.float32)})  # 10 versions of history
+    v0, _ = shard.pull(0, age=3)
+    v1, _ = shard.pull(1, age=3)
+    assert v0 == v1 == 7
+    assert shard.push(0, 10, v0, {"w": np.full(1, -1.0, np.float32)}).staleness == 3
+    assert shard.push(1, 0, v1, {"w": np.full(1, -1.0, np.float32)}).staleness == 4  # r + worker 0's push
+    w = {row["worker"]: row for row in shard.stats()["workers"]}
+    assert w[1]["served_age_histogram"] == [0, 0, 0, 1] and w[1]["histogram"] == [0, 0, 0, 0, 1]
+
+
+def test_frozen_variables_are_served_live_and_not_kept():
+    cfg, shard = _shard("staleness.s=2", "train.frozen=['b']")
+    _drive(shard, [0, 0, 0])
+    assert shard.stats()["history_bytes"] == 2 * 4  # two versions of w (float32[1]); b never copied
+    version, values = shard.pull(0, age=2)
+    assert version == 1 and values["w"][0] == 1 and values["b"][0] == 0
+
+
+def test_age_beyond_the_history_is_an_error_and_restore_clamps():
+    cfg, shard = _shard("staleness.s=2")
+    _drive(shard, [0, 0, 0, 0])
+    with pytest.raises(InvalidArgument, match=r"pull age 3 is outside the shard's version history \[0, 2\]"):
+        shard.pull(0, age=3)
+    shard.restore(shard.snapshot())  # a restore keeps no history: the next reads are clamped
+    version, _ = shard.pull(0, age=2)
+    assert version == 4
+    shard.push(0, 4, version, {"w": np.full(1, -1.0, np.float32)})
+    assert shard.stats()["workers"][0]["clamped"] == 1
+    _, plain = _shard("staleness.controlled=false")
+    with pytest.raises(InvalidArgument, match="keeps no version history"):
+        plain.pull(0, age=1)
+    _, sync = _shard("staleness.s=2", mode="sync")
+    with pytest.raises(FailedPrecondition, match="needs cluster.mode async or ssp"):
+        sync.pull(0, age=1)
+
+
+def test_version_history_ring_reuses_its_slots():
+    h = VersionHistory(3)
+    for v in range(10):
+        h.record(v, {"w": np.full(2, v, np.float32)})
+    assert h.oldest(10) == 7 and h.nbytes == 3 * 8
+    assert [h.values(v)["w"][0] for v in (7, 8, 9)] == [7, 8, 9]
+    h.record(9, {"w": np.full(2, 99, np.float32)})  # the update of 9 was dropped: recorded again
+    assert h.oldest(9) == 7 and h.values(9)["w"][0] == 99
+    assert h.resolve(10, 3) == 7 and h.resolve(10, 1) == 9
+    h.clear()
+    assert h.resolve(10, 3) == 10
+
+
+@pytest.mark.parametrize("unary_bytes", [4 << 20, 0], ids=["unary", "streams"])
+def test_ages_travel_through_grpc_to_every_shard(unary_bytes):
+    """PSClient.pull(age=r) and push_pull(pull_age=r), over real gRPC to 2 shards: both shards
+    serve r versions ago (w and b live on different shards), and both record the same ages."""
+    from asyncps.ps.partition import place
+    from asyncps.ps.server import ShardServer
+    from asyncps.worker.ps_client import PSClient
+
+    cfg = load_config(LINEAR, ["staleness.controlled=true", "staleness.distribution=uniform", "staleness.s=4",
+                               "optimizer.learning_rate=1.0", "cluster.ps=2", "cluster.workers=1"])
+    servers = [ShardServer(cfg, i) for i in range(2)]
+    addresses = [f"127.0.0.1:{s.start()}" for s in servers]
+    placement = place({"w": ((1,), "float32"), "b": ((1,), "float32")}, 2)
+    client = PSClient(addresses, placement, cfg, unary_bytes=unary_bytes)
+    minus_one = {"w": np.full(1, -1.0, np.float32), "b": np.full(1, -1.0, np.float32)}
+    try:
+        client.init({"w": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)})
+        client.register(0)
+        sampler = StalenessSampler(cfg.staleness, cfg.seed)
+        ages = [sampler.draw() for _ in range(41)]
+        params, versions = client.pull(worker=0, age=ages[0])
+        for t in range(40):
+            assert versions == [t - min(ages[t], t)] * 2 and params["w"][0] == params["b"][0] == versions[0]
+            results, params, versions = client.push_pull(minus_one, versions, 0, t, pull_age=ages[t + 1])
+            assert [r.staleness for r in results] == [min(ages[t], t)] * 2
+        stats = client.stats()
+        assert stats[0].workers[0].requested_age_histogram == stats[1].workers[0].requested_age_histogram
+        assert sum(stats[0].workers[0].served_age_histogram) == 40 and stats[0].history_depth == 4
+        with pytest.raises(grpc.RpcError) as err:
+            client.pull(worker=0, age=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "version history [0, 4]" in err.value.details()
+    finally:
+        client.close()
+        for s in servers:
+            s.stop(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# A real cluster (`asyncps launch`) against `asyncps train`, same config, same seed
+
+MNIST_SOFTMAX = CONFIGS / "mnist_softmax.yaml"
+GEOMETRIC = ["staleness.controlled=true", "staleness.distribution=geometric", "staleness.s=8", "staleness.p=0.3"]
+
+
+def _launch_and_train(tmp_path, *overrides):
+    """Launch the cluster, then `train` for as many steps as the cluster's shards applied."""
+    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, *overrides, timeout=240)
+    cluster = report(tmp_path / "launch")
+    steps = cluster["versions"][0]  # the chief stops the run at max_steps or a little after
+    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, *overrides,
+           f"train.max_steps={steps}", timeout=240)
+    return cluster, report(tmp_path / "train")
+
+
+@pytest.mark.slow
+def test_one_worker_cluster_records_exactly_the_staleness_train_records(tmp_path):
+    """1 worker, 2 shards: every shard's staleness histogram is train's, draw for draw, and the
+    run itself is the same run (same data order, same r per step: the same final metrics)."""
+    cluster, single = _launch_and_train(tmp_path, "cluster.workers=1", "train.max_steps=300")
+    assert len(set(cluster["versions"])) == 1
+    for shard in cluster["staleness_per_shard"].values():
+        assert shard["histogram"] == single["staleness"]["histogram"]
+    worker = cluster["staleness_per_worker"]["0"]
+    halve = lambda h: {k: v // 2 for k, v in h.items()}  # noqa: E731  (merged over the 2 shards)
+    assert halve(worker["requested"]["histogram"]) == single["staleness"]["requested"]["histogram"]
+    assert halve(worker["served"]["histogram"]) == single["staleness"]["served"]["histogram"]
+    assert worker["clamped"] == 2 * single["staleness"]["clamped"]
+    assert cluster["staleness"]["history"]["depth"] == 8
+    assert cluster["final"] == single["final"]
+
+
+@pytest.mark.slow
+def test_two_workers_draw_trains_sequence_and_add_their_own_staleness(tmp_path):
+    """2 workers: worker 0 draws train's sequence (its requested r match train's over its own
+    pushes), every push is served r versions back, and the recorded staleness is r plus the
+    other worker's pushes meanwhile, so never below r and larger on average."""
+    # 10 ms per step: both workers are up (MNIST loaded) long before the 600th update
+    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, "train.max_steps=600",
+           "delay.kind=constant", "delay.mean_ms=10", timeout=240)
+    cluster = report(tmp_path / "launch")
+    assert all(cluster["staleness_per_worker"][w]["count"] >= 100 for w in ("0", "1")), cluster["staleness_per_worker"]
+    w0 = cluster["staleness_per_worker"]["0"]
+    pushes0 = w0["requested"]["count"] // 2
+    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, f"train.max_steps={pushes0}",
+           timeout=240)
+    single = report(tmp_path / "train")
+    assert {k: v // 2 for k, v in w0["requested"]["histogram"].items()} == single["staleness"]["requested"]["histogram"]
+    st = cluster["staleness"]
+    assert st["served"]["count"] == st["requested"]["count"] == st["count"]
+    assert st["clamped"] <= 2 * 2 * 8  # only before version 8, per worker and shard
+    assert st["mean"] > st["served"]["mean"] and st["served"]["max"] <= 8
+    served = {int(k): v for k, v in st["served"]["histogram"].items()}
+    assert served[0] > served[1] > served[3] > served[6]  # geometric, p = 0.3

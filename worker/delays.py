@@ -122,4 +122,5 @@ class StalenessSampler:
         return float(np.dot(np.arange(self.s_max + 1), self.pmf))
 
     def draw(self) -> int:
+        """The next r."""
         return min(int(np.searchsorted(self.cdf, self.rng.random(), side="right")), self.s_max)

@@ -115,7 +115,7 @@ class WorkerLoop:
 
     def __init__(self, cfg: Config, reply, ps_addresses: list[str]):
         from asyncps.worker.data import BatchStream, load_dataset
-        from asyncps.worker.delays import DelayModel
+        from asyncps.worker.delays import DelayModel, StalenessSampler
         from asyncps.worker.models import build_model
         from asyncps.worker.ps_client import PSClient
         from asyncps.worker.step import GradientComputer, limit_blas_threads
@@ -135,10 +135,13 @@ class WorkerLoop:
                                   reply.num_data_shards, reply.seed, start_step=self.seq)
         self.rng = np.random.default_rng([reply.seed, self.index, self.seq])
         self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
+        # Controlled staleness: the k-th pull of this process asks for the values of r versions ago,
+        # r = draw k of the sampler `asyncps train` uses (worker 0's sequence is train's).
+        self.ages = StalenessSampler(cfg.staleness, reply.seed, self.index) if cfg.staleness.controlled else None
 
     def run(self, stop, chief) -> None:
-        if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async":
-            return self.run_prefetching(stop, chief)
+        if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async" and self.ages is None:
+            return self.run_prefetching(stop, chief)  # (controlled staleness decides the reads itself)
         params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
         reporter = LossReporter(chief, self.index)
         while not stop.is_set():
@@ -197,7 +200,7 @@ class WorkerLoop:
         the shard no longer has: OUT_OF_RANGE, UNAVAILABLE), the gradient is dropped and the
         worker registers again and re-pulls (see docs/failures.md)."""
         try:
-            _, params, versions = self.ps.push_pull(grads, versions, self.index, self.seq)
+            _, params, versions = self.ps.push_pull(grads, versions, self.index, self.seq, pull_age=self.next_age())
             self.seq, self.rejoins = self.seq + 1, 0
             return params, versions
         except grpc.RpcError as err:
@@ -214,11 +217,15 @@ class WorkerLoop:
             try:
                 clocks = self.ps.register(self.index)
                 self.seq = max(self.seq + 1, max(last_seq for _, last_seq in clocks) + 1)  # never reuse a seq
-                return self.ps.pull(worker=self.index)
+                return self.ps.pull(worker=self.index, age=self.next_age())
             except grpc.RpcError as err:
                 if stop.is_set() or err.code() not in REJOIN_CODES or time.monotonic() > deadline:
                     raise
                 stop.wait(0.2)
+
+    def next_age(self) -> int:
+        """The age of the next pull: the next draw (0 unless controlled staleness)."""
+        return self.ages.draw() if self.ages is not None else 0
 
     def close(self) -> None:
         self.ps.close()

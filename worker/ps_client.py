@@ -4,8 +4,9 @@
     client.init(initial_params)              # full arrays by name; first initializer wins
     client.register(worker)                  # once, with the index the chief assigned
     params, versions = client.pull(worker=worker)
+    params, versions = client.pull(worker=worker, age=r)  # controlled staleness: r versions ago
     results = client.push(grads, versions, worker, seq)   # seq = 0, 1, 2, ... per worker
-    results, params, versions = client.push_pull(grads, versions, worker, seq)
+    results, params, versions = client.push_pull(grads, versions, worker, seq, pull_age=r)
     future = client.push_pull_async(grads, versions, worker, seq)  # the same, in the background
 
 `versions` is a list with one shard version per shard (see protos/ps.proto). Gradients are full
@@ -176,13 +177,14 @@ class PSClient:
 
         return self._each(one)
 
-    def pull(self, names: list[str] | None = None, worker: int | None = None) -> tuple[dict, list[int]]:
+    def pull(self, names: list[str] | None = None, worker: int | None = None, age: int = 0) -> tuple[dict, list[int]]:
         """(full arrays by name, shard versions). A worker's pull may wait (ssp/sync).
 
         With `names`, only the shards holding them are asked; the others' versions are -1.
+        With `age` (controlled staleness), every shard serves its values of `age` versions ago.
         """
         wanted = list(self.placement.variables) if names is None else list(names)
-        requests = [self._pull_request(i, names, worker) for i in range(len(self._stubs))]
+        requests = [self._pull_request(i, names, worker, age) for i in range(len(self._stubs))]
 
         def one(i, stub, req):
             if req is None:
@@ -194,9 +196,9 @@ class PSClient:
         results = self._each(one, [(r,) for r in requests])
         return self.placement.join([v for _, v in results], wanted), [h.version for h, _ in results]
 
-    def _pull_request(self, shard: int, names: list[str] | None, worker: int | None):
+    def _pull_request(self, shard: int, names: list[str] | None, worker: int | None, age: int = 0):
         """The PullRequest for one shard (None: the shard holds none of `names`)."""
-        request = ps_pb2.PullRequest() if worker is None else ps_pb2.PullRequest(worker=worker)
+        request = ps_pb2.PullRequest(age=age) if worker is None else ps_pb2.PullRequest(worker=worker, age=age)
         if names is not None:
             mine = self._names_on(shard, names)
             if not mine:
@@ -218,9 +220,12 @@ class PSClient:
 
         return self._each(one, [(p,) for p in pieces])
 
-    def push_pull(self, grads: Mapping[str, Any], versions: list[int], worker: int, seq: int):
-        """Push then pull all variables in one round trip per shard: (results, params, versions)."""
-        return self._send_push_pull(self._push_pull_requests(grads, versions, worker, seq))
+    def push_pull(self, grads: Mapping[str, Any], versions: list[int], worker: int, seq: int, pull_age: int = 0):
+        """Push then pull all variables in one round trip per shard: (results, params, versions).
+
+        `pull_age`: the pull's `age` (controlled staleness; see `pull`).
+        """
+        return self._send_push_pull(self._push_pull_requests(grads, versions, worker, seq, pull_age=pull_age))
 
     def push_pull_async(self, grads: Mapping[str, Any], versions: list[int], worker: int, seq: int) -> Future:
         """`push_pull` with the round trip in this client's background thread: a Future of
@@ -238,16 +243,17 @@ class PSClient:
             background = self._background
         return background.submit(self._send_push_pull, requests)
 
-    def _push_pull_requests(self, grads, versions: list[int], worker: int, seq: int, eager: bool = False) -> list:
+    def _push_pull_requests(self, grads, versions: list[int], worker: int, seq: int, eager: bool = False,
+                            pull_age: int = 0) -> list:
         """Per shard (unary?, request): one message, or the stream's messages (a list if `eager`)."""
         requests = []
         if self._compress is not None:  # error feedback: see asyncps.worker.compression
             grads = self._compress(grads)
         for i, part in enumerate(self.placement.split(grads)):
             if self._pull_bytes[i] <= self._unary and _nbytes(part) <= self._unary:
-                requests.append((True, self._push_message(part, versions[i], worker, seq)))
+                requests.append((True, self._push_message(part, versions[i], worker, seq, pull_age)))
             else:
-                stream = self._push_stream(part, versions[i], worker, seq)
+                stream = self._push_stream(part, versions[i], worker, seq, pull_age)
                 requests.append((False, list(stream) if eager else stream))
         return requests
 
@@ -263,14 +269,14 @@ class PSClient:
         params = self.placement.join([values for _, values, _ in out])
         return [r for r, _, _ in out], params, [v for _, _, v in out]
 
-    def _push_stream(self, part, read_version: int, worker: int, seq: int):
-        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version).SerializeToString()
-        return self._stream(part, header)
+    def _push_stream(self, part, read_version: int, worker: int, seq: int, pull_age: int = 0):
+        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version, pull_age=pull_age)
+        return self._stream(part, header.SerializeToString())
 
     @staticmethod
-    def _push_message(part, read_version: int, worker: int, seq: int) -> bytes:
-        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version).SerializeToString()
-        return codec.encode_message(part, header)
+    def _push_message(part, read_version: int, worker: int, seq: int, pull_age: int = 0) -> bytes:
+        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version, pull_age=pull_age)
+        return codec.encode_message(part, header.SerializeToString())
 
     def stats(self) -> list[ps_pb2.StatsReply]:
         """Every shard's counters (StatsReply messages), by shard index."""
