@@ -30,6 +30,7 @@ from asyncps.chief.checkpointer import Checkpointer
 from asyncps.chief.membership import Membership
 from asyncps.chief.report import cluster_report, merged_histogram
 from asyncps.chief.servicer import SERVICE_NAME, ChiefServicer
+from asyncps.chief.telemetry import RunTelemetry
 from asyncps.cluster import ClusterSpec, bind_host
 from asyncps.config import Config
 from asyncps.errors import UserError
@@ -76,6 +77,8 @@ class ChiefRun:
         self.run_dir = resolve_run_dir(cfg)
         self.previous = previous_incarnation(self.run_dir / "metrics.jsonl")
         self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.telemetry = RunTelemetry(cfg, self.run_dir, self.log, notice=lambda m: print(f"chief: {m}", flush=True))
+        self.last_stats, self.last_eval = None, {}
         self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
         self.model = build_model(cfg.model, self.data.meta)
         self.params0 = initial_params(cfg, self.model)
@@ -110,7 +113,8 @@ class ChiefRun:
             self._record_failure("worker", member.index, self.step, self.step)
 
     def _worker_metrics(self, report) -> None:
-        self.log.write("worker", self.step, worker=report.worker_index, worker_step=report.step, **dict(report.values))
+        values = self.telemetry.worker_report(report.worker_index, dict(report.values))
+        self.log.write("worker", self.step, worker=report.worker_index, worker_step=report.step, **values)
 
     # ------------------------------------------------------------------------------------------
     # Start
@@ -118,6 +122,8 @@ class ChiefRun:
     def start(self) -> None:
         """Give every shard its variables (init, restore or adopt), then serve the Chief service."""
         self._prepare_shards()
+        self.telemetry.baseline(self.step, self.ps.stats())
+        self.telemetry.serve_metrics(self, notice=lambda m: print(m, flush=True))
         port = self.server.start()
         print(f"chief: serving on {self.spec.chief.rsplit(':', 1)[0]}:{port}; run_dir {self.run_dir}", flush=True)
         self.log.write("start", self.step, workers=self.spec.workers, shards=len(self.spec.ps), mode=self.cfg.cluster.mode,
@@ -170,6 +176,8 @@ class ChiefRun:
                 self.step = global_step(self.versions())
                 self.membership.reap()
                 progress.update(min(self.step, t.max_steps), workers=len(self.membership.alive()))
+                if self.telemetry.due() and self.last_stats is not None:
+                    self.telemetry.row(self.step, self.last_stats)
                 if self.step >= next_log:
                     self.log.write("progress", self.step, steps_per_second=self.step / self.elapsed())
                     next_log = (self.step // t.log_every + 1) * t.log_every
@@ -194,6 +202,7 @@ class ChiefRun:
             self.step = max(self.step, global_step([s.version for s in stats if s.initialized]))
             self.recover_shards(fresh)
             stats = self._stats()
+        self.last_stats = stats  # for the telemetry rows: no second Stats call
         return [s.version for s in stats]
 
     def _stats(self):
@@ -263,6 +272,8 @@ class ChiefRun:
         metrics = self.model.evaluate(params, self.data.x_test, self.data.y_test)
         step = global_step(versions)
         self.log.write("eval", step, wall_time=time.time(), versions=versions, staleness=since, **metrics)
+        self.last_eval = metrics
+        self.telemetry.evaluation(step, metrics)
         self.target.observe(step, self.elapsed(), metrics)
         return metrics
 
@@ -286,6 +297,8 @@ class ChiefRun:
         if self.checkpoints.enabled:
             self.checkpoints.save(seconds, already_paused=True)
         stats = self.ps.stats()
+        if self.telemetry.every:
+            self.telemetry.row(global_step(versions), stats, final=True)
         report = cluster_report(self, final, stats, params, seconds)
         self.log.write("final", global_step(versions), **final)
         save_params(Path(self.run_dir) / PARAMS_FILE, params)
@@ -306,6 +319,7 @@ class ChiefRun:
             time.sleep(0.05)
 
     def close(self) -> None:
+        self.telemetry.close()
         self.log.close()
         self.server.stop(grace=1.0)
         self.ps.close()

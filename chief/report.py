@@ -2,7 +2,8 @@
 
 Staleness comes from the shards' own counters (exact, one entry per applied push per shard):
 `staleness` merges every shard, so its count is pushes x shards; `staleness_per_shard` and
-`staleness_per_worker` break it down. `failures` lists every process death the chiefs of this
+`staleness_per_worker` break it down. `pull_to_push_ms` is the workers' time from a pull to the
+push of its gradient (chief/telemetry.py). `failures` lists every process death the chiefs of this
 run saw (docs/failures.md), `checkpoints` the checkpoints taken and their pause times.
 """
 from __future__ import annotations
@@ -82,6 +83,7 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         },
         **staleness_section(stats),
         "pushes": push_counters(stats),
+        "pull_to_push_ms": run.telemetry.pull_to_push_summary() if hasattr(run, "telemetry") else None,
         "pushes_per_shard": {str(s.shard): push_counters([s]) for s in stats},
         "membership": {"joins": run.membership.joins, "deaths": run.membership.deaths, "events": run.events},
         "failures": run.failures,

@@ -23,8 +23,10 @@ from asyncps.config import Config, load_config
 from asyncps.errors import UserError
 from asyncps.protos.rpc import ps_handler
 from asyncps.protos.serving import RoleServer
+from asyncps.ps import counters
 from asyncps.ps.servicer import SERVICE_NAME, ParameterServerServicer
 from asyncps.ps.shard import Shard
+from asyncps.telemetry import FunctionCollector, MetricsServer, metrics_port
 
 DEFAULT_GRACE = 5.0  # seconds in-flight calls get at shutdown
 
@@ -76,8 +78,10 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     Port 0 asks the OS for a free port; the chosen one is printed and, if `port_file` is given,
     written there (atomically), for launchers.
     """
+    counters.set_recording(cfg.telemetry.record_staleness)
     server = ShardServer(cfg, index, port, host)
     bound = server.start()
+    metrics = start_metrics(server.shard, cfg, index)
     signals = []  # a signal, not the chief's Stop RPC: exit 128 + signal, so a launcher restarts it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: signals.append(signum) or server.request_stop())
@@ -87,8 +91,26 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
 
         atomic_write_bytes(port_file, f"{bound}\n".encode())
     server.wait()
+    if metrics is not None:
+        metrics.stop()
     print(f"asyncps ps {index}: stopped at version {server.shard.version}", flush=True)
     return 128 + signals[0] if signals else 0
+
+
+def start_metrics(shard: Shard, cfg: Config, index: int) -> MetricsServer | None:
+    """The shard's /metrics endpoint (ps/metrics.py) on `telemetry.prometheus_port + 1 + index`;
+    None when off (port 0) or unavailable."""
+    t = cfg.telemetry
+    port = metrics_port(t.prometheus_port, "ps", index, cfg.cluster.ps)
+    if not port:
+        return None
+    from asyncps.ps.metrics import shard_families
+
+    server = MetricsServer.start([FunctionCollector(lambda: shard_families(shard.stats()))], port,
+                                 t.prometheus_host, who=f"ps {index}")
+    if server is not None:
+        print(f"asyncps ps {index}: metrics on http://{t.prometheus_host}:{server.port}/metrics", flush=True)
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,16 +97,21 @@ def describe(error: BaseException) -> str:
 
 
 class LossReporter:
-    """Sends the mean training loss to the chief every REPORT_EVERY_SECONDS."""
+    """Sends the mean training loss and the pull-to-push times (common/telemetry.py) to the chief
+    every REPORT_EVERY_SECONDS."""
 
     def __init__(self, chief, index: int):
+        from asyncps.telemetry import DurationWindow
+
         self.chief, self.index = chief, index
         self.last, self.losses = time.monotonic(), []
+        self.pull_to_push = DurationWindow()  # seconds from the weights' arrival to the push
 
     def add(self, step: int, loss: float) -> None:
         self.losses.append(loss)
         if time.monotonic() - self.last > REPORT_EVERY_SECONDS:
-            report_metrics(self.chief, self.index, step, {"train/loss": float(np.mean(self.losses))})
+            values = {"train/loss": float(np.mean(self.losses)), **self.pull_to_push.flush()}
+            report_metrics(self.chief, self.index, step, values)
             self.last, self.losses = time.monotonic(), []
 
 
@@ -145,7 +150,9 @@ class WorkerLoop:
         params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
         reporter = LossReporter(chief, self.index)
         while not stop.is_set():
+            pulled = time.perf_counter()
             loss, grads = self.gradient(params, stop)
+            reporter.pull_to_push.add(time.perf_counter() - pulled)
             params, versions = self.push_or_rejoin(grads, versions, stop)
             reporter.add(self.seq, loss)
 
