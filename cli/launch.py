@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"asyncps launch: run_dir {cfg.run_dir}; {cfg.cluster.ps} shards, {cfg.cluster.workers} workers, "
           f"mode {cfg.cluster.mode}" + (f"; resuming from {cfg.checkpoint.resume}" if args.resume else ""),
           file=sys.stderr)
+    if cfg.telemetry.prometheus_port:
+        base, host = cfg.telemetry.prometheus_port, cfg.telemetry.prometheus_host
+        print(f"asyncps launch: Prometheus /metrics on {host}: chief {base}, shards {base + 1}..{base + cfg.cluster.ps}",
+              file=sys.stderr)
     return supervise(children, cfg)
 
 

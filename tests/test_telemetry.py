@@ -282,9 +282,11 @@ def test_chief_metrics_endpoint(tmp_path):
 # A whole cluster
 
 
-def test_cluster_telemetry_rows_add_up_to_the_report(tmp_path):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_cluster_telemetry_rows_add_up_to_the_report(tmp_path, prefetch):
     run_ok("launch", CONFIGS / "linear_regression.yaml", f"run_dir={tmp_path}", "train.max_steps=2500",
-           "telemetry.every_seconds=0.5", "delay.kind=constant", "delay.mean_ms=4", timeout=300)
+           "telemetry.every_seconds=0.5", "delay.kind=constant", "delay.mean_ms=4", f"cluster.prefetch={prefetch}",
+           timeout=300)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "telemetry"]
     rep = report(tmp_path)
     assert len(rows) >= 2 and rows[-1]["final"] and not any(r["final"] for r in rows[:-1])

@@ -171,6 +171,7 @@ class WorkerLoop:
         overlaps the math. Each gradient carries the versions it was computed on: the shards
         record the extra version of staleness like any other."""
         params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
+        pulled = time.perf_counter()  # when `params` arrived (telemetry: pull to push)
         pending = None  # the push-pull in flight
         reporter = LossReporter(chief, self.index)
         while not stop.is_set():
@@ -180,11 +181,14 @@ class WorkerLoop:
                 fresh, pending = self.settle(pending, stop), None
                 if fresh is None:  # the shards lost this worker: registered again, re-pulled
                     params, versions = self.rejoin(stop)
+                    pulled = time.perf_counter()
                     continue  # (this gradient was computed on weights the shards no longer have)
+            reporter.pull_to_push.add(time.perf_counter() - pulled)
             pending = self.ps.push_pull_async(grads, versions, self.index, self.seq)
             self.seq += 1
             if fresh is not None:
                 params, versions = fresh
+                pulled = time.perf_counter()
             reporter.add(self.seq, loss)
 
     def settle(self, pending, stop):
