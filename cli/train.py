@@ -8,6 +8,8 @@ from ``staleness.distribution`` (seeded RNG), computes the gradient on the weigh
 r versions ago (kept in a ring buffer of the last s_max versions) and applies it to the current
 weights, through ``optimizer.staleness_policy`` like a shard would. Before step r there is no
 version t - r: the gradient then uses version 0, and the staleness recorded is t, not r.
+`asyncps launch` runs the same mode on the shards (``asyncps.ps.history``); its worker 0 draws
+this very sequence of r.
 """
 from __future__ import annotations
 

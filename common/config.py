@@ -227,7 +227,8 @@ class StalenessConfig:
 
     r is drawn per step from `distribution` over 0..s_max with a seeded RNG: `constant` (r = s),
     `uniform` (0..s), `geometric` (P(r = k) ~ p (1 - p)^k, k = 0..s) or `histogram`
-    ({r: weight}); the gradient is applied to the current weights.
+    ({r: weight}); the gradient is applied to the current weights. On a cluster the shards keep
+    their last s_max versions and serve each pull r versions back (async or ssp; see ps/history.py).
     """
 
     controlled: bool = False
@@ -455,6 +456,10 @@ def _check(obj, prefix: str, source: str) -> None:
         if not obj.histogram or any(k < 0 or w < 0 for k, w in obj.histogram.items()) or not sum(obj.histogram.values()) > 0:
             raise ConfigError(f"{source}: {prefix}histogram must map staleness values >= 0 to weights >= 0 "
                               f"with a positive sum (e.g. {{0: 0.5, 8: 0.5}}), got {obj.histogram!r}")
+    if isinstance(obj, Config) and obj.staleness.controlled and (obj.cluster.mode == "sync" or obj.cluster.prefetch):
+        raise ConfigError(f"{source}: staleness.controlled decides what every gradient reads: it needs cluster.mode "
+                          f"async or ssp and cluster.prefetch false (got mode {obj.cluster.mode}, prefetch "
+                          f"{str(obj.cluster.prefetch).lower()})")
     if isinstance(obj, Config) and obj.delay.straggler is not None and obj.delay.straggler.worker >= obj.cluster.workers:
         raise ConfigError(f"{source}: delay.straggler.worker must be less than cluster.workers "
                           f"({obj.cluster.workers}), got {obj.delay.straggler.worker}")

@@ -132,8 +132,9 @@ def test_shard_history_is_as_deep_as_the_largest_draw(cfg):
 
 
 def _shard(*overrides, mode="async"):
-    cfg = load_config(LINEAR, ["staleness.controlled=true", "optimizer.learning_rate=1.0", f"cluster.mode={mode}",
-                               "cluster.workers=1", *overrides])
+    cfg = load_config(LINEAR, ["staleness.controlled=true", "optimizer.learning_rate=1.0", "cluster.workers=1",
+                               *overrides])
+    cfg.cluster.mode = mode  # (the config refuses sync with controlled staleness; the shard does too)
     shard = Shard(cfg)
     shard.init({"w": np.zeros(1, np.float32), "b": np.zeros(1, np.float32)})
     shard.register_worker(0)
@@ -321,3 +322,10 @@ def test_two_workers_draw_trains_sequence_and_add_their_own_staleness(tmp_path):
     assert st["mean"] > st["served"]["mean"] and st["served"]["max"] <= 8
     served = {int(k): v for k, v in st["served"]["histogram"].items()}
     assert served[0] > served[1] > served[3] > served[6]  # geometric, p = 0.3
+
+
+@pytest.mark.parametrize("override", ["cluster.mode=sync", "cluster.prefetch=true"])
+def test_controlled_staleness_refuses_sync_and_prefetch(override):
+    with pytest.raises(ConfigError, match="staleness.controlled decides what every gradient reads"):
+        load_config(LINEAR, ["staleness.controlled=true", override])
+    load_config(LINEAR, ["staleness.controlled=false", override])
