@@ -53,9 +53,6 @@ def load_run(run_dir) -> RunLog:
     folder = ul.log_dir(run_dir)
     if cfg.cluster.mode not in SUPPORTED_MODES:
         raise ReplayError(f"{run_dir}: cluster.mode {cfg.cluster.mode!r} cannot be replayed (supported: {SUPPORTED_MODES})")
-    if getattr(cfg.cluster, "compression", "none") != "none":
-        raise ReplayError(f"{run_dir}: cluster.compression {cfg.cluster.compression!r} cannot be replayed (the "
-                          f"workers' error feedback is not logged)")
     missing = [i for i in range(cfg.cluster.ps) if not (folder / f"ps{i}.log").is_file()]
     if missing:
         raise ReplayError(f"{run_dir}: no update log ({folder / f'ps{missing[0]}.log'} is missing); only runs of "
@@ -82,7 +79,7 @@ def load_run(run_dir) -> RunLog:
 class Replayer:
     """The run's model, data and fresh shards, initialized as the chief initialized them."""
 
-    def __init__(self, cfg, mode: str | None = None):
+    def __init__(self, cfg, steps: dict, mode: str | None = None):
         import copy
 
         from asyncps.ps.shard import Shard
@@ -104,6 +101,9 @@ class Replayer:
             shard.init(_through_wire(piece))
         self._streams: dict[tuple, BatchStream] = {}
         self._stream_class = BatchStream
+        self._compression = getattr(cfg.cluster, "compression", "none")
+        self._compressors: dict[int, tuple] = {}  # worker -> (its last step compressed, compressor)
+        self._previous = _previous_steps(steps)
 
     def gradient(self, step: ul.Step, params: dict) -> list[dict]:
         """The worker's gradient of `step` on `params`, cut per shard as it travelled."""
@@ -116,13 +116,41 @@ class Replayer:
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = step.rng_state
         _, grads = self.compute(params, self.data.x_train[indices], self.data.y_train[indices], rng)
+        if self._compression != "none":
+            grads = self._compress(step, grads)
         return [_through_wire(piece) for piece in self.placement.split(grads)]
+
+    def _compress(self, step: ul.Step, grads: dict) -> dict:
+        """cluster.compression: the worker's error feedback, whose residual carries over from the
+        worker's previous gradient, so a worker's gradients must come in the order it pushed them."""
+        from asyncps.worker.compression import make_compressor
+
+        last, compressor = self._compressors.get(step.worker, (None, None))
+        previous = self._previous.get((step.worker, step.seq))
+        if previous is None:  # the first gradient of a worker process: a fresh residual
+            compressor = make_compressor(self._compression)
+        elif last != previous:
+            raise ReplayError(f"compression: worker {step.worker} seq {step.seq} needs the residual after seq "
+                              f"{previous[1]}, which was never applied (a failed push): not replayable")
+        self._compressors[step.worker] = ((step.worker, step.seq), compressor)
+        return compressor(grads)
 
     def values(self, shard: int) -> dict:
         return self.shards[shard].pull(None)[1]
 
     def params(self) -> dict:
         return self.placement.join([self.values(s) for s in range(len(self.shards))])
+
+
+def _previous_steps(steps: dict) -> dict:
+    """(worker, seq) -> the key of the same worker process's previous logged step (None: first)."""
+    previous, last = {}, {}
+    for key in sorted(steps):
+        step = steps[key]
+        before = last.get(step.worker)
+        previous[key] = before if before is not None and steps[before].process == step.process else None
+        last[step.worker] = key
+    return previous
 
 
 def _through_wire(piece: dict) -> dict:
@@ -147,7 +175,7 @@ class Outcome:
 
 def replay(run: RunLog) -> Outcome:
     """Replays every shard's log in order (see the module docstring); the final weights."""
-    rp = Replayer(run.cfg)
+    rp = Replayer(run.cfg, run.steps)
     referenced = Counter((int(r["worker"]), int(r["seq"])) for log in run.shards for r in log if r["kind"] == ul.PUSH)
     need = Counter()  # (shard, version) -> pending uses of that past version
     for key in referenced:
@@ -255,7 +283,7 @@ def replay_without_staleness(run: RunLog) -> Outcome:
     """The counterfactual: the same gradients in shard 0's order, each on the current weights."""
     if run.cfg.cluster.mode == "sync":
         raise ReplayError(f"{run.run_dir}: a sync run has no staleness to take away (replay it without the flag)")
-    rp = Replayer(run.cfg, mode="async")
+    rp = Replayer(run.cfg, run.steps, mode="async")
     order = [(int(r["worker"]), int(r["seq"])) for r in run.shards[0] if r["kind"] == ul.PUSH]
     for worker in sorted({w for w, _ in order}):
         for shard in rp.shards:

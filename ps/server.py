@@ -26,6 +26,7 @@ from asyncps.protos.serving import RoleServer
 from asyncps.ps import counters
 from asyncps.ps.servicer import SERVICE_NAME, ParameterServerServicer
 from asyncps.ps.shard import Shard
+from asyncps.ps.update_log import open_shard_log
 from asyncps.telemetry import FunctionCollector, MetricsServer, metrics_port
 
 DEFAULT_GRACE = 5.0  # seconds in-flight calls get at shutdown
@@ -39,7 +40,8 @@ class ShardServer:
 
     def __init__(self, cfg: Config, index: int = 0, port: int = 0, host: str = "127.0.0.1", shard: Shard | None = None):
         self.cfg, self.index = cfg, index
-        self.shard = shard or Shard(cfg, index)
+        self.update_log = None if shard else open_shard_log(cfg, index)  # for `asyncps replay`
+        self.shard = shard or Shard(cfg, index, update_log=self.update_log)
         self.stop_requested = threading.Event()
         self._grace = DEFAULT_GRACE
         # Threads: every in-flight call holds one, and ssp/sync pulls may wait in theirs.
@@ -70,6 +72,8 @@ class ShardServer:
         self._role.health.enter_graceful_shutdown()
         self.shard.stop()
         self._role.stop(self._grace if grace is None else grace)
+        if self.update_log is not None:
+            self.update_log.close()
 
 
 def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_file: str | None = None) -> int:

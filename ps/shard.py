@@ -83,7 +83,7 @@ class PushResult(NamedTuple):
 class Shard:
     """The state and the rules of one parameter-server shard (see the module docstring)."""
 
-    def __init__(self, cfg: Config, index: int = 0, optimizer=None, schedule=None, policy=None):
+    def __init__(self, cfg: Config, index: int = 0, optimizer=None, schedule=None, policy=None, update_log=None):
         from asyncps.ps.optim import make_optimizer, make_schedule, make_staleness_policy
 
         self.index = index
@@ -106,6 +106,7 @@ class Shard:
         self._rounds = 0
         self._rejected_unknown = 0
         self._read: dict[int, tuple[int, dict]] = {}  # dcasgd: worker -> (version, values read)
+        self._log = update_log  # a ps.update_log.ShardLog: every state change, for `asyncps replay`
         self._history = VersionHistory(history_depth(cfg.staleness))  # controlled staleness (ps/history.py)
         self._ages: dict[int, AgeCounters] = {}  # controlled staleness: worker -> ages served
 
@@ -158,6 +159,8 @@ class Shard:
         with self._cond:
             w = self._workers.setdefault(worker, WorkerCounters(worker))
             w.active = not retire
+            if self._log is not None:
+                self._log.register(worker, retire, self.version)
             if retire:
                 self._round.pop(worker, None)
                 self._maybe_apply_round()
@@ -261,9 +264,12 @@ class Shard:
                 if not self._paused:
                     break
                 self._wait(lambda: not self._paused, deadline, f"worker {worker} push while paused")
-            if self.mode == "sync":
-                return self._push_sync(w, seq, read_version, clean)
-            return self._push_async(w, seq, read_version, clean)
+            had_read = self._log is not None and bool(self._values_read(worker, read_version))
+            push = self._push_sync if self.mode == "sync" else self._push_async
+            result = push(w, seq, read_version, clean)
+            if self._log is not None:
+                self._log.push(worker, seq, read_version, result.result, self.version, had_read)
+            return result
 
     def _push_async(self, w: WorkerCounters, seq: int, read_version: int, grads: Mapping) -> PushResult:
         """async/ssp: apply now. Caller holds the lock."""
@@ -400,6 +406,8 @@ class Shard:
             if self._initialized:
                 self._check_same_specs(snap.values, "Restore")
             self._vars, self._initialized, self.version = fresh, True, snap.version
+            if self._log is not None:
+                self._log.restore(self.version)
             for worker, seq in snap.last_seq.items():
                 w = self._workers.setdefault(worker, WorkerCounters(worker))
                 w.last_seq, w.clock = seq, snap.clocks.get(worker, 0)

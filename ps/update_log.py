@@ -181,6 +181,7 @@ class Step(NamedTuple):
     data_shard: int
     num_data_shards: int
     seed: int
+    process: float  # when the worker process that wrote it started (a restarted worker: a new one)
 
 
 def read_worker_logs(folder) -> dict[tuple[int, int], Step]:
@@ -198,5 +199,5 @@ def read_worker_logs(folder) -> dict[tuple[int, int], Step]:
                          "has_uint32": int(r["has_uint32"]), "uinteger": int(r["uinteger"])}
             steps[h["worker"], int(r["seq"])] = Step(h["worker"], int(r["seq"]), int(r["batch"]), rng_state,
                                                      tuple(int(v) for v in r["versions"]), h["data_shard"],
-                                                     h["num_data_shards"], h["seed"])
+                                                     h["num_data_shards"], h["seed"], h["started"])
     return steps

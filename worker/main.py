@@ -140,6 +140,9 @@ class WorkerLoop:
                                   reply.num_data_shards, reply.seed, start_step=self.seq)
         self.rng = np.random.default_rng([reply.seed, self.index, self.seq])
         self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
+        from asyncps.ps.update_log import open_worker_log  # what `asyncps replay` needs of each step
+        self.update_log = open_worker_log(cfg, self.index, reply.data_shard, reply.num_data_shards, reply.seed,
+                                          len(ps_addresses))
         # Controlled staleness: the k-th pull of this process asks for the values of r versions ago,
         # r = draw k of the sampler `asyncps train` uses (worker 0's sequence is train's).
         self.ages = StalenessSampler(cfg.staleness, reply.seed, self.index) if cfg.staleness.controlled else None
@@ -151,14 +154,17 @@ class WorkerLoop:
         reporter = LossReporter(chief, self.index)
         while not stop.is_set():
             pulled = time.perf_counter()
-            loss, grads = self.gradient(params, stop)
+            loss, grads = self.gradient(params, versions, stop)
             reporter.pull_to_push.add(time.perf_counter() - pulled)
             params, versions = self.push_or_rejoin(grads, versions, stop)
             reporter.add(self.seq, loss)
 
-    def gradient(self, params, stop):
-        """(loss, gradients) of the next batch, then the configured delay (before the push)."""
-        indices, _ = next(self.stream)
+    def gradient(self, params, versions, stop):
+        """(loss, gradients) of the next batch on `params` (read at the shards' `versions`), then
+        the configured delay (before the push)."""
+        indices, batch = next(self.stream)
+        if self.update_log is not None:
+            self.update_log.step(self.seq, self.stream.step_of(batch), self.rng, versions)
         started = time.perf_counter()
         loss, grads = self.compute(params, self.data.x_train[indices], self.data.y_train[indices], self.rng)
         if self.delay.active:
@@ -175,7 +181,7 @@ class WorkerLoop:
         pending = None  # the push-pull in flight
         reporter = LossReporter(chief, self.index)
         while not stop.is_set():
-            loss, grads = self.gradient(params, stop)
+            loss, grads = self.gradient(params, versions, stop)
             fresh = None
             if pending is not None:
                 fresh, pending = self.settle(pending, stop), None
@@ -240,3 +246,5 @@ class WorkerLoop:
 
     def close(self) -> None:
         self.ps.close()
+        if self.update_log is not None:
+            self.update_log.close()
