@@ -107,6 +107,7 @@ class Shard:
         self._rejected_unknown = 0
         self._read: dict[int, tuple[int, dict]] = {}  # dcasgd: worker -> (version, values read)
         self._log = update_log  # a ps.update_log.ShardLog: every state change, for `asyncps replay`
+        self._log = update_log  # a ps.update_log.ShardLog: every state change, for `asyncps replay`
         self._history = VersionHistory(history_depth(cfg.staleness))  # controlled staleness (ps/history.py)
         self._ages: dict[int, AgeCounters] = {}  # controlled staleness: worker -> ages served
 
@@ -161,6 +162,8 @@ class Shard:
             w.active = not retire
             if self._log is not None:
                 self._log.register(worker, retire, self.version)
+            if self._log is not None:
+                self._log.register(worker, retire, self.version)
             if retire:
                 self._round.pop(worker, None)
                 self._maybe_apply_round()
@@ -213,10 +216,10 @@ class Shard:
             if export is not None and not (worker is not None and self._policy.needs_value_read):
                 return export(version, live)
             values = {name: value.copy() for name, value in live.items()}
+            if worker is not None and self._policy.needs_value_read:
+                self._read[worker] = (version, values)  # never written to afterwards (export only reads)
             if export is not None:
                 return export(version, values)
-            if worker is not None and self._policy.needs_value_read:
-                self._read[worker] = (version, values)  # never written to afterwards
             return version, values
 
     def _read_at(self, worker: int | None, age: int, wanted: list[str]) -> tuple[int, dict]:
@@ -406,6 +409,8 @@ class Shard:
             if self._initialized:
                 self._check_same_specs(snap.values, "Restore")
             self._vars, self._initialized, self.version = fresh, True, snap.version
+            if self._log is not None:
+                self._log.restore(self.version)
             if self._log is not None:
                 self._log.restore(self.version)
             for worker, seq in snap.last_seq.items():

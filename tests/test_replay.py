@@ -64,17 +64,43 @@ def test_replay_reproduces_cnn_with_dropout_and_momentum(tmp_path):
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
 
 
+DELAY = ("delay.kind=exponential", "delay.mean_ms=3")  # real asynchrony: stale pushes on a loaded machine too
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ("cluster.prefetch=true",),
-    ("cluster.mode=ssp", "cluster.staleness_bound=1"),
+    ("cluster.mode=ssp", "cluster.staleness_bound=1", *DELAY),
     ("cluster.mode=sync",),
-    ("optimizer.staleness_policy.name=drop", "optimizer.staleness_policy.max_staleness=1"),
-    ("optimizer.staleness_policy.name=dcasgd",),
-], ids=["prefetch", "ssp", "sync", "drop", "dcasgd"])
+    ("optimizer.staleness_policy.name=drop", "optimizer.staleness_policy.max_staleness=1", *DELAY),
+    ("optimizer.staleness_policy.name=dcasgd", *DELAY),
+    ("cluster.compression=bf16",),
+], ids=["prefetch", "ssp", "sync", "drop", "dcasgd", "bf16"])
 def test_replay_reproduces_each_mode_and_policy(tmp_path, overrides):
-    _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=150", "train.eval_every=0", *overrides)
+    _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=200", "train.eval_every=0", *overrides)
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    if "optimizer.staleness_policy.name=drop" in overrides:
+        assert report["pushes"]["dropped"] > 0  # dropped pushes were replayed as dropped
+    if "optimizer.staleness_policy.name=dcasgd" in overrides:  # delay compensation saw stale pushes
+        _, records = ul.read_log(tmp_path / "replay" / "ps0.log")
+        assert records["had_read"].sum() > 0 and report["staleness"]["max"] > 0
+
+
+def test_dcasgd_shard_keeps_what_an_exported_pull_read():
+    """The gRPC pull path (export) must leave the worker's read for delay compensation."""
+    from asyncps.config import from_dict
+    from asyncps.ps.shard import Shard
+
+    cfg = from_dict({"optimizer": {"name": "sgd", "learning_rate": 0.1, "staleness_policy": {"name": "dcasgd"}},
+                     "cluster": {"workers": 2}})
+    shard = Shard(cfg)
+    shard.init({"w": np.ones(3, np.float32)})
+    for worker in (0, 1):
+        shard.register_worker(worker)
+    version = shard.pull(0, export=lambda v, values: v)
+    shard.push(1, 1, 0, {"w": np.ones(3, np.float32)})
+    assert shard.push(0, 1, version, {"w": np.ones(3, np.float32)}).staleness == 1  # raised before the fix
 
 
 @pytest.mark.slow
