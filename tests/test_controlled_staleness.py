@@ -329,3 +329,27 @@ def test_controlled_staleness_refuses_sync_and_prefetch(override):
     with pytest.raises(ConfigError, match="staleness.controlled decides what every gradient reads"):
         load_config(LINEAR, ["staleness.controlled=true", override])
     load_config(LINEAR, ["staleness.controlled=false", override])
+
+
+def test_dcasgd_on_the_cluster_compensates_with_the_values_served():
+    """DC-ASGD needs what the worker read: through gRPC (the servicer's export path) the shard
+    keeps the old version it served, and the push is compensated against it, as in train."""
+    from asyncps.ps.partition import place
+    from asyncps.ps.server import ShardServer
+    from asyncps.worker.ps_client import PSClient
+
+    cfg = load_config(LINEAR, ["staleness.controlled=true", "staleness.s=2", "optimizer.learning_rate=1.0",
+                               "optimizer.staleness_policy.name=dcasgd", "cluster.ps=1", "cluster.workers=1"])
+    server = ShardServer(cfg, 0)
+    client = PSClient([f"127.0.0.1:{server.start()}"], place({"w": ((1,), "float32")}, 1), cfg)
+    try:
+        client.init({"w": np.zeros(1, np.float32)})
+        client.register(0)
+        params, versions = client.pull(worker=0, age=2)
+        for t in range(6):
+            results, params, versions = client.push_pull({"w": np.full(1, -1.0, np.float32)}, versions, 0, t,
+                                                         pull_age=2)
+            assert results[0].result == "APPLIED" and results[0].staleness == min(t, 2)
+    finally:
+        client.close()
+        server.stop(0)
