@@ -107,7 +107,6 @@ class Shard:
         self._rejected_unknown = 0
         self._read: dict[int, tuple[int, dict]] = {}  # dcasgd: worker -> (version, values read)
         self._log = update_log  # a ps.update_log.ShardLog: every state change, for `asyncps replay`
-        self._log = update_log  # a ps.update_log.ShardLog: every state change, for `asyncps replay`
         self._history = VersionHistory(history_depth(cfg.staleness))  # controlled staleness (ps/history.py)
         self._ages: dict[int, AgeCounters] = {}  # controlled staleness: worker -> ages served
 
@@ -160,8 +159,6 @@ class Shard:
         with self._cond:
             w = self._workers.setdefault(worker, WorkerCounters(worker))
             w.active = not retire
-            if self._log is not None:
-                self._log.register(worker, retire, self.version)
             if self._log is not None:
                 self._log.register(worker, retire, self.version)
             if retire:
@@ -409,8 +406,6 @@ class Shard:
             if self._initialized:
                 self._check_same_specs(snap.values, "Restore")
             self._vars, self._initialized, self.version = fresh, True, snap.version
-            if self._log is not None:
-                self._log.restore(self.version)
             if self._log is not None:
                 self._log.restore(self.version)
             for worker, seq in snap.last_seq.items():
