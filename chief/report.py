@@ -52,6 +52,15 @@ def controlled_ages(rows) -> dict:
     return {**merged, "clamped": sum(w.clamped for w in rows)}
 
 
+def with_distribution_mean(section: dict, cfg) -> dict:
+    """Controlled staleness: the configured distribution's mean next to the draws, as `train` has it."""
+    if cfg.staleness.controlled:
+        from asyncps.worker.delays import StalenessSampler
+
+        section["staleness"]["distribution_mean"] = StalenessSampler(cfg.staleness, cfg.seed).mean
+    return section
+
+
 def push_counters(stats) -> dict:
     """Applied, dropped, rejected, duplicate and reapplied pushes, summed over shards and workers
     (`reapplied`: pushes applied with a sequence number not above one already applied, in the
@@ -81,7 +90,7 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
             "steps_per_second": steps / seconds if seconds else 0.0,
             "examples_per_second": examples / seconds if seconds else 0.0,
         },
-        **staleness_section(stats),
+        **with_distribution_mean(staleness_section(stats), cfg),
         "pushes": push_counters(stats),
         "pull_to_push_ms": run.telemetry.pull_to_push_summary() if hasattr(run, "telemetry") else None,
         "pushes_per_shard": {str(s.shard): push_counters([s]) for s in stats},

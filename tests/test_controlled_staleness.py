@@ -297,6 +297,7 @@ def test_one_worker_cluster_records_exactly_the_staleness_train_records(tmp_path
     assert halve(worker["served"]["histogram"]) == single["staleness"]["served"]["histogram"]
     assert worker["clamped"] == 2 * single["staleness"]["clamped"]
     assert cluster["staleness"]["history"]["depth"] == 8
+    assert cluster["staleness"]["distribution_mean"] == single["staleness"]["distribution_mean"]
     assert cluster["final"] == single["final"]
 
 
