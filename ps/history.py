@@ -30,12 +30,12 @@ from collections.abc import Mapping
 import numpy as np
 
 from asyncps.config import StalenessConfig
-from asyncps.ps.counters import HIST_BUCKETS
+from asyncps.ps.counters import HIST_BUCKETS, _trim  # (_trim: the histograms' one trailing-zero trimmer)
 from asyncps.ps.errors import InvalidArgument
 
 
 def max_staleness(cfg: StalenessConfig) -> int:
-    """The largest r the distribution `cfg` can draw."""
+    """The largest r the distribution `cfg` can draw (`StalenessSampler.s_max`, tested equal)."""
     if cfg.distribution == "histogram":
         return max(cfg.histogram) if cfg.histogram else 0
     return cfg.s
@@ -133,9 +133,3 @@ class AgeCounters:
         return {"served_age_histogram": _trim(self.served), "requested_age_histogram": _trim(self.requested),
                 "clamped": self.clamped}
 
-
-def _trim(counts: list[int]) -> list[int]:
-    end = len(counts)
-    while end and counts[end - 1] == 0:
-        end -= 1
-    return counts[:end]
