@@ -1,4 +1,6 @@
 """Controlled staleness: seeded draws of r, and gradients computed on weights exactly r versions old."""
+from collections import Counter
+
 import grpc
 import numpy as np
 import pytest
@@ -273,32 +275,42 @@ MNIST_SOFTMAX = CONFIGS / "mnist_softmax.yaml"
 GEOMETRIC = ["staleness.controlled=true", "staleness.distribution=geometric", "staleness.s=8", "staleness.p=0.3"]
 
 
-def _launch_and_train(tmp_path, *overrides):
-    """Launch the cluster, then `train` for as many steps as the cluster's shards applied."""
-    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, *overrides, timeout=240)
-    cluster = report(tmp_path / "launch")
-    steps = cluster["versions"][0]  # the chief stops the run at max_steps or a little after
-    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, *overrides,
-           f"train.max_steps={steps}", timeout=240)
-    return cluster, report(tmp_path / "train")
+def _train_histograms(n: int) -> tuple[dict, dict]:
+    """(staleness, requested) histograms of `asyncps train`'s first n steps, from its sampler."""
+    cfg = load_config(MNIST_SOFTMAX, GEOMETRIC)
+    sampler = StalenessSampler(cfg.staleness, cfg.seed)
+    draws = [sampler.draw() for _ in range(n)]
+    count = lambda values: {str(k): v for k, v in sorted(Counter(values).items())}  # noqa: E731
+    return count(min(r, t) for t, r in enumerate(draws)), count(draws)
 
 
 @pytest.mark.slow
 def test_one_worker_cluster_records_exactly_the_staleness_train_records(tmp_path):
     """1 worker, 2 shards: every shard's staleness histogram is train's, draw for draw, and the
-    run itself is the same run (same data order, same r per step: the same final metrics)."""
-    cluster, single = _launch_and_train(tmp_path, "cluster.workers=1", "train.max_steps=300")
-    assert len(set(cluster["versions"])) == 1
-    for shard in cluster["staleness_per_shard"].values():
-        assert shard["histogram"] == single["staleness"]["histogram"]
+    run itself is the same run (same data order, same r per step: the same final metrics).
+
+    The chief pauses the shards a little after max_steps; the last push may then be applied on
+    one shard and not the other, so each shard is compared at its own version."""
+    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, "cluster.workers=1",
+           "train.max_steps=300", timeout=240)
+    cluster = report(tmp_path / "launch")
+    steps = min(cluster["versions"])
+    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, f"train.max_steps={steps}",
+           timeout=240)
+    single = report(tmp_path / "train")
+    assert (single["staleness"]["histogram"], single["staleness"]["requested"]["histogram"]) == _train_histograms(steps)
+    requested = Counter()
+    for shard, version in enumerate(cluster["versions"]):
+        recorded, drawn = _train_histograms(version)
+        assert cluster["staleness_per_shard"][str(shard)]["histogram"] == recorded
+        requested.update(drawn)
     worker = cluster["staleness_per_worker"]["0"]
-    halve = lambda h: {k: v // 2 for k, v in h.items()}  # noqa: E731  (merged over the 2 shards)
-    assert halve(worker["requested"]["histogram"]) == single["staleness"]["requested"]["histogram"]
-    assert halve(worker["served"]["histogram"]) == single["staleness"]["served"]["histogram"]
+    assert worker["requested"]["histogram"] == dict(requested)  # merged over the shards
     assert worker["clamped"] == 2 * single["staleness"]["clamped"]
     assert cluster["staleness"]["history"]["depth"] == 8
     assert cluster["staleness"]["distribution_mean"] == single["staleness"]["distribution_mean"]
-    assert cluster["final"] == single["final"]
+    if len(set(cluster["versions"])) == 1:  # else the final weights mix two versions
+        assert cluster["final"] == single["final"]
 
 
 @pytest.mark.slow
