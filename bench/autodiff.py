@@ -3,7 +3,9 @@
 One training step = forward, backward and an in-place SGD update, for the MLP 784-256-256-10
 (batch 128) and the MNIST CNN (batch 64). All variants run in one process on one BLAS thread,
 their repetitions interleaved so that background load hits them alike; the table gives medians
-and ratios to hand-written numpy.
+and ratios to hand-written numpy, of wall time and of the thread's CPU time. On a shared machine
+the wall time mostly measures the scheduler (other processes' turns); the CPU time of the
+thread (user + system, page faults included) does not, so its ratios are the ones to compare.
 
     python bench/autodiff.py [--reps 30] [--models mlp,cnn]
 """
@@ -210,27 +212,32 @@ def variants(name):
 
 
 def measure(name, reps):
-    """Median seconds per step of each variant, repetitions interleaved."""
+    """Median (wall, CPU) seconds per step of each variant, repetitions interleaved."""
     _, batch = SETUPS[name]
     rng = np.random.default_rng(1)
     x, y = rng.random((batch, 784), dtype=np.float32), rng.integers(0, 10, batch)
     runs = variants(name)
-    times = {label: [] for label, _, _ in runs}
+    wall = {label: [] for label, _, _ in runs}
+    cpu = {label: [] for label, _, _ in runs}
     for rep in range(reps + 2):  # two warm-up rounds (graph mode traces in the first)
         for label, fn, params in runs:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             fn(params, x, y, np.random.default_rng(rep))
             if rep >= 2:
-                times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(ts) for label, ts in times.items()}
+                cpu[label].append(time.thread_time() - start_cpu)
+                wall[label].append(time.perf_counter() - start)
+    md = statistics.median
+    return {label: (md(wall[label]), md(cpu[label])) for label in wall}
 
 
 def report(name, medians):
-    base = medians["numpy (hand)"]
+    base_wall, base_cpu = medians["numpy (hand)"]
     print(f"\n{name}: median ms per training step (ratio to hand-written numpy)")
-    for label, t in medians.items():
-        print(f"  {label:<14} {t * 1e3:8.3f} ms   {t / base:5.2f}x")
-    print(f"  graph vs eager: {1 - medians['graph'] / medians['eager']:+.1%} faster")
+    print(f"  {'':<14} {'wall':>9}          {'CPU':>9}")
+    for label, (wall, cpu) in medians.items():
+        print(f"  {label:<14} {wall * 1e3:9.3f} {wall / base_wall:5.2f}x   {cpu * 1e3:9.3f} {cpu / base_cpu:5.2f}x")
+    (eager_wall, eager_cpu), (graph_wall, graph_cpu) = medians["eager"], medians["graph"]
+    print(f"  graph/eager: wall {graph_wall / eager_wall:.3f}, CPU {graph_cpu / eager_cpu:.3f}")
 
 
 def main():

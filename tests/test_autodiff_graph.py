@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from asyncps.config import ModelConfig
-from asyncps.worker.autodiff import GradientTape, ops
-from asyncps.worker.autodiff.graph import trace_gradient
+from asyncps.worker.autodiff import GradientTape, Op, ops
+from asyncps.worker.autodiff.graph import GraphFunction, trace_gradient
 from asyncps.worker.models import build_model
 from asyncps.worker.step import GradientComputer
 
@@ -78,3 +78,68 @@ def test_frozen_parameters_get_no_gradient(rng):
         compute = GradientComputer(model, ["dense2.kernel", "dense2.bias"], graph_mode=graph_mode)
         _, grads = compute(params, *_batch(rng, 4), rng)
         assert set(grads) == {"dense2.kernel", "dense2.bias"}
+
+
+# elementwise and marked in-place; unlike relu it changes every value it overwrites
+_negate = Op("negate", lambda x, out=None: (np.negative(x, out=out), None), lambda g, r: -g, inplace_forward=True)
+
+
+def _in_place_op_after_exp(p, x):
+    return (_negate(ops.exp(x @ p["w"])) * x[:, :2]).sum()  # exp's VJP reads its output: not in place
+
+
+def _relu_of_a_value_used_twice(p, x):
+    h = x @ p["w"]
+    return (ops.relu(h) * h).sum()
+
+
+def _relu_of_a_view(p, x):
+    h = x @ p["w"]
+    flat = ops.reshape(h, (-1,))  # a view of h, which exp reads after relu ran
+    return ops.relu(flat).sum() + ops.exp(h).sum()
+
+
+def _relu_sharing_its_cotangent(p, x):
+    # add hands one cotangent to both sides; relu's VJP runs first and must not overwrite it
+    return (x @ p["w"] + ops.relu(x @ p["w"])).sum()
+
+
+def _relu_chain(p, x):
+    h = ops.relu(ops.relu(x @ p["w"] + p["b"]))  # in place twice, forward and backward
+    return ops.softmax_cross_entropy(h, np.array([0, 1, 0, 1, 0]))
+
+
+@pytest.mark.parametrize("fn", [_in_place_op_after_exp, _relu_of_a_value_used_twice, _relu_of_a_view,
+                                _relu_sharing_its_cotangent, _relu_chain])
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "reused"])
+def test_in_place_replay_is_bit_identical_to_eager(fn, reuse, rng):
+    params = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+    graph = GraphFunction(fn, reuse_outputs=reuse)
+    for _ in range(3):  # trace, then two replays on new inputs
+        x = rng.standard_normal((5, 3))
+        loss, grads = graph(params, x)
+        with GradientTape() as tape:
+            p = tape.watch(params)
+            out = fn(p, x)
+        expected = tape.gradient(out, p)
+        assert loss == float(out.value)
+        for k in params:
+            np.testing.assert_array_equal(grads[k], expected[k], err_msg=k)
+
+
+def _two_leaves_share_a_cotangent(p, x):
+    return ((p["a"] + p["b"]) * x).sum()  # add's VJP passes the same cotangent to a and b
+
+
+def test_reused_outputs_are_distinct_buffers_rewritten_by_each_call(rng):
+    params = {"a": rng.standard_normal(4), "b": rng.standard_normal(4)}
+    graph = GraphFunction(_two_leaves_share_a_cotangent, reuse_outputs=True)
+    graph(params, rng.standard_normal(4))  # the trace returns the eager arrays
+    _, first = graph(params, rng.standard_normal(4))
+    assert not np.may_share_memory(first["a"], first["b"])
+    first["a"] *= 0.5  # a caller may scale its gradients in place, as SGD does
+    x = rng.standard_normal(4)
+    _, second = graph(params, x)
+    assert second["a"] is first["a"]  # the same buffer, rewritten
+    np.testing.assert_array_equal(second["a"], x)
+    np.testing.assert_array_equal(second["b"], x)

@@ -14,14 +14,18 @@ class GradientComputer:
     """``(params, x, y, rng) -> (loss, grads)`` for the `trainable` parameters only.
 
     Parameters not in `trainable` (frozen ones) are constants: they are not watched and get no
-    gradient. With `graph_mode` the step is traced once per batch shape and replayed.
+    gradient. With `graph_mode` the step is traced once per batch shape and replayed, and the
+    dense gradients it returns are the replay's own buffers: valid until the next call, so use
+    them (apply, encode, copy) before calling again. Both callers do: the trainer applies them at
+    once, the worker encodes them before its push returns (also under cluster.prefetch).
     """
 
     def __init__(self, model, trainable: list[str], graph_mode: bool = False):
         self.model = model
         self.trainable = list(trainable)
         self.graph_mode = graph_mode
-        self._graph = GraphFunction(self._loss, wrt=self.trainable) if graph_mode else None
+        # reuse_outputs: no per-step allocation of the gradients (see graph.py)
+        self._graph = GraphFunction(self._loss, wrt=self.trainable, reuse_outputs=True) if graph_mode else None
 
     def _loss(self, params, x, y, rng):
         return self.model.loss(params, x, y, training=True, rng=rng)

@@ -7,7 +7,10 @@ argument, in the style of JAX's custom_vjp:
     vjp_i   :: (g, residuals)      -> gradient for argument i
 
 The forward saves only the residuals its VJPs need. Forwards and VJPs that accept an ``out``
-keyword may write into a preallocated buffer (graph mode uses this); eager mode never passes it.
+keyword write into that preallocated buffer and return it (graph mode uses this); eager mode
+never passes it. An op marked `inplace_forward` (`inplace_vjp`) is elementwise in its first
+argument (in its cotangent), so ``out`` may be that very array: graph mode does so when nothing
+else reads it.
 
 Backward is "toposort, reverse, accumulate". Graph mode (`graph.py`) compiles its replay
 from an eager `backward` run, so both add gradient contributions in the same order and give
@@ -32,9 +35,10 @@ class Op:
     position (``None`` for arguments with no gradient, such as integer labels).
     """
 
-    def __init__(self, name: str, forward, *vjps):
+    def __init__(self, name: str, forward, *vjps, inplace_forward: bool = False, inplace_vjp: bool = False):
         self.name = name
         self.forward = forward
+        self.inplace_forward, self.inplace_vjp = inplace_forward, inplace_vjp
         self.vjps = vjps[0] if len(vjps) == 1 and isinstance(vjps[0], PerArg) else vjps
         params = inspect.signature(forward).parameters
         self.argnames = [p for p, v in params.items() if v.kind != v.KEYWORD_ONLY and p != "out"]

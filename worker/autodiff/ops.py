@@ -14,9 +14,9 @@ from asyncps.worker.autodiff.core import Op, PerArg, SparseRows, unbroadcast
 REGISTRY: dict[str, Op] = {}
 
 
-def defop(name: str, forward, *vjps) -> Op:
-    """Create an Op and enter it in `REGISTRY` under `name`."""
-    op = Op(name, forward, *vjps)
+def defop(name: str, forward, *vjps, **flags) -> Op:
+    """Create an Op (``flags``: `Op`'s in-place markers) and enter it in `REGISTRY` under `name`."""
+    op = Op(name, forward, *vjps, **flags)
     REGISTRY[name] = op
     return op
 
@@ -103,7 +103,8 @@ exp = defop("exp", _exp, lambda g, y: g * y)
 log = defop("log", lambda x, out=None: (np.log(x, out=out), x), lambda g, x: g / x)
 tanh = defop("tanh", _tanh, lambda g, y: g * (1 - y * y))
 sigmoid = defop("sigmoid", _sigmoid, lambda g, y: g * y * (1 - y))
-relu = defop("relu", _relu, lambda g, y, out=None: np.multiply(g, y > 0, out=out))
+relu = defop("relu", _relu, lambda g, y, out=None: np.multiply(g, y > 0, out=out),
+             inplace_forward=True, inplace_vjp=True)
 
 # ---------------------------------------------------------------- linear algebra
 
@@ -114,14 +115,24 @@ def _matmul(a, b, out=None):
 
 def _matmul_vjp_a(g, r, out=None):
     a, b = r
-    out = out if a.ndim == b.ndim == 2 else None
-    return unbroadcast(np.matmul(g, np.swapaxes(b, -1, -2), out=out), a.shape)
+    if a.ndim == b.ndim == 2:
+        return np.matmul(g, b.T, out=out)
+    return _into(out, unbroadcast(np.matmul(g, np.swapaxes(b, -1, -2)), a.shape))
 
 
 def _matmul_vjp_b(g, r, out=None):
     a, b = r
-    out = out if a.ndim == b.ndim == 2 else None
-    return unbroadcast(np.matmul(np.swapaxes(a, -1, -2), g, out=out), b.shape)
+    if a.ndim == b.ndim == 2:
+        return np.matmul(a.T, g, out=out)
+    return _into(out, unbroadcast(np.matmul(np.swapaxes(a, -1, -2), g), b.shape))
+
+
+def _into(out, value):
+    """`value`, copied into `out` when one is given (an ``out`` taken is an ``out`` returned)."""
+    if out is None:
+        return value
+    np.copyto(out, value)
+    return out
 
 
 def _linear(x, w, b, out=None):
