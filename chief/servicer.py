@@ -1,6 +1,14 @@
-"""The Chief gRPC service: a thin layer over Membership and the run's stop flag."""
+"""The Chief gRPC service: a thin layer over Membership and the run's stop flag.
+
+Requests are checked before anything changes (tests/test_chief_fuzz.py): a bad worker index, a
+negative step, an identity without a host name or with a pid <= 0, a metric that is not finite or
+whose name is empty, too long or one of the row's own keys (RESERVED_METRICS) are INVALID_ARGUMENT;
+a heartbeat or a report of a worker that is not a live member is NOT_FOUND (heartbeats adopt an
+index never handed out, see membership.py); a rejected call changes no membership and logs nothing.
+"""
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -11,6 +19,32 @@ from asyncps.protos import chief_pb2, chief_pb2_grpc
 
 SERVICE_NAME = "asyncps.Chief"
 REGISTER_POLL_SECONDS = 0.1
+MAX_HOSTNAME = 255  # bytes, a DNS name's limit
+MAX_METRICS, MAX_METRIC_NAME = 64, 128  # per report; characters
+RESERVED_METRICS = frozenset({"kind", "step", "time", "worker", "worker_step"})  # keys of the metrics.jsonl row
+
+
+def identity_problem(request) -> str | None:
+    """Why a RegisterRequest names no process (None if it does)."""
+    if not request.hostname or len(request.hostname.encode()) > MAX_HOSTNAME:
+        return f"hostname must have 1 to {MAX_HOSTNAME} bytes, got {len(request.hostname.encode())}"
+    if request.pid <= 0:
+        return f"pid must be positive, got {request.pid}"
+    return None
+
+
+def metrics_problem(request) -> str | None:
+    """Why a MetricsReport cannot be logged as one strict-JSON row (None if it can)."""
+    if request.step < 0 or not math.isfinite(request.wall_time):
+        return f"step must be >= 0 and wall_time finite, got {request.step} and {request.wall_time}"
+    if len(request.values) > MAX_METRICS:
+        return f"{len(request.values)} metrics in one report, at most {MAX_METRICS}"
+    for name, value in request.values.items():
+        if not name or len(name) > MAX_METRIC_NAME or name in RESERVED_METRICS:
+            return f"metric name {name[:MAX_METRIC_NAME]!r}: empty, longer than {MAX_METRIC_NAME} or reserved"
+        if not math.isfinite(value):
+            return f"metric {name!r} is {value} (not finite)"
+    return None
 
 
 class ChiefServicer(chief_pb2_grpc.ChiefServicer):
@@ -25,6 +59,8 @@ class ChiefServicer(chief_pb2_grpc.ChiefServicer):
 
     def Register(self, request, context):
         """Hands out a worker index (and so a data shard); idempotent per (hostname, pid)."""
+        if (problem := identity_problem(request)) is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Register: {problem}")
         member = self._register(request, context)
         n = self.membership.num_workers
         return chief_pb2.RegisterReply(worker_index=member.index, num_workers=n, data_shard=member.index,
@@ -45,6 +81,9 @@ class ChiefServicer(chief_pb2_grpc.ChiefServicer):
 
     def Heartbeat(self, request, context):
         """Liveness; the reply carries the stop flag."""
+        self._check_index(request.worker_index, context)
+        if request.step < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Heartbeat: step must be >= 0, got {request.step}")
         if self.membership.heartbeat(request.worker_index, request.step) is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"worker {request.worker_index} is not registered (or was declared dead): register again")
@@ -52,5 +91,15 @@ class ChiefServicer(chief_pb2_grpc.ChiefServicer):
 
     def ReportMetrics(self, request, context):
         """Worker metrics, written to metrics.jsonl by the chief."""
+        self._check_index(request.worker_index, context)
+        if (problem := metrics_problem(request)) is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ReportMetrics: {problem}")
+        if not any(m.index == request.worker_index for m in self.membership.alive()):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"worker {request.worker_index} is not a live member: register first")
         self.on_metrics(request)
         return chief_pb2.MetricsReply()
+
+    def _check_index(self, index: int, context) -> None:
+        if not 0 <= index < self.membership.num_workers:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"worker index {index} is out of range [0, {self.membership.num_workers})")
