@@ -9,10 +9,11 @@ Writes RUN_DIR/replay/params_replay.npz and replay.json.
 the current weights, as a staleness-0 counterfactual: RUN_DIR/replay/params_without_staleness.npz
 and without_staleness.json, with the test metrics of both and how far the weights moved.
 
-Supported: cluster.mode async, ssp and sync, prefetch, frozen variables, sparse gradients,
-every optimizer, schedule and staleness policy (dropped pushes included). Refused with one
-line: runs without an update log (`asyncps train`, cluster.update_log: false), runs in which a
-shard was restored from a checkpoint (a restart, --resume).
+Supported: cluster.mode async, ssp and sync, prefetch, controlled staleness, compression,
+frozen variables, sparse gradients, dropout, graph mode, every optimizer, schedule and staleness
+policy (dropped pushes included). Refused with one line: runs without an update log (`asyncps
+train`, cluster.update_log: false), runs in which a shard was restored from a checkpoint (a
+restart, --resume).
 """
 from __future__ import annotations
 

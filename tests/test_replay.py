@@ -75,7 +75,8 @@ DELAY = ("delay.kind=exponential", "delay.mean_ms=3")  # real asynchrony: stale 
     ("optimizer.staleness_policy.name=drop", "optimizer.staleness_policy.max_staleness=1", *DELAY),
     ("optimizer.staleness_policy.name=dcasgd", *DELAY),
     ("cluster.compression=bf16",),
-], ids=["prefetch", "ssp", "sync", "drop", "dcasgd", "bf16"])
+    ("staleness.controlled=true", "staleness.distribution=uniform", "staleness.s=3"),
+], ids=["prefetch", "ssp", "sync", "drop", "dcasgd", "bf16", "controlled"])
 def test_replay_reproduces_each_mode_and_policy(tmp_path, overrides):
     _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=200", "train.eval_every=0", *overrides)
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
