@@ -73,6 +73,10 @@ def load_run(run_dir) -> RunLog:
         import json
 
         final = json.loads(report.read_text()).get("versions")
+    ends = [int(records["version"][-1]) if len(records) else 0 for records in shards]
+    if final is not None and ends != list(final):
+        raise ReplayError(f"{run_dir}: the shard logs end at versions {ends}, report.json says {final} (a log was "
+                          f"cut short: a process killed before it flushed?)")
     return RunLog(run_dir, cfg, shards, steps, final)
 
 
@@ -209,7 +213,7 @@ class _State:
             if not any([self._advance(s) for s in range(len(self.log.shards))]):
                 s = next(i for i, log in enumerate(self.log.shards) if self.pos[i] < len(log))
                 raise ReplayError(f"{self.log.run_dir}: the logs are inconsistent: shard {s} entry {self.pos[s]} waits "
-                                  f"for a version no shard reaches")
+                                  f"for a version no shard reaches (a log cut short?)")
 
     def _advance(self, s: int) -> bool:
         """Applies shard `s`'s next entries while their gradients can be computed; True if any."""

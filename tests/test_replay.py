@@ -110,6 +110,17 @@ def test_replay_reproduces_sparse_embedding_gradients(tmp_path):
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
 
 
+def test_a_log_cut_short_is_refused_not_replayed_wrong(softmax_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(softmax_run, copy)
+    log = copy / "replay" / "ps0.log"
+    log.write_bytes(log.read_bytes()[:-10 * 32])  # the last 10 records lost (a shard killed hard)
+    proc = asyncps("replay", copy)
+    assert proc.returncode == 2 and "cut short" in proc.stderr, proc.stderr
+
+
 def test_run_dir_without_a_log_is_refused_with_one_line(tmp_path):
     run_ok("train", CONFIGS / "linear_regression.yaml", f"run_dir={tmp_path}", "train.max_steps=10")
     proc = asyncps("replay", tmp_path)
