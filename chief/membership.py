@@ -60,8 +60,8 @@ class Membership:
         self.joins = 0
         self.deaths = 0
 
-    def register(self, hostname: str, pid: int) -> Member:
-        """The slot of (hostname, pid), or the lowest free or dead one."""
+    def register(self, hostname: str, pid: int, preferred: int | None = None) -> Member:
+        """The slot of (hostname, pid), else `preferred` if free or dead, else the lowest free or dead one."""
         with self._lock:
             for member in self._slots.values():
                 if member.alive and (member.hostname, member.pid) == (hostname, pid):
@@ -70,7 +70,7 @@ class Membership:
             free = [i for i in range(self.num_workers) if i not in self._slots or not self._slots[i].alive]
             if not free:
                 raise MembershipFull(f"all {self.num_workers} worker slots are held by live workers")
-            member = Member(free[0], hostname, pid, self.clock())
+            member = Member(preferred if preferred in free else free[0], hostname, pid, self.clock())
             self._slots[member.index] = member
             self.joins += 1
         self._on_event("worker_joined", member)

@@ -61,6 +61,8 @@ class ChiefServicer(chief_pb2_grpc.ChiefServicer):
         """Hands out a worker index (and so a data shard); idempotent per (hostname, pid)."""
         if (problem := identity_problem(request)) is not None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Register: {problem}")
+        if request.HasField("preferred_index"):
+            self._check_index(request.preferred_index, context)
         member = self._register(request, context)
         n = self.membership.num_workers
         return chief_pb2.RegisterReply(worker_index=member.index, num_workers=n, data_shard=member.index,
@@ -70,13 +72,14 @@ class ChiefServicer(chief_pb2_grpc.ChiefServicer):
         """Waits (within the call's deadline) for a slot: a restarted worker may register before
         its predecessor is declared dead."""
         deadline = time.monotonic() + max(0.0, (context.time_remaining() or 30.0) - 1.0)
+        preferred = request.preferred_index if request.HasField("preferred_index") else None
         while True:
+            self.membership.reap()  # a restarted worker's predecessor is gone: its slot is free now
             try:
-                return self.membership.register(request.hostname, request.pid)
+                return self.membership.register(request.hostname, request.pid, preferred)
             except MembershipFull as exc:
                 if time.monotonic() >= deadline:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            self.membership.reap()
             time.sleep(REGISTER_POLL_SECONDS)
 
     def Heartbeat(self, request, context):

@@ -9,7 +9,8 @@ as the raw request). A model of the membership rules (chief/membership.py) predi
 - an error is the precise status the defect calls for (never UNKNOWN or INTERNAL);
 - a rejected call changes nothing: no membership event and no row in metrics.jsonl, and every
   member keeps its index (a Register of its identity returns it);
-- an accepted call does what the model says: the lowest free index, idempotent registration,
+- an accepted call does what the model says: the preferred index if free, else the lowest free
+  one, idempotent registration,
   adoption of an index never handed out, one strict-JSON `worker` row per report.
 
 No worker process runs: the chief waits for steps that never come while the test talks to it.
@@ -107,9 +108,11 @@ def chief(tmp_path_factory):
 # The model: what each request should get
 
 
-def expect_register(chief: Chief, hostname: str, pid: int):
+def expect_register(chief: Chief, hostname: str, pid: int, preferred: int | None = None):
     """(status, index or None) the membership rules call for; updates the model if accepted."""
     if not hostname or len(hostname.encode()) > 255 or pid <= 0:
+        return C.INVALID_ARGUMENT, None
+    if preferred is not None and not 0 <= preferred < WORKERS:
         return C.INVALID_ARGUMENT, None
     for index, identity in chief.slots.items():
         if identity == (hostname, pid):
@@ -117,9 +120,10 @@ def expect_register(chief: Chief, hostname: str, pid: int):
     free = [i for i in range(WORKERS) if i not in chief.slots]
     if not free:
         return C.RESOURCE_EXHAUSTED, None
-    chief.slots[free[0]] = (hostname, pid)
+    index = preferred if preferred in free else free[0]
+    chief.slots[index] = (hostname, pid)
     chief.events += 1
-    return C.OK, free[0]
+    return C.OK, index
 
 
 def expect_heartbeat(chief: Chief, index: int, step: int):
@@ -195,6 +199,7 @@ def test_register_heartbeat_and_metrics_with_adversarial_messages(chief, data):
     index, step = data.draw(indices, label="index"), data.draw(steps, label="step")
     wall_time, values = data.draw(wall_times, label="wall_time"), data.draw(metric_maps, label="values")
     member = data.draw(st.integers(0, WORKERS - 1), label="member")
+    preferred = data.draw(st.one_of(st.none(), indices), label="preferred index")
     members = sorted((i, s) for i, s in chief.slots.items() if s[1] > 0)
     if kind == "re-register" and members:
         # a member's own identity: idempotent, its index unchanged however full the table is
@@ -203,8 +208,9 @@ def test_register_heartbeat_and_metrics_with_adversarial_messages(chief, data):
         check(chief, "Register again", got, C.OK)
         assert reply.worker_index == index
     elif kind in ("register", "re-register"):
-        expected, index = expect_register(chief, hostname, pid)
-        got, reply = call(chief.stub.Register, chief_pb2.RegisterRequest(hostname=hostname, pid=pid))
+        expected, index = expect_register(chief, hostname, pid, preferred)
+        request = chief_pb2.RegisterRequest(hostname=hostname, pid=pid, preferred_index=preferred)
+        got, reply = call(chief.stub.Register, request)
         check(chief, "Register", got, expected)
         if got == C.OK:
             assert (reply.worker_index, reply.num_workers, reply.data_shard) == (index, WORKERS, index)
@@ -238,7 +244,8 @@ def test_garbage_bytes_as_the_raw_request_of_every_method(chief, method, raw):
     if request is None:
         expected = C.INVALID_ARGUMENT
     elif method == "Register":
-        expected, _ = expect_register(chief, request.hostname, request.pid)
+        preferred = request.preferred_index if request.HasField("preferred_index") else None
+        expected, _ = expect_register(chief, request.hostname, request.pid, preferred)
     elif method == "Heartbeat":
         expected = expect_heartbeat(chief, request.worker_index, request.step)
     else:

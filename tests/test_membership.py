@@ -23,6 +23,13 @@ def test_indices_are_handed_out_in_order_and_registration_is_idempotent():
         m.register("c", 3)
 
 
+def test_preferred_index_is_granted_when_its_slot_is_free():
+    m = Membership(3, timeout=5)
+    assert m.register("a", 1, preferred=2).index == 2  # launch slot 2: worker2.log is worker 2's
+    assert m.register("b", 2, preferred=2).index == 0  # taken: the lowest free one
+    assert m.register("a", 1, preferred=1).index == 2  # a retried Register keeps its slot
+
+
 def test_silent_worker_is_declared_dead_and_its_index_reused():
     clock, events = FakeClock(), []
     m = Membership(2, timeout=5, on_event=lambda kind, member: events.append((kind, member.index)), clock=clock)

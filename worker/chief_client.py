@@ -28,9 +28,10 @@ class ChiefClient:
             ("grpc.enable_retries", 1), ("grpc.service_config", _SERVICE_CONFIG)])
         self._stub = chief_pb2_grpc.ChiefStub(self._channel)
 
-    def register(self) -> chief_pb2.RegisterReply:
-        """This process's worker index and data shard (waits for the chief to come up)."""
-        request = chief_pb2.RegisterRequest(hostname=socket.gethostname(), pid=os.getpid())
+    def register(self, preferred: int | None = None) -> chief_pb2.RegisterReply:
+        """This process's worker index and data shard (waits for the chief to come up);
+        `preferred`: the index asked for (TF_CONFIG's task index), granted when free."""
+        request = chief_pb2.RegisterRequest(hostname=socket.gethostname(), pid=os.getpid(), preferred_index=preferred)
         return self._stub.Register(request, timeout=self.timeout, wait_for_ready=True)
 
     def heartbeat(self, index: int, step: int) -> chief_pb2.HeartbeatReply:

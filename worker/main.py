@@ -35,7 +35,7 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
     from asyncps.worker.chief_client import ChiefClient, Heartbeat
 
     chief = ChiefClient(spec.chief, cfg.cluster.rpc_timeout, security=cfg.cluster.security)
-    reply = chief.register()
+    reply = chief.register(preferred=spec.task_index)  # launch: the slot naming this worker's log
     index = reply.worker_index
     print(f"worker {index}: registered ({reply.num_workers} workers, data shard {reply.data_shard})", flush=True)
     loop = WorkerLoop(cfg, reply, list(reply.ps_addresses) or list(spec.ps))
