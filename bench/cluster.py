@@ -7,7 +7,8 @@ Each repetition runs `asyncps train` and then `asyncps launch` (for every worker
 on the same config, interleaved so machine noise hits all of them alike, and prints medians.
 Steady-state rates only: the single-process rate excludes evaluation (report.json's
 `throughput`), the cluster rate is measured between the chief's progress rows after the first
-10% of the steps (start-up and the final evaluation excluded). Each `--variant` (overrides,
+10% of the steps (start-up and the final evaluation excluded). The final test accuracy of every
+run (report.json's `final`) is printed next to the rate. Each `--variant` (overrides,
 space-separated) adds the launches once more with those overrides, in the same interleaving;
 a token ``env:NAME=VALUE`` sets an environment variable instead (``env:PYTHONPATH=DIR`` runs
 another checkout's code, e.g. the code before a change, side by side).
@@ -35,8 +36,16 @@ def asyncps(*args: str) -> None:
         raise SystemExit(f"asyncps {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
 
 
+ACCURACY: dict[str, list[float]] = {}  # setting -> final test accuracy of each run (report.json)
+
+
+def _final_accuracy(run_dir: Path) -> float:
+    return json.loads((run_dir / "report.json").read_text()).get("final", {}).get("accuracy", float("nan"))
+
+
 def single_process_rate(config: str, steps: int, run_dir: Path) -> float:
     asyncps("train", config, f"run_dir={run_dir}", f"train.max_steps={steps}", "train.eval_every=0")
+    ACCURACY.setdefault("train", []).append(_final_accuracy(run_dir))
     return json.loads((run_dir / "report.json").read_text())["throughput"]["steps_per_second"]
 
 
@@ -46,6 +55,8 @@ def cluster_rate(config: str, steps: int, workers: int, shards: int, run_dir: Pa
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     progress = [r for r in rows if r["kind"] == "progress" and r["step"] >= steps // 10]
     first, last = progress[0], progress[-1]
+    ACCURACY.setdefault(f"launch w={workers} ps={shards}" + (f" {' '.join(overrides)}" if overrides else ""), []).append(
+        _final_accuracy(run_dir))
     return (last["step"] - first["step"]) / (last["time"] - first["time"])
 
 
@@ -72,10 +83,14 @@ def main() -> None:
     base = statistics.median(rates["train"])
     print(f"\n{args.config}, {args.steps} steps, {args.reps} reps (medians, steps/s)")
     width = max(22, *map(len, rates))
-    print(f"{'setting':<{width}} {'steps/s':>9} {'vs train':>9}")
+    print(f"{'setting':<{width}} {'steps/s':>9} {'vs train':>9} {'accuracy (median, min-max)':>28}")
     for key, values in rates.items():
         med = statistics.median(values)
-        print(f"{key:<{width}} {med:>9.1f} {med / base:>9.2f}")
+        acc = ACCURACY.get(key, [float("nan")])
+        print(f"{key:<{width}} {med:>9.1f} {med / base:>9.2f} {statistics.median(acc):>12.4f} "
+              f"({min(acc):.4f}-{max(acc):.4f})")
+    print("per rep (steps/s): " + json.dumps({k: [round(v, 1) for v in vs] for k, vs in rates.items()}))
+    print("per rep (accuracy): " + json.dumps(ACCURACY))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One worker's round trip, isolated: PSClient.push_pull of MNIST-MLP-sized gradients to a shard.
 
     python bench/pushpull.py [--calls 2000] [--clients 1] [--shards 1] [--reps 3] [--profile OUT]
+                             [--compression none fp16 bf16]
 
 A shard server (SGD, async; one process per shard, spawned) and `--clients` client processes
 that each call `push_pull` in a loop with the gradients of the 784-256-256-10 MLP (4 tensors,
@@ -58,13 +59,15 @@ def _server_main(conn, index: int, shards: int, workers: int, profile: str | Non
     server.stop(0)
 
 
-def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None) -> None:
+def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None,
+                 compression: str = "none") -> None:
     from asyncps.config import Config
     from asyncps.ps.partition import place
     from asyncps.worker.ps_client import PSClient
 
     cfg = Config()
     cfg.cluster.ps, cfg.cluster.workers = len(ports), 2
+    cfg.cluster.compression = compression
     rng = np.random.default_rng(worker)
     params = {n: rng.standard_normal(s).astype(np.float32) * 0.01 for n, s in MLP_SHAPES.items()}
     grads = {n: (rng.standard_normal(s) * 1e-6).astype(np.float32) for n, s in MLP_SHAPES.items()}
@@ -98,7 +101,8 @@ def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str |
     client.close()
 
 
-def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, unary: int | None = None) -> list[dict]:
+def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, unary: int | None = None,
+        compression: str = "none") -> list[dict]:
     ctx = mp.get_context("spawn")
     servers = []
     for i in range(shards):
@@ -110,7 +114,7 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
     workers = []
     for w in range(clients):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary), daemon=True)
+        proc = ctx.Process(target=_client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary, compression), daemon=True)
         proc.start()
         workers.append((proc, parent))
     for _, conn in workers:
@@ -154,12 +158,19 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", default=None)
     parser.add_argument("--unary-bytes", type=int, default=None, help="PSClient unary_bytes (0: streams only)")
+    parser.add_argument("--compression", nargs="+", default=["none"], choices=["none", "fp16", "bf16"],
+                        help="cluster.compression of the client; several: interleaved, one setting per rep")
     args = parser.parse_args(argv)
-    rows = run(args.calls, args.clients, args.shards, args.reps, args.profile, args.unary_bytes)
-    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    rows: dict[str, list[dict]] = {}
+    for rep in range(args.reps):  # interleaved: rep 1 of every setting, then rep 2, ...
+        for kind in args.compression:
+            rows.setdefault(kind, []).extend(run(args.calls, args.clients, args.shards, 1, args.profile,
+                                                 args.unary_bytes, kind))
     print(f"push_pull MLP 1.08 MB, {args.clients} client(s), {args.shards} shard(s), {args.calls} calls x {args.reps} reps (medians)")
-    print(f"  total calls/s {med['calls_per_s']:.0f}   wall/call {med['wall_ms']:.2f} ms   "
-          f"client CPU/call {med['client_cpu_ms']:.2f} ms   shard CPU/call {med['ps_cpu_ms']:.2f} ms")
+    for kind, kind_rows in rows.items():
+        med = {k: statistics.median(r[k] for r in kind_rows) for k in kind_rows[0]}
+        print(f"  compression {kind:>4}: total calls/s {med['calls_per_s']:.0f}   wall/call {med['wall_ms']:.2f} ms   "
+              f"client CPU/call {med['client_cpu_ms']:.2f} ms   shard CPU/call {med['ps_cpu_ms']:.2f} ms")
     return 0
 
 

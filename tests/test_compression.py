@@ -235,3 +235,18 @@ def test_compressed_pushes_through_grpc_track_the_uncompressed_sum(kind):
         client.close()
         for s in servers:
             s.stop(0)
+
+
+def test_float16_conversions_agree_with_numpy():
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    wide = codec.float32_from_float16(every)
+    np.testing.assert_array_equal(wide.view("<u4")[np.isfinite(every)], every[np.isfinite(every)].astype(np.float32).view("<u4"))
+    assert np.isnan(wide[np.isnan(every)]).all() and np.array_equal(np.isinf(wide), np.isinf(every))
+    finite = every[np.isfinite(every)]
+    assert np.array_equal(codec.float16_from_float32(finite.astype(np.float32)).view("<u2"), finite.view("<u2"))
+    rng = np.random.default_rng(0)
+    for scale in (1e-9, 1e-6, 3e-5, 1e-3, 1.0, 1e3):  # float16 subnormals, normals, near the top
+        x = np.clip(rng.standard_normal(20000) * scale, -65504, 65504).astype(np.float32)
+        ours, numpy = codec.float16_from_float32(x).astype(np.float64), x.astype(np.float16).astype(np.float64)
+        differ = ours != numpy  # only at exact ties (numpy: to even; ours: away from zero)
+        np.testing.assert_array_equal(np.abs(ours - x)[differ], np.abs(numpy - x)[differ])

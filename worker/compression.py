@@ -56,9 +56,10 @@ def make_compressor(kind: str) -> "ErrorFeedback | None":
 
 
 def quantize(a: np.ndarray, kind: str) -> np.ndarray:
-    """`a` (float32) rounded to the wire type: float16, or codec.BFLOAT16 (no saturation)."""
+    """Finite `a` (float32, within the wire type's range) rounded to the nearest value of the
+    wire type, ties away from zero: float16, or codec.BFLOAT16."""
     if kind == "fp16":
-        return a.astype(np.float16)
+        return codec.float16_from_float32(a)  # (finite, saturated input: see ErrorFeedback._round)
     return codec.bfloat16_from_float32(a)
 
 
@@ -100,7 +101,8 @@ class ErrorFeedback:
         with np.errstate(over="ignore", invalid="ignore"):
             squares = np.dot(flat, flat)  # one BLAS pass: NaN/Inf and large values show here
         if not np.isfinite(squares) and not np.isfinite(a).all():
-            q = quantize(a, self.kind)  # NaN/Inf travel as they are: the shard rejects them
+            with np.errstate(over="ignore", invalid="ignore"):  # NaN/Inf travel as they are: the shard rejects them
+                q = a.astype(np.float16) if self.kind == "fp16" else codec.bfloat16_from_float32(a)
             a[...] = 0.0
             return q
         if not squares < self._safe_sum:
