@@ -63,7 +63,12 @@ class Op:
 
 def accepts_out(fn) -> bool:
     """Whether a forward or VJP can write its result into a preallocated ``out`` buffer."""
-    return "out" in inspect.signature(fn).parameters
+    return accepts(fn, "out")
+
+
+def accepts(fn, keyword: str) -> bool:
+    """Whether `fn` takes the keyword argument `keyword` (``out``, ``ws``)."""
+    return keyword in inspect.signature(fn).parameters
 
 
 class PerArg:

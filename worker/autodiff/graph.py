@@ -22,7 +22,7 @@ from collections import OrderedDict
 import numpy as np
 
 from asyncps.worker.autodiff.core import (
-    GradientTape, Tensor, accepts_out, accumulate, backward, value_of,
+    GradientTape, Tensor, accepts, accepts_out, accumulate, backward, value_of,
 )
 
 _FIRST, _ADD_INTO, _FIRST_COPY, _ACCUMULATE = range(4)  # how a VJP result joins its parent's gradient
@@ -150,6 +150,8 @@ class _Plan:
             for a in args
         )
         kw, fn = dict(attrs), node.op.forward
+        if accepts(fn, "ws"):
+            kw["ws"] = {}  # this step's own scratch arrays, kept from one replay to the next
         first = args[0] if args else None
         if (node.op.inplace_forward and type(first) is Tensor and first.node in reusable
                 and _same_layout(first.value, value)):
@@ -190,7 +192,7 @@ class _Plan:
     def _backward_step(self, node, i, parent, cotangent, contribution, accumulated, first, aliased, dense_sum):
         fn, k, pk = node.op.vjp(i), self.slot[node], self.slot[parent]
         leaf, can_out = parent.op is None, accepts_out(fn) and _is_dense(contribution) and contribution.ndim
-        kw, buf = {}, None
+        kw, buf = ({"ws": {}} if accepts(fn, "ws") else {}), None
         own = self.owned.get(pk) if leaf else None
         if own is not None:
             # every write goes straight into the parameter's own buffer: the first contribution
@@ -284,8 +286,8 @@ def _over_first_input(fn, x, *args):
     return fn(x, *args, out=x)
 
 
-def _over_cotangent(fn, g, res):
-    return fn(g, res, out=g)
+def _over_cotangent(fn, g, res, **kw):
+    return fn(g, res, out=g, **kw)
 
 
 def _arrays(x):

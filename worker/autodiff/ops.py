@@ -3,7 +3,9 @@
 Each forward returns ``(value, residuals)`` and keeps only what its VJPs read. Each VJP maps
 ``(g, residuals) -> gradient of one argument``; `None` marks an argument with no gradient.
 Broadcasting is undone by `unbroadcast` alone. Forwards and VJPs that take ``out`` can write
-into a preallocated buffer of their result's shape (graph mode).
+into a preallocated buffer of their result's shape; those that take ``ws`` (a workspace dict
+kept per step of a graph-mode replay) keep their scratch arrays there instead of allocating them
+anew each step. Eager mode passes neither, and both ways compute the same bits.
 """
 from __future__ import annotations
 
@@ -23,6 +25,18 @@ def defop(name: str, forward, *vjps, **flags) -> Op:
 
 def _scalar(x, like) -> np.ndarray:
     return np.asarray(x, dtype=like.dtype)
+
+
+def _scratch(ws, key: str, shape: tuple, dtype, fill=None) -> np.ndarray:
+    """An array for `key`: fresh without a workspace; with one, the array kept there (allocated
+    on first use, filled with `fill` then). Arrays of the CNN run to 40 MiB: allocating one per
+    step costs an mmap, page faults and the kernel's zeroing, every step."""
+    buf = None if ws is None else ws.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = np.empty(shape, dtype) if fill is None else np.full(shape, fill, dtype)
+        if ws is not None:
+            ws[key] = buf
+    return buf
 
 
 # ---------------------------------------------------------------- elementwise arithmetic
@@ -252,12 +266,13 @@ def _geometry(h, w, kh, kw, stride, padding):
     raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
 
 
-def _pad(x, pads, fill=0.0):
+def _pad(x, pads, fill=0.0, ws=None):
     top, bottom, left, right = pads
     if not any(pads):
         return x
     n, h, w, c = x.shape
-    xp = np.full((n, h + top + bottom, w + left + right, c), fill, dtype=x.dtype)
+    # the border is filled once: later steps only rewrite the interior, and nothing writes to xp
+    xp = _scratch(ws, "pad", (n, h + top + bottom, w + left + right, c), x.dtype, fill=fill)
     xp[:, top:top + h, left:left + w] = x
     return xp
 
@@ -269,64 +284,75 @@ def _windows(xp, kh, kw, ho, wo, stride):
             yield (i, j), xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
 
 
-def _im2col(xp, kh, kw, ho, wo, stride):
+def _im2col(xp, kh, kw, ho, wo, stride, ws=None):
     """Patches as rows (n*ho*wo, kh*kw*c), columns in the HWI order of an HWIO kernel."""
     win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))
     win = win[:, : stride * (ho - 1) + 1 : stride, : stride * (wo - 1) + 1 : stride]
     n, c = xp.shape[0], xp.shape[3]
-    return win.transpose(0, 1, 2, 4, 5, 3).reshape(n * ho * wo, kh * kw * c)
+    cols = _scratch(ws, "cols", (n * ho * wo, kh * kw * c), xp.dtype)
+    np.copyto(cols.reshape(n, ho, wo, kh, kw, c), win.transpose(0, 1, 2, 4, 5, 3))
+    return cols
 
 
-def _conv2d(x, w, b=None, *, stride=1, padding="SAME"):
+def _conv2d(x, w, b=None, *, stride=1, padding="SAME", ws=None):
     kh, kw, c, o = w.shape
     ho, wo, pads = _geometry(x.shape[1], x.shape[2], kh, kw, stride, padding)
-    cols = _im2col(_pad(x, pads), kh, kw, ho, wo, stride)
-    y = cols @ w.reshape(-1, o)
+    cols = _im2col(_pad(x, pads, ws=ws), kh, kw, ho, wo, stride, ws)
+    y = np.matmul(cols, w.reshape(-1, o), out=_scratch(ws, "y", (cols.shape[0], o), np.result_type(cols, w)))
     if b is not None:
         y += b
     return y.reshape(x.shape[0], ho, wo, o), (cols, w, x.shape, pads, stride)
 
 
-def _conv2d_vjp_x(g, r):
+def _conv2d_vjp_x(g, r, ws=None):
     _, w, xshape, pads, stride = r
     n, h, wd, c = xshape
     kh, kw, _, o = w.shape
     ho, wo = g.shape[1:3]
     g2 = g.reshape(-1, o)
     top, bottom, left, right = pads
-    dxp = np.zeros((n, h + top + bottom, wd + left + right, c), dtype=g.dtype)
+    dxp = _scratch(ws, "dxp", (n, h + top + bottom, wd + left + right, c), g.dtype)
+    dxp.fill(0)
+    part = _scratch(ws, "part", (g2.shape[0], c), np.result_type(g, w))
     for (i, j), view in _windows(dxp, kh, kw, ho, wo, stride):
         # col2im one kernel offset at a time: no (rows, kh*kw*c) patch-gradient matrix
-        view += (g2 @ w[i, j].T).reshape(n, ho, wo, c)
+        view += np.matmul(g2, w[i, j].T, out=part).reshape(n, ho, wo, c)
     return dxp[:, top:top + h, left:left + wd]
 
 
-def _conv2d_vjp_w(g, r):
+def _conv2d_vjp_w(g, r, out=None):
     cols, w = r[0], r[1]
-    return (cols.T @ g.reshape(-1, w.shape[3])).reshape(w.shape)
+    dw = np.matmul(cols.T, g.reshape(-1, w.shape[3]), out=None if out is None else out.reshape(-1, w.shape[3]))
+    return dw.reshape(w.shape) if out is None else out
 
 
 def _pool_geometry(x, ksize, stride, padding):
     return _geometry(x.shape[1], x.shape[2], ksize, ksize, stride, padding)
 
 
-def _max_pool2d(x, *, ksize=2, stride=2, padding="VALID"):
+def _max_pool2d(x, *, ksize=2, stride=2, padding="VALID", out=None, ws=None):
     ho, wo, pads = _pool_geometry(x, ksize, stride, padding)
-    xp = _pad(x, pads, fill=-np.inf)
+    xp = _pad(x, pads, fill=-np.inf, ws=ws)
     views = [v for _, v in _windows(xp, ksize, ksize, ho, wo, stride)]
-    best = np.maximum(views[0], views[1]) if len(views) > 1 else views[0].copy()
+    if len(views) > 1:
+        best = np.maximum(views[0], views[1], out=out)
+    else:
+        best = views[0].copy() if out is None else _into(out, views[0])
     for v in views[2:]:
         np.maximum(best, v, out=best)
     return best, (xp, best, x.shape, pads, ksize, stride)
 
 
-def _max_pool2d_vjp(g, r):
+def _max_pool2d_vjp(g, r, ws=None):
     xp, best, (n, h, w, c), pads, ksize, stride = r
     ho, wo = best.shape[1:3]
-    dxp = np.zeros(xp.shape, dtype=g.dtype)
-    pending = np.ones(best.shape, dtype=bool)  # windows whose maximum has not been routed yet
+    dxp = _scratch(ws, "dxp", xp.shape, g.dtype)
+    dxp.fill(0)  # pixels in no window (VALID, or stride > ksize) get no gradient
+    pending = _scratch(ws, "pending", best.shape, np.dtype(bool))
+    pending.fill(True)  # windows whose maximum has not been routed yet
+    hit = _scratch(ws, "hit", best.shape, np.dtype(bool))
     for (_, xv), (_, dv) in zip(_windows(xp, ksize, ksize, ho, wo, stride), _windows(dxp, ksize, ksize, ho, wo, stride)):
-        hit = xv == best
+        np.equal(xv, best, out=hit)
         hit &= pending  # ties go to the first position in the window, as in TensorFlow
         pending ^= hit
         if ksize <= stride:
@@ -338,18 +364,21 @@ def _max_pool2d_vjp(g, r):
 
 
 conv2d = defop(
-    "conv2d", _conv2d, _conv2d_vjp_x, _conv2d_vjp_w, lambda g, r: np.add.reduce(g.reshape(-1, g.shape[3]), axis=0)
+    "conv2d", _conv2d, _conv2d_vjp_x, _conv2d_vjp_w,
+    lambda g, r, out=None: np.add.reduce(g.reshape(-1, g.shape[3]), axis=0, out=out),
 )
 max_pool2d = defop("max_pool2d", _max_pool2d, _max_pool2d_vjp)
 
 # ---------------------------------------------------------------- regularisation and losses
 
 
-def _dropout(x, *, rate, rng):
+def _dropout(x, *, rate, rng, out=None, ws=None):
     """Inverted dropout: keep with probability 1 - rate and scale by 1 / (1 - rate)."""
-    mask = rng.random(x.shape, dtype=np.float32) >= rate
-    mask = np.multiply(mask, _scalar(1.0 / (1.0 - rate), x), dtype=x.dtype)
-    return x * mask, mask
+    draw = rng.random(x.shape, dtype=np.float32, out=None if ws is None else _scratch(ws, "draw", x.shape, np.float32))
+    keep = np.greater_equal(draw, rate, out=None if ws is None else _scratch(ws, "keep", x.shape, np.dtype(bool)))
+    mask = np.multiply(keep, _scalar(1.0 / (1.0 - rate), x), dtype=x.dtype,
+                       out=None if ws is None else _scratch(ws, "mask", x.shape, x.dtype))
+    return np.multiply(x, mask, out=out), mask
 
 
 def _row_max(x):
@@ -399,7 +428,7 @@ def _log_softmax_vjp(g, r):
     return g - np.exp(y) * g.sum(axis=axis, keepdims=True)
 
 
-dropout = defop("dropout", _dropout, lambda g, mask: g * mask)
+dropout = defop("dropout", _dropout, lambda g, mask, out=None: np.multiply(g, mask, out=out), inplace_vjp=True)
 softmax_cross_entropy = defop("softmax_cross_entropy", _softmax_ce, _softmax_ce_vjp, None)
 l2_loss = defop("l2_loss", lambda x: (np.asarray(np.sum(x * x) / 2), x), lambda g, x: g * x)
 softmax = defop("softmax", _softmax, _softmax_vjp)
