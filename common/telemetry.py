@@ -16,6 +16,7 @@ from pathlib import Path
 # so a quantile read from merged buckets is at most 26% above the exact one. The last bucket
 # (index len) counts everything above.
 DURATION_BUCKETS_MS = tuple(round(0.1 * 10 ** (i / 10), 6) for i in range(61))
+MAX_WINDOW_COUNT = 10**9  # more durations than any worker can time between two reports: malformed
 # Prometheus staleness buckets (shard versions), as CONVENTIONS.md suggests; +Inf is added.
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 
@@ -72,18 +73,19 @@ class DurationStats:
         self.buckets: dict[int, int] = {}
 
     def add_window(self, values: Mapping[str, float], prefix: str = "pull_to_push") -> bool:
-        """Adds one flushed window (keys as `DurationWindow.flush`); False when it has none."""
-        count = int(values.get(f"{prefix}/count", 0))
+        """Adds one flushed window (keys as `DurationWindow.flush`); False, changing nothing, when
+        it has none or is malformed (the values come over the wire from a worker)."""
+        try:
+            count, sum_ms, max_ms, buckets = _parse_window(values, prefix)
+        except (ValueError, OverflowError, TypeError):
+            return False
         if not count:
             return False
         self.count += count
-        self.sum_ms += float(values.get(f"{prefix}/sum_ms", 0.0))
-        self.max_ms = max(self.max_ms, float(values.get(f"{prefix}/max_ms", 0.0)))
-        head = f"{prefix}/b/"
-        for key, n in values.items():
-            if key.startswith(head):
-                i = int(key[len(head):])
-                self.buckets[i] = self.buckets.get(i, 0) + int(n)
+        self.sum_ms += sum_ms
+        self.max_ms = max(self.max_ms, max_ms)
+        for i, n in buckets.items():
+            self.buckets[i] = self.buckets.get(i, 0) + n
         return True
 
     def merge(self, other: "DurationStats") -> None:
@@ -110,6 +112,20 @@ class DurationStats:
             return {"count": 0}
         return {"count": self.count, "mean_ms": _sig(self.sum_ms / self.count), "p50_ms": _sig(self.quantile_ms(50)),
                 "p99_ms": _sig(self.quantile_ms(99)), "max_ms": _sig(self.max_ms)}
+
+
+def _parse_window(values: Mapping[str, float], prefix: str) -> tuple[int, float, float, dict[int, int]]:
+    """(count, sum_ms, max_ms, {bucket: count}) of a window; ValueError when inconsistent."""
+    count = int(values.get(f"{prefix}/count", 0))
+    sum_ms, max_ms = float(values.get(f"{prefix}/sum_ms", 0.0)), float(values.get(f"{prefix}/max_ms", 0.0))
+    head, buckets = f"{prefix}/b/", {}
+    for key, n in values.items():
+        if key.startswith(head):
+            buckets[int(key[len(head):])] = int(n)
+    if (not 0 <= count <= MAX_WINDOW_COUNT or not (math.isfinite(sum_ms) and math.isfinite(max_ms)) or sum_ms < 0 or max_ms < 0
+            or sum(buckets.values()) != count or any(not 0 <= i <= len(DURATION_BUCKETS_MS) or n < 0 for i, n in buckets.items())):
+        raise ValueError(f"malformed {prefix} window")
+    return count, sum_ms, max_ms, buckets
 
 
 def _sig(x: float, digits: int = 4) -> float:

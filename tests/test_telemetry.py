@@ -67,6 +67,16 @@ def test_duration_windows_merge_exactly_and_quantiles_come_from_buckets(rng):
         assert exact <= s[key] * (1 + 1e-3) and s[key] <= exact * 1.26
 
 
+@pytest.mark.parametrize("bad", [
+    {"pull_to_push/count": float("nan")}, {"pull_to_push/count": 2.0, "pull_to_push/b/x": 2.0},
+    {"pull_to_push/count": 2.0, "pull_to_push/b/3": 1.0}, {"pull_to_push/count": 1.0, "pull_to_push/b/99": 1.0},
+    {"pull_to_push/count": 1.0, "pull_to_push/b/3": 1.0, "pull_to_push/sum_ms": float("inf")},
+    {"pull_to_push/count": 1e300, "pull_to_push/b/3": 1e300}])
+def test_a_malformed_window_from_the_wire_changes_nothing(bad):
+    stats = DurationStats()
+    assert not stats.add_window(bad) and stats.summary() == {"count": 0}
+
+
 def test_histogram_delta_and_prometheus_buckets():
     assert histogram_delta({0: 5, 3: 2}, {0: 4}) == {0: 1, 3: 2}
     assert histogram_delta({0: 2}, {0: 4, 1: 1}) == {0: 2}  # counts went down: a restarted shard
