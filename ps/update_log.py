@@ -143,7 +143,10 @@ def open_worker_log(cfg, worker: int, data_shard: int, num_data_shards: int, see
     """This worker process's log (None as for `open_shard_log`)."""
     if not cfg.run_dir or not cfg.cluster.update_log:
         return None
-    path = log_dir(cfg.run_dir) / f"worker{worker}.{os.getpid()}.log"
+    path, again = log_dir(cfg.run_dir) / f"worker{worker}.{os.getpid()}.log", 0
+    while path.exists():  # a restarted container may get the same pid (1) again
+        again += 1
+        path = path.with_name(f"worker{worker}.{os.getpid()}.{again}.log")
     return WorkerLog(path, worker, data_shard, num_data_shards, seed, num_shards)
 
 
