@@ -43,10 +43,10 @@ def _needs(module: str):
 # Pure pieces
 
 
-def test_duration_buckets_bound_every_value_within_26_percent():
+def test_duration_buckets_bound_every_value_within_12_percent():
     for ms in (0.01, 0.1, 0.37, 1.0, 12.5, 999.0, 99_999.0):
         i = duration_bucket(ms)
-        assert ms <= DURATION_BUCKETS_MS[i] <= max(ms, DURATION_BUCKETS_MS[0]) * 1.26
+        assert ms <= DURATION_BUCKETS_MS[i] <= max(ms, DURATION_BUCKETS_MS[0]) * 1.123
     assert duration_bucket(1e9) == len(DURATION_BUCKETS_MS)
 
 
@@ -64,12 +64,12 @@ def test_duration_windows_merge_exactly_and_quantiles_come_from_buckets(rng):
     assert s["max_ms"] == pytest.approx(ms[-1], rel=1e-3)
     for key, q in (("p50_ms", 50), ("p99_ms", 99)):
         exact = ms[int(np.ceil(q / 100 * 1000)) - 1]
-        assert exact <= s[key] * (1 + 1e-3) and s[key] <= exact * 1.26
+        assert exact <= s[key] * (1 + 1e-3) and s[key] <= exact * 1.123
 
 
 @pytest.mark.parametrize("bad", [
     {"pull_to_push/count": float("nan")}, {"pull_to_push/count": 2.0, "pull_to_push/b/x": 2.0},
-    {"pull_to_push/count": 2.0, "pull_to_push/b/3": 1.0}, {"pull_to_push/count": 1.0, "pull_to_push/b/99": 1.0},
+    {"pull_to_push/count": 2.0, "pull_to_push/b/3": 1.0}, {"pull_to_push/count": 1.0, "pull_to_push/b/999": 1.0},
     {"pull_to_push/count": 1.0, "pull_to_push/b/3": 1.0, "pull_to_push/sum_ms": float("inf")},
     {"pull_to_push/count": 1e300, "pull_to_push/b/3": 1e300}])
 def test_a_malformed_window_from_the_wire_changes_nothing(bad):
