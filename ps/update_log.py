@@ -15,8 +15,9 @@ Two kinds of files, all under ``RUN_DIR/replay/`` (LOG_DIR):
 Format: one JSON header line (``format``, the record ``fields`` as a numpy dtype description,
 and who wrote the file), then fixed-size little-endian records, so a writer packs ~40 bytes per
 event into a buffered file (no syscall per push) and a reader maps the rest with
-``np.frombuffer``. The buffer is flushed every FLUSH_SECONDS and at close; a process killed hard
-loses at most that much log, which replay detects (the shard's final version is not reached).
+``np.frombuffer``. A shard's buffer is flushed every FLUSH_SECONDS and at close (a shard killed
+hard loses its state anyway: the run is restored from a checkpoint, which replay refuses; a log
+cut short is detected); a worker's is flushed at every record, so a killed worker loses nothing.
 """
 from __future__ import annotations
 
@@ -58,9 +59,9 @@ def _dtype(fields) -> np.dtype:
 class _Writer:
     """A header line, then records appended to a buffered file; thread-safe, flushed now and then."""
 
-    def __init__(self, path: Path, header: dict):
+    def __init__(self, path: Path, header: dict, flush_each: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path, self._flush_each = path, flush_each
         self._file = path.open("wb", buffering=1 << 16)
         self._file.write(json.dumps({"format": FORMAT, **header}).encode() + b"\n")
         self._lock = threading.Lock()
@@ -71,7 +72,7 @@ class _Writer:
             if self._file.closed:
                 return
             self._file.write(record)
-            if time.monotonic() - self._flushed > FLUSH_SECONDS:
+            if self._flush_each or time.monotonic() - self._flushed > FLUSH_SECONDS:
                 self._file.flush()
                 self._flushed = time.monotonic()
 
@@ -99,13 +100,15 @@ class ShardLog(_Writer):
 
 
 class WorkerLog(_Writer):
-    """The writer of one worker process's step log."""
+    """The writer of one worker process's step log, flushed at every record (one write per step,
+    a few microseconds against milliseconds of gradient): a worker killed with SIGKILL may have
+    pushed its last gradient to some shards, and replay needs that gradient's record."""
 
     def __init__(self, path: Path, worker: int, data_shard: int, num_data_shards: int, seed: int, num_shards: int):
         header = {"role": "worker", "worker": worker, "data_shard": data_shard, "num_data_shards": num_data_shards,
                   "seed": seed, "num_shards": num_shards, "pid": os.getpid(), "started": time.time(),
                   "fields": worker_fields(num_shards)}
-        super().__init__(Path(path), header)
+        super().__init__(Path(path), header, flush_each=True)
         self._struct = struct.Struct("<qqQQQQIB3x" + "q" * num_shards)
 
     def step(self, seq: int, batch: int, rng: np.random.Generator, versions) -> None:

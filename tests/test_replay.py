@@ -132,3 +132,20 @@ def test_run_dir_without_a_log_is_refused_with_one_line(tmp_path):
 def test_not_a_run_dir_is_refused(tmp_path):
     proc = asyncps("replay", tmp_path / "nowhere")
     assert proc.returncode == 2 and "no config.yaml" in proc.stderr
+
+
+@pytest.mark.slow
+def test_replay_survives_a_worker_killed_mid_run(tmp_path):
+    """SIGKILL a worker mid-run: the launcher restarts it, and the run still replays bit for bit
+    (the killed process's last gradient may have reached some shards: its record was flushed)."""
+    from test_faults import FAST, Launch
+
+    run = Launch(tmp_path, CONFIGS / "linear_regression.yaml", "train.max_steps=900", *FAST)
+    try:
+        run.wait_until("step 150", lambda: run.training(150))
+        run.kill("worker1")
+        assert run.wait() == 0, run.tail()
+    finally:
+        run.close()
+    assert len(list((tmp_path / "replay").glob("worker1.*.log"))) == 2  # two incarnations of worker 1
+    assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
