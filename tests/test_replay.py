@@ -121,6 +121,18 @@ def test_a_log_cut_short_is_refused_not_replayed_wrong(softmax_run, tmp_path):
     assert proc.returncode == 2 and "cut short" in proc.stderr, proc.stderr
 
 
+def test_a_replay_that_does_not_match_says_so(softmax_run, tmp_path):
+    """The comparison is not vacuous: a different learning rate gives other weights, exit 1."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(softmax_run, copy)
+    config = copy / "config.yaml"
+    config.write_text(config.read_text().replace("learning_rate: 0.1", "learning_rate: 0.1000001"))
+    proc = asyncps("replay", copy)
+    assert proc.returncode == 1 and "NOT identical" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_run_dir_without_a_log_is_refused_with_one_line(tmp_path):
     run_ok("train", CONFIGS / "linear_regression.yaml", f"run_dir={tmp_path}", "train.max_steps=10")
     proc = asyncps("replay", tmp_path)
