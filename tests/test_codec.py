@@ -172,3 +172,23 @@ def test_malformed_wire_bytes_are_rejected(blob, message):
 def test_snapshot_round_trip():
     snap = codec.Snapshot(3, {"w": np.ones(3, np.float32)}, {"w": {"m": np.zeros(3, np.float32)}}, {"w": 3}, {0: 2}, {0: 3}, "adam")
     assert repr(codec.decode_snapshot(codec.encode_snapshot(snap, chunk_bytes=5))) == repr(snap)
+
+
+def test_known_tensor_entries_parse_like_new_ones():
+    """The parse cache (codec._KNOWN): a repeated entry decodes to the same tensor, an entry of the
+    same length with other bytes is parsed afresh, and a tensor sent twice is still an error."""
+    codec._KNOWN.clear()
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(6, np.float32).reshape(3, 2)
+    first = codec.encode_message({"wa": a})
+    for message, expected in ((first, {"wa": a}), (first, {"wa": a}), (codec.encode_message({"wb": b}), {"wb": b})):
+        assert len(message) == len(first)  # same entry length: only the bytes tell them apart
+        asm = Assembler()
+        asm.add_wire(message)
+        out = asm.finish()
+        assert list(out) == list(expected)
+        for name, value in expected.items():
+            assert out[name].dtype == value.dtype and out[name].shape == value.shape
+            np.testing.assert_array_equal(out[name], value)
+    assert sum(map(len, codec._KNOWN.values())) == 2
+    with pytest.raises(CodecError, match="sent twice"):
+        Assembler().add_wire(codec.encode_message([("wa", "", a), ("wa", "", a)]))
