@@ -2,7 +2,8 @@
 
 One training step = forward, backward and an in-place SGD update, for the MLP 784-256-256-10
 (batch 128) and the MNIST CNN (batch 64). All variants run in one process on one BLAS thread,
-their repetitions interleaved so that background load hits them alike; the table gives medians
+their repetitions interleaved (in a shuffled order each round, so that no variant always runs
+right after the same other one) so that background load hits them alike; the table gives medians
 and ratios to hand-written numpy, of wall time and of the thread's CPU time. On a shared machine
 the wall time mostly measures the scheduler (other processes' turns); the CPU time of the
 thread (user + system, page faults included) does not, so its ratios are the ones to compare.
@@ -219,8 +220,10 @@ def measure(name, reps):
     runs = variants(name)
     wall = {label: [] for label, _, _ in runs}
     cpu = {label: [] for label, _, _ in runs}
+    order = np.random.default_rng(2)
     for rep in range(reps + 2):  # two warm-up rounds (graph mode traces in the first)
-        for label, fn, params in runs:
+        for i in order.permutation(len(runs)):
+            label, fn, params = runs[i]
             start, start_cpu = time.perf_counter(), time.thread_time()
             fn(params, x, y, np.random.default_rng(rep))
             if rep >= 2:

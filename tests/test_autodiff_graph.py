@@ -143,3 +143,29 @@ def test_reused_outputs_are_distinct_buffers_rewritten_by_each_call(rng):
     assert second["a"] is first["a"]  # the same buffer, rewritten
     np.testing.assert_array_equal(second["a"], x)
     np.testing.assert_array_equal(second["b"], x)
+
+
+@pytest.mark.parametrize("stride,padding,ksize,pool_stride", [
+    (1, "SAME", 2, 2), (2, "VALID", 3, 2), (2, "SAME", 3, 1), (1, "VALID", 2, 3),
+])
+def test_conv_and_pool_replays_reuse_their_workspaces_bit_identically(stride, padding, ksize, pool_stride, rng):
+    # replays keep im2col, padding and col2im arrays from one call to the next (ws): padded
+    # borders filled once, overlapping pool windows (ksize > stride) and uncovered pixels
+    # (stride > ksize) must still give eager's bits
+    def loss(p, x):
+        h = ops.conv2d(p["x"] + x, p["w"], p["b"], stride=stride, padding=padding)  # col2im runs too
+        h = ops.max_pool2d(ops.tanh(h), ksize=ksize, stride=pool_stride, padding=padding)
+        return (h * h).sum()
+
+    params = {"w": rng.standard_normal((3, 3, 2, 4)), "b": rng.standard_normal(4), "x": rng.standard_normal((2, 9, 8, 2))}
+    graph = GraphFunction(loss, reuse_outputs=True)
+    for _ in range(3):
+        x = rng.standard_normal((2, 9, 8, 2))
+        value, grads = graph(params, x)
+        with GradientTape() as tape:
+            p = tape.watch(params)
+            out = loss(p, x)
+        expected = tape.gradient(out, p)
+        assert value == float(out.value)
+        for k in params:
+            np.testing.assert_array_equal(grads[k], expected[k], err_msg=k)
