@@ -4,11 +4,13 @@
                              [--compression none fp16 bf16]
 
 A shard server (SGD, async; one process per shard, spawned) and `--clients` client processes
-that each call `push_pull` in a loop with the gradients of the 784-256-256-10 MLP (4 tensors,
+that each call `push_pull` in a loop with the gradients of the 784-256-256-10 MLP (6 tensors,
 1.08 MB) and no compute in between. Reported per round trip (median over `--reps`):
 wall milliseconds, client CPU milliseconds and shard CPU milliseconds (user + system of the
 whole process, gRPC threads included). On a 2-core machine the CPU milliseconds are what the
 cluster pays per step on top of the model's own math; the wall time bounds one worker's rate.
+`--compression raw` measures the floor instead: a bare gRPC unary call carrying the same number of
+bytes each way (identity serializers, prebuilt buffers, no work at either end).
 `--profile OUT` writes a cProfile of client 0 (and OUT.ps<i>, a yappi CPU profile of every thread
 of each shard) for the last rep.
 """
@@ -59,6 +61,48 @@ def _server_main(conn, index: int, shards: int, workers: int, profile: str | Non
     server.stop(0)
 
 
+MLP_BYTES = sum(4 * int(np.prod(s)) for s in MLP_SHAPES.values())
+_RAW_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+
+def _identity(x):
+    return x
+
+
+def _raw_server_main(conn, index: int, shards: int, workers: int, profile: str | None) -> None:
+    """The floor: a bare gRPC server whose unary method takes MLP_BYTES and answers MLP_BYTES."""
+    from concurrent import futures
+
+    import grpc
+
+    reply = np.random.default_rng(0).bytes(MLP_BYTES)
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: reply, request_deserializer=_identity,
+                                                  response_serializer=_identity)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_RAW_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("raw.Raw", {"Echo": handler}),))
+    conn.send(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    while conn.recv() != "stop":
+        pass
+    server.stop(0)
+
+
+def _raw_client_main(conn, ports: list[int], worker: int, calls: int, *_ignored) -> None:
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}", options=_RAW_OPTIONS)
+    echo = channel.unary_unary("/raw.Raw/Echo", request_serializer=_identity, response_deserializer=_identity)
+    request = np.random.default_rng(1).bytes(MLP_BYTES)
+    echo(request, timeout=30, wait_for_ready=True)
+    conn.send("ready")
+    while conn.recv() != "stop":
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(calls):
+            echo(request, timeout=30)
+        conn.send((time.perf_counter() - t0, time.process_time() - cpu0))
+    channel.close()
+
+
 def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None,
                  compression: str = "none") -> None:
     from asyncps.config import Config
@@ -107,14 +151,15 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
     servers = []
     for i in range(shards):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_server_main, args=(child, i, shards, clients, profile), daemon=True)
+        target = _raw_server_main if compression == "raw" else _server_main
+        proc = ctx.Process(target=target, args=(child, i, shards, clients, profile), daemon=True)
         proc.start()
         servers.append((proc, parent, parent.recv()))
     ports = [port for _, _, port in servers]
     workers = []
     for w in range(clients):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary, compression), daemon=True)
+        proc = ctx.Process(target=_raw_client_main if compression == "raw" else _client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary, compression), daemon=True)
         proc.start()
         workers.append((proc, parent))
     for _, conn in workers:
@@ -150,6 +195,38 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
     return rows
 
 
+def step_costs(steps: int = 300, batch: int = 128) -> dict[str, float]:
+    """CPU ms per step, in this process (one BLAS thread), of what a cluster step does besides the
+    round trip: the MLP's gradient on real MNIST batches, and compressing it (fp16, bf16)."""
+    from asyncps.config import load_config
+    from asyncps.worker.compression import ErrorFeedback
+    from asyncps.worker.data import load_dataset
+    from asyncps.worker.models import build_model
+    from asyncps.worker.step import GradientComputer, limit_blas_threads
+    from asyncps.worker.variables import initial_params, trainable_names
+
+    limit_blas_threads(1)
+    cfg = load_config("configs/mnist_mlp.yaml", [])
+    data = load_dataset(cfg.data, seed=0)
+    model = build_model(cfg.model, data.meta)
+    params = initial_params(cfg, model)
+    compute = GradientComputer(model, trainable_names(params, cfg.train.frozen))
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, len(data.x_train), batch) for _ in range(steps)]
+    grads = []
+    t0 = time.process_time()
+    for idx in batches:
+        grads.append(compute(params, data.x_train[idx], data.y_train[idx], rng)[1])
+    out = {"gradient": 1e3 * (time.process_time() - t0) / steps}
+    for kind in ("fp16", "bf16"):
+        ef = ErrorFeedback(kind)
+        t0 = time.process_time()
+        for g in grads:
+            ef(g)
+        out[f"compress {kind}"] = 1e3 * (time.process_time() - t0) / steps
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -158,9 +235,16 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--profile", default=None)
     parser.add_argument("--unary-bytes", type=int, default=None, help="PSClient unary_bytes (0: streams only)")
-    parser.add_argument("--compression", nargs="+", default=["none"], choices=["none", "fp16", "bf16"],
-                        help="cluster.compression of the client; several: interleaved, one setting per rep")
+    parser.add_argument("--compression", nargs="+", default=["none"], choices=["none", "fp16", "bf16", "raw"],
+                        help="cluster.compression of the client; several: interleaved, one setting per rep; "
+                             "raw: the floor, a bare gRPC unary call with the same bytes each way and no work")
+    parser.add_argument("--step-costs", action="store_true",
+                        help="also print the CPU ms per step of the MLP gradient and of compressing it")
     args = parser.parse_args(argv)
+    if args.step_costs:
+        costs = [step_costs() for _ in range(args.reps)]
+        print("per step, CPU ms (medians): " + ", ".join(
+            f"{k} {statistics.median(c[k] for c in costs):.2f}" for k in costs[0]))
     rows: dict[str, list[dict]] = {}
     for rep in range(args.reps):  # interleaved: rep 1 of every setting, then rep 2, ...
         for kind in args.compression:

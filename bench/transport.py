@@ -1,6 +1,6 @@
 """Transport benchmark: push and pull through PSClient + shard vs raw gRPC bytes, same machine.
 
-    python bench/transport.py [--sizes-mib 1 16 256] [--repeats 15 7 3] [--json out.json]
+    python bench/transport.py [--sizes-mib 1 16 256] [--repeats 15 7 3] [--json out.json] [--unary-bytes N]
 
 One server process (spawned, so no gRPC object crosses a fork) hosts both a parameter-server
 shard (SGD, async) and a bare bytes service with identity serializers and no protobuf:
@@ -136,7 +136,7 @@ def _asyncps_calls(client, name: str, nbytes: int, seq):
     }
 
 
-def run(sizes_mib: list[int], repeats: list[int]) -> list[dict]:
+def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None) -> list[dict]:
     """Measures every size; one row per (size, direction)."""
     import grpc
 
@@ -156,7 +156,8 @@ def run(sizes_mib: list[int], repeats: list[int]) -> list[dict]:
     rows = []
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=OPTIONS)
-        clients = {k: PSClient([f"127.0.0.1:{p}"], placement, cfg) for k, p in (("sgd", sgd_port), ("noop", noop_port))}
+        kw = {} if unary_bytes is None else {"unary_bytes": unary_bytes}
+        clients = {k: PSClient([f"127.0.0.1:{p}"], placement, cfg, **kw) for k, p in (("sgd", sgd_port), ("noop", noop_port))}
         for client in clients.values():
             client.init(variables)
             client.register(0)
@@ -194,8 +195,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--repeats", type=int, nargs="+", default=[15, 7, 3])
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--unary-bytes", type=int, default=None,
+                        help="PSClient unary_bytes: transfers up to this size go as one unary message")
     args = parser.parse_args(argv)
-    rows = run(args.sizes_mib, args.repeats)
+    rows = run(args.sizes_mib, args.repeats, args.unary_bytes)
     print(f"{'size':>8} {'dir':>5} {'asyncps s':>10} {'no-op opt s':>11} {'raw unary s':>12} {'raw stream s':>13} "
           f"{'asyncps GB/s':>13} {'raw GB/s':>9} {'ratio':>6} {'ratio no-op':>11}")
     for r in rows:
