@@ -72,20 +72,27 @@ DELAY = ("delay.kind=exponential", "delay.mean_ms=3")  # real asynchrony: stale 
     ("cluster.prefetch=true",),
     ("cluster.mode=ssp", "cluster.staleness_bound=1", *DELAY),
     ("cluster.mode=sync",),
-    ("optimizer.staleness_policy.name=drop", "optimizer.staleness_policy.max_staleness=1", *DELAY),
-    ("optimizer.staleness_policy.name=dcasgd", *DELAY),
     ("cluster.compression=bf16",),
     ("staleness.controlled=true", "staleness.distribution=uniform", "staleness.s=3"),
-], ids=["prefetch", "ssp", "sync", "drop", "dcasgd", "bf16", "controlled"])
-def test_replay_reproduces_each_mode_and_policy(tmp_path, overrides):
+], ids=["prefetch", "ssp", "sync", "bf16", "controlled"])
+def test_replay_reproduces_each_mode(tmp_path, overrides):
     _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=200", "train.eval_every=0", *overrides)
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["drop", "dcasgd"])
+def test_replay_reproduces_staleness_policies(tmp_path, policy):
+    """On y = 2x (no data to load, so both workers overlap from the start on a loaded machine:
+    MNIST runs of 200 steps were sometimes over before the second worker joined)."""
+    _launch(tmp_path, "linear_regression.yaml", "train.max_steps=3000", f"optimizer.staleness_policy.name={policy}",
+            "optimizer.staleness_policy.max_staleness=0", *DELAY)
+    assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
     report = json.loads((tmp_path / "report.json").read_text())
-    if "optimizer.staleness_policy.name=drop" in overrides:
-        assert report["pushes"]["dropped"] > 0  # dropped pushes were replayed as dropped
-    if "optimizer.staleness_policy.name=dcasgd" in overrides:  # delay compensation saw stale pushes
-        _, records = ul.read_log(tmp_path / "replay" / "ps0.log")
-        assert records["had_read"].sum() > 0 and report["staleness"]["max"] > 0
+    if policy == "drop":
+        assert report["pushes"]["dropped"] > 0  # and replayed as dropped (outcomes are checked)
+    else:
+        assert report["staleness"]["max"] > 0  # delay compensation corrected stale pushes
 
 
 def test_dcasgd_shard_keeps_what_an_exported_pull_read():
@@ -152,12 +159,14 @@ def test_replay_survives_a_worker_killed_mid_run(tmp_path):
     (the killed process's last gradient may have reached some shards: its record was flushed)."""
     from test_faults import FAST, Launch
 
-    run = Launch(tmp_path, CONFIGS / "linear_regression.yaml", "train.max_steps=900", *FAST)
+    run = Launch(tmp_path, CONFIGS / "linear_regression.yaml", "train.max_steps=2000", *FAST)
     try:
-        run.wait_until("step 150", lambda: run.training(150))
+        worker1 = lambda: sorted((tmp_path / "replay").glob("worker1.*.log"))  # noqa: E731
+        run.wait_until("worker 1 pushing", lambda: worker1() and worker1()[0].stat().st_size > 4000, timeout=60)
         run.kill("worker1")
         assert run.wait() == 0, run.tail()
     finally:
         run.close()
     assert len(list((tmp_path / "replay").glob("worker1.*.log"))) == 2  # two incarnations of worker 1
+    assert any(f["role"] == "worker" for f in json.loads((tmp_path / "report.json").read_text())["failures"])
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
