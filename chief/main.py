@@ -211,7 +211,9 @@ class ChiefRun:
             try:
                 return self.ps.stats()
             except grpc.RpcError as err:
-                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # CANCELLED: the call was in flight when a shard's shutdown (SIGTERM) ended it
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.CANCELLED):
                     raise
                 print(f"chief: a shard does not answer ({err.code().name}); waiting", flush=True)
         raise RunFailed(f"a parameter-server shard stayed unreachable for {STATS_ATTEMPTS} x "

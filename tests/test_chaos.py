@@ -5,7 +5,8 @@ kills workers and shards several times with SIGKILL and SIGTERM. It checks what 
 on (docs/failures.md): the run reaches its target, no push is applied twice on any shard, and
 every update a shard lost is accounted for in report.json.
 
-`CHAOS_SEED=N` replays one schedule; the seed, the kills and the figures are printed.
+`CHAOS_SEED=N` replays one schedule, `CHAOS_KILLS=N` (default 6) makes a longer drill; the seed,
+the kills and the figures are printed.
 """
 from __future__ import annotations
 
@@ -54,13 +55,16 @@ def test_worker_pushing_nan_exits_at_once_naming_the_variable(tmp_path, launch):
 # ----------------------------------------------------------------------------------------------
 # The chaos drill
 
+# CHAOS_KILLS=N for a longer drill: half workers, half shards (max_steps grows with N)
+KILLS = (["worker", "ps"] * 50)[:int(os.environ.get("CHAOS_KILLS", "6"))]  # shuffled per seed; signals drawn per kill
 CHAOS_ARGS = [
-    "cluster.ps=2", "cluster.workers=3", "checkpoint.every_steps=100", "train.max_steps=3000",
+    "cluster.ps=2", "cluster.workers=3", "checkpoint.every_steps=100",
+    "optimizer.learning_rate=0.05",  # 0.1 with 3 async workers swings (0.79-0.92 between evals)
+    f"train.max_steps={4000 + 600 * max(0, len(KILLS) - 6)}",  # room for the kills: ~250 steps each
     "train.eval_every=100", "train.log_every=10", "cluster.heartbeat_interval=0.5",
     "cluster.heartbeat_timeout=15",  # generous: a loaded 2-core CI machine delays heartbeats
-    "cluster.restart_policy.max_restarts=8",
+    f"cluster.restart_policy.max_restarts={len(KILLS) + 2}",
 ]
-KILLS = ["worker", "worker", "worker", "ps", "ps", "ps"]  # shuffled per seed; signals drawn per kill
 
 
 def current_step(run: Launch) -> int:
@@ -144,7 +148,7 @@ def test_mnist_survives_random_kills_of_workers_and_shards_with_sigkill_and_sigt
     print(f"\nCHAOS_SEED={seed}: kills {done}; final accuracy {r['final']['accuracy']:.4f}, target "
           f"{r['target']}; steps lost {steps_lost} (updates rolled back per shard {rolled_back}); pushes "
           f"{r['pushes']}; wall {time.monotonic() - started:.0f} s")
-    # the target (0.91) is reached; the final weights stay near it (async SGD noise: 0.905-0.92)
+    # the target (0.91) is reached, and the final weights stay near it (evals swing 0.91-0.925)
     assert r["target"]["reached"] and r["final"]["accuracy"] >= 0.90
     assert r["pushes"]["reapplied"] == 0  # no push applied twice on any shard
     assert len(restores) == roles.count("ps")
