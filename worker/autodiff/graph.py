@@ -4,9 +4,12 @@ The first call with a given input signature (shapes and dtypes of every array, w
 parameters are differentiated, any static arguments) runs eagerly on a tracing tape. The
 recorded op list becomes a `_Plan`: a forward list of (forward, argument slots, attrs) and the
 backward steps of the eager engine, with a preallocated buffer for every intermediate value
-and every intermediate gradient. Replays do the same numpy calls in the same order as eager
-mode, so gradients are bit-identical; they skip Tensor and node bookkeeping, the toposort and
-most allocations. A new signature (such as a last partial batch) is traced anew.
+and every intermediate gradient, and a workspace per step for ops that keep scratch arrays
+(conv2d's im2col matrix). An op marked in-place (relu) writes over its input, or over its
+cotangent in the backward pass, when the trace shows that nothing else reads that array: no
+other op, no residual, no view. Replays do the same numpy computations in the same order as
+eager mode, so gradients are bit-identical; they skip Tensor and node bookkeeping, the toposort
+and the allocations. A new signature (such as a last partial batch) is traced anew.
 
 By default returned gradients are fresh arrays owned by the caller and buffers never leak out.
 With ``reuse_outputs=True`` each dense gradient is returned in a buffer of its own that the next
@@ -196,13 +199,13 @@ class _Plan:
         own = self.owned.get(pk) if leaf else None
         if own is not None:
             # every write goes straight into the parameter's own buffer: the first contribution
-            # through the VJP's `out` (copied in by `run` if the VJP returned something else),
+            # through the VJP's `out` (`collect` copies it in if the VJP could not take `out`),
             # later ones added into it in place (elementwise, so the same bits as a + b)
             fits = _is_dense(contribution) and contribution.shape == own.shape and contribution.dtype == own.dtype
             if first:
                 if can_out and fits:
                     kw["out"] = own
-                return functools.partial(fn, **kw), k, pk, _FIRST, own
+                return functools.partial(fn, **kw), k, pk, _FIRST, None
             if dense_sum:
                 return functools.partial(fn, **kw), k, pk, _ADD_INTO, own
             return functools.partial(fn, **kw), k, pk, _ACCUMULATE, None
