@@ -157,7 +157,8 @@ def test_conv_and_pool_replays_reuse_their_workspaces_bit_identically(stride, pa
         h = ops.max_pool2d(ops.tanh(h), ksize=ksize, stride=pool_stride, padding=padding)
         return (h * h).sum()
 
-    params = {"w": rng.standard_normal((3, 3, 2, 4)), "b": rng.standard_normal(4), "x": rng.standard_normal((2, 9, 8, 2))}
+    params = {"w": rng.standard_normal((3, 3, 2, 4)), "b": rng.standard_normal(4),
+              "x": rng.standard_normal((2, 9, 8, 2))}
     graph = GraphFunction(loss, reuse_outputs=True)
     for _ in range(3):
         x = rng.standard_normal((2, 9, 8, 2))
