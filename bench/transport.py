@@ -10,7 +10,8 @@ The raw side sends and serves prebuilt buffers, so it measures the transport alo
 side does everything a worker sees: encode, chunk, send, decode, validate, apply (push) or
 encode, send, reassemble, join (pull). A second shard with a no-op optimizer isolates the wire
 path (codec + gRPC + validation) from the update math (SGD on N bytes is two passes over them).
-Reported: median seconds, GB/s, and best raw / asyncps (1.0 = as fast as raw gRPC).
+Reported: median seconds (all operations of one size interleaved, one of each per round), GB/s,
+and best raw / asyncps (1.0 = as fast as raw gRPC).
 """
 from __future__ import annotations
 
@@ -99,14 +100,17 @@ def _server_main(conn, max_mib: int) -> None:
     noop.stop(0)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved_medians(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each call, the calls interleaved (one of each per round), so that a
+    change in the machine's load hits all of them alike; one warm-up round first."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for rnd in range(repeats + 1):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if rnd:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _raw_calls(channel, nbytes: int):
@@ -165,9 +169,12 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
         seq = iter(range(1 << 40))
         for mib, reps in zip(sizes_mib, repeats):
             nbytes = mib * MIB
-            raw = {k: _median_seconds(f, reps) for k, f in _raw_calls(channel, nbytes).items()}
-            ours = {f"{k}_{op}": _median_seconds(f, reps)
-                    for k, client in clients.items() for op, f in _asyncps_calls(client, f"x{mib}", nbytes, seq).items()}
+            calls = {f"raw_{k}": f for k, f in _raw_calls(channel, nbytes).items()}
+            calls.update({f"{k}_{op}": f for k, client in clients.items()
+                          for op, f in _asyncps_calls(client, f"x{mib}", nbytes, seq).items()})
+            med = _interleaved_medians(calls, reps)
+            raw = {k[4:]: v for k, v in med.items() if k.startswith("raw_")}
+            ours = {k: v for k, v in med.items() if not k.startswith("raw_")}
             rows += [_row(mib, d, reps, nbytes, ours, raw) for d in ("push", "pull")]
         for client in clients.values():
             client.close()
