@@ -163,6 +163,11 @@ def supervise(children: list[Child], cfg: Config | None = None) -> int:
                 print(f"asyncps launch: {failed.name} exited with code {failed.poll()} "
                       f"(see {failed.log_path}); stopping the run", file=sys.stderr)
                 return 1
+            if no_worker_left(children, policy):  # else the chief would wait for pushes forever
+                print("asyncps launch: every worker exited with an error and none will be restarted "
+                      f"(see {', '.join(str(c.log_path) for c in children if c.role == 'worker')}); "
+                      "stopping the run", file=sys.stderr)
+                return 1
             time.sleep(POLL_SECONDS)
         if code != 0:
             print(f"asyncps launch: the chief exited with code {code} (see {chief.log_path})", file=sys.stderr)
@@ -185,6 +190,12 @@ def may_restart(child: Child, policy) -> bool:
 def write_pids(path: Path | None, children: list[Child]) -> None:
     if path is not None:
         atomic_write_json(path, {c.name: {"pid": c.pid, "restarts": c.restarts} for c in children})
+
+
+def no_worker_left(children: list[Child], policy) -> bool:
+    """Every worker died for good (a clean exit 0 only follows the chief's stop, so it does not count)."""
+    workers = [c for c in children if c.role == "worker"]
+    return bool(workers) and all(died(c) and not may_restart(c, policy) for c in workers)
 
 
 def failed_shard(children: list[Child]) -> Child | None:

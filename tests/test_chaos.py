@@ -42,7 +42,8 @@ def launcher_output(run: Launch) -> str:
 def test_worker_pushing_nan_exits_at_once_naming_the_variable(tmp_path, launch):
     """A diverged model (learning rate 1e30: weights overflow, gradients become NaN) is refused
     by the shard with INVALID_ARGUMENT: the worker must not take it for a restored shard and
-    rejoin 20 times, but exit 1 with one line naming the variable and the problem."""
+    rejoin 20 times, but exit 1 with one line naming the variable and the problem. With no
+    worker left the launcher ends the run (exit 1) instead of leaving the chief waiting."""
     run = launch(tmp_path, LINEAR, "optimizer.learning_rate=1.0e+30", "cluster.workers=1",
                  "cluster.restart_policy.worker=never", "train.max_seconds=300", "cluster.heartbeat_interval=0.5")
     run.wait_until("the worker's exit", lambda: "worker0 exited with code 1" in launcher_output(run), timeout=120)
@@ -50,6 +51,8 @@ def test_worker_pushing_nan_exits_at_once_naming_the_variable(tmp_path, launch):
     assert "registering again" not in log, log
     (line,) = [x for x in log.splitlines() if "INVALID_ARGUMENT" in x]
     assert line.startswith("worker 0: INVALID_ARGUMENT: variable 'linear.") and "non-finite" in line, line
+    assert run.wait(60) == 1
+    assert "every worker exited with an error and none will be restarted" in launcher_output(run)
 
 
 # ----------------------------------------------------------------------------------------------
