@@ -250,3 +250,16 @@ def test_float16_conversions_agree_with_numpy():
         ours, numpy = codec.float16_from_float32(x).astype(np.float64), x.astype(np.float16).astype(np.float64)
         differ = ours != numpy  # only at exact ties (numpy: to even; ours: away from zero)
         np.testing.assert_array_equal(np.abs(ours - x)[differ], np.abs(numpy - x)[differ])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_compressed_cluster_converges_and_nothing_is_rejected(tmp_path, kind):
+    """`asyncps launch` with cluster.compression: y = 2x is learned as without it, and the shards
+    accept every 16-bit push."""
+    from cli_runner import CONFIGS, report, run_ok
+
+    run_ok("launch", str(CONFIGS / "linear_regression.yaml"), f"run_dir={tmp_path}", "cluster.workers=2",
+           f"cluster.compression={kind}", timeout=120)
+    r = report(tmp_path)
+    assert abs(r["variables"]["linear.w"][0] - 2) < 0.02 and abs(r["variables"]["linear.b"][0]) < 0.05
+    assert r["pushes"]["rejected"] == 0 and r["pushes"]["applied"] > 0
