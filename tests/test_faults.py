@@ -144,6 +144,28 @@ def test_worker_killed_mid_step_training_continues(tmp_path, launch):
     assert killed != run.pids()["worker1"]
 
 
+def test_worker_declared_dead_while_alive_is_replaced_and_the_run_finishes(tmp_path, launch):
+    """A worker frozen (SIGSTOP) past the heartbeat timeout is declared dead; when it wakes, the
+    chief answers NOT_FOUND and the worker exits 1 so the restart policy replaces it (it used to
+    exit 0, which nobody restarts: with every worker gone that way the run waited forever)."""
+    run = launch(tmp_path, LINEAR, "train.max_steps=3000", "delay.kind=constant", "delay.mean_ms=5",
+                 "cluster.heartbeat_interval=0.3",
+                 "cluster.heartbeat_timeout=2", "train.log_every=20", "train.eval_every=200")
+    run.wait_until("step 100", lambda: run.training(100))
+    frozen = run.pids()["worker0"]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        run.wait_until("worker 0 declared dead", lambda: any(r["kind"] == "worker_dead" for r in run.rows()))
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    run.wait_until("worker0's restart", lambda: run.pids()["worker0"] != frozen, timeout=60)
+    assert run.wait() == 0, run.tail()
+    r = report(tmp_path)
+    assert r["steps"] >= 3000 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
+    assert r["membership"]["deaths"] >= 1 and r["pushes"]["reapplied"] == 0
+    assert "declared dead by the chief" in (tmp_path / "worker0.log").read_text()
+
+
 def test_shard_killed_restores_from_checkpoint(tmp_path, launch):
     run = launch(tmp_path, LINEAR, "cluster.ps=2", "checkpoint.every_steps=100", "train.max_steps=1000", *FAST)
     run.wait_until("a checkpoint at step >= 200", lambda: run.checkpoint_at_least(200))

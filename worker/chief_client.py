@@ -58,6 +58,7 @@ class Heartbeat(threading.Thread):
         self.interval, self.give_up = interval, give_up
         self.stop = threading.Event()
         self.reason = ""
+        self.declared_dead = False  # the chief no longer knows this worker (NOT_FOUND)
 
     def run(self) -> None:
         failing_since = None
@@ -66,7 +67,10 @@ class Heartbeat(threading.Thread):
                 reply = self.client.heartbeat(self.index, self.step())
             except grpc.RpcError as err:
                 failing_since = failing_since or time.monotonic()
-                if err.code() == grpc.StatusCode.NOT_FOUND or time.monotonic() - failing_since > self.give_up:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    self.declared_dead = True
+                    self.finish(f"declared dead by the chief: {err.details()}")
+                elif time.monotonic() - failing_since > self.give_up:
                     self.finish(f"chief: {err.code().name} {err.details()}")
                 continue
             failing_since = None

@@ -38,11 +38,14 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
     reply = chief.register(preferred=spec.task_index)  # launch: the slot naming this worker's log
     index = reply.worker_index
     print(f"worker {index}: registered ({reply.num_workers} workers, data shard {reply.data_shard})", flush=True)
-    loop = WorkerLoop(cfg, reply, list(reply.ps_addresses) or list(spec.ps))
-    beat = Heartbeat(chief, index, lambda: loop.seq, cfg.cluster.heartbeat_interval,
-                     give_up=cfg.cluster.heartbeat_timeout)
+    # Heartbeats start before the data loads: on a busy machine loading MNIST can outlast the
+    # chief's heartbeat timeout, and a worker declared dead at step 0 would stop training.
+    progress = {"loop": None}
+    beat = Heartbeat(chief, index, lambda: progress["loop"].seq if progress["loop"] else 0,
+                     cfg.cluster.heartbeat_interval, give_up=cfg.cluster.heartbeat_timeout)
     beat.start()
     signal.signal(signal.SIGTERM, lambda *_: beat.finish("SIGTERM"))
+    loop = progress["loop"] = WorkerLoop(cfg, reply, list(reply.ps_addresses) or list(spec.ps))
     try:
         error = run_until_stopped(loop, beat, chief)
     finally:
@@ -53,6 +56,8 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
         print(f"worker {index}: {describe(error)}", file=sys.stderr, flush=True)
         return 1
     print(f"worker {index}: stopped after {loop.seq} pushes ({beat.reason or 'run over'})", flush=True)
+    if beat.declared_dead:  # still able to train: exit non-zero so the restart policy brings a new one
+        return 1
     return 128 + signal.SIGTERM if beat.reason == "SIGTERM" else 0  # not the chief's stop: restartable
 
 
