@@ -463,6 +463,12 @@ def _check(obj, prefix: str, source: str) -> None:
         raise ConfigError(f"{source}: staleness.controlled decides what every gradient reads: it needs cluster.mode "
                           f"async or ssp and cluster.prefetch false (got mode {obj.cluster.mode}, prefetch "
                           f"{str(obj.cluster.prefetch).lower()})")
+    if (isinstance(obj, Config) and obj.cluster.prefetch
+            and obj.optimizer.staleness_policy.name in ("dcasgd", "dcasgd_adaptive")):
+        # DC-ASGD compensates against the weights the gradient was computed on, which the shard
+        # keeps per worker from its last pull; with prefetch the gradient is one pull older.
+        raise ConfigError(f"{source}: optimizer.staleness_policy {obj.optimizer.staleness_policy.name} needs "
+                          "cluster.prefetch false (the shard keeps only the weights of each worker's last pull)")
     if isinstance(obj, Config) and obj.delay.straggler is not None and obj.delay.straggler.worker >= obj.cluster.workers:
         raise ConfigError(f"{source}: delay.straggler.worker must be less than cluster.workers "
                           f"({obj.cluster.workers}), got {obj.delay.straggler.worker}")

@@ -137,3 +137,13 @@ def test_bad_staleness_policy_is_rejected_naming_the_key(tmp_path, section, key)
     path.write_text(f"optimizer: {{staleness_policy: {section}}}\n")
     with pytest.raises(ConfigError, match=rf"optimizer\.staleness_policy\.{key}"):
         load_config(path)
+
+
+@pytest.mark.parametrize("policy", ["dcasgd", "dcasgd_adaptive"])
+def test_delay_compensation_with_prefetch_is_refused(tmp_path, policy):
+    """With cluster.prefetch a gradient is one pull older than the weights the shard keeps for
+    the worker: compensating against them would be wrong, so the config says so up front."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"optimizer: {{staleness_policy: {{name: {policy}}}}}\ncluster: {{prefetch: true}}\n")
+    with pytest.raises(ConfigError, match=rf"staleness_policy {policy} needs cluster.prefetch false"):
+        load_config(path)
