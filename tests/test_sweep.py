@@ -121,8 +121,10 @@ def test_bad_axis_value_fails_before_any_run(tmp_path):
 @pytest.mark.slow
 def test_sweep_through_launch_has_a_staleness_zero_baseline(tmp_path):
     out = tmp_path / "sw"
-    run_ok("sweep", LINEAR, "runner=train,launch", "train.max_steps=200", "train.target.value=0.001",
-           "--out", out, timeout=300)
+    # Long enough (and each step a little slower) that the second worker, whose start-up a busy
+    # machine can delay by seconds, joins before the run ends: 200 bare steps once ran on one.
+    run_ok("sweep", LINEAR, "runner=train,launch", "train.max_steps=1500", "delay.kind=constant",
+           "delay.mean_ms=2", "train.target.value=0.001", "--out", out, timeout=300)
     rows = {r["runner"]: r for r in _read_csv(out / "results.csv")}
     assert rows["train"]["staleness_max"] == "0.0" and float(rows["launch"]["staleness_max"]) > 0
     summary = (out / "summary.md").read_text()
