@@ -16,8 +16,10 @@ def test_dry_run_prints_every_process(tmp_path):
 
 
 def test_linear_regression_async_two_workers(tmp_path):
-    # 3000 steps: at about 1 ms a step, 600 can be over before the second worker has started
-    run_ok("launch", LINEAR, f"run_dir={tmp_path}", "train.max_steps=3000", timeout=120)
+    # 3000 steps of at least 2 ms: at about 1 ms a step, 600 can be over before the second
+    # worker has started, and a busy machine delays a start by seconds
+    run_ok("launch", LINEAR, f"run_dir={tmp_path}", "train.max_steps=3000", "delay.kind=constant",
+           "delay.mean_ms=2", timeout=120)
     r = report(tmp_path)
     assert abs(r["variables"]["linear.w"][0] - 2) < 0.02 and abs(r["variables"]["linear.b"][0]) < 0.05
     assert r["pushes"]["applied"] == r["staleness"]["count"] >= r["config"]["train"]["max_steps"]
