@@ -114,9 +114,13 @@ def _relu_chain(p, x):
 @pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "reused"])
 def test_in_place_replay_is_bit_identical_to_eager(fn, reuse, rng):
     params = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
-    graph = GraphFunction(fn, reuse_outputs=reuse)
-    for _ in range(3):  # trace, then two replays on new inputs
-        x = rng.standard_normal((5, 3))
+    assert_replays_match_eager(GraphFunction(fn, reuse_outputs=reuse), fn, params, lambda: rng.standard_normal((5, 3)))
+
+
+def assert_replays_match_eager(graph, fn, params, new_input, calls: int = 3) -> None:
+    """The trace, then replays on new inputs, each bit-identical to an eager tape of `fn`."""
+    for _ in range(calls):
+        x = new_input()
         loss, grads = graph(params, x)
         with GradientTape() as tape:
             p = tape.watch(params)
@@ -159,17 +163,8 @@ def test_conv_and_pool_replays_reuse_their_workspaces_bit_identically(stride, pa
 
     params = {"w": rng.standard_normal((3, 3, 2, 4)), "b": rng.standard_normal(4),
               "x": rng.standard_normal((2, 9, 8, 2))}
-    graph = GraphFunction(loss, reuse_outputs=True)
-    for _ in range(3):
-        x = rng.standard_normal((2, 9, 8, 2))
-        value, grads = graph(params, x)
-        with GradientTape() as tape:
-            p = tape.watch(params)
-            out = loss(p, x)
-        expected = tape.gradient(out, p)
-        assert value == float(out.value)
-        for k in params:
-            np.testing.assert_array_equal(grads[k], expected[k], err_msg=k)
+    assert_replays_match_eager(GraphFunction(loss, reuse_outputs=True), loss, params,
+                               lambda: rng.standard_normal((2, 9, 8, 2)))
 
 
 def test_charlm_graph_gradients_match_eager_sparse_rows_included(rng):

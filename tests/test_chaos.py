@@ -20,18 +20,10 @@ import time
 import pytest
 
 from cli_runner import CONFIGS, report
-from test_faults import Launch
+from test_faults import Launch, launch  # noqa: F401 (launch: the fixture, shared with the fault tests)
 
 LINEAR = CONFIGS / "linear_regression.yaml"
 MNIST = CONFIGS / "mnist_softmax.yaml"
-
-
-@pytest.fixture
-def launch():
-    runs = []
-    yield lambda run_dir, *args: runs.append(Launch(run_dir, *args)) or runs[-1]
-    for run in runs:
-        run.close()
 
 
 def launcher_output(run: Launch) -> str:
