@@ -145,6 +145,7 @@ class WorkerLoop:
                                   reply.num_data_shards, reply.seed, start_step=self.seq)
         self.rng = np.random.default_rng([reply.seed, self.index, self.seq])
         self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
+        self.rejoins = 0  # rejoins in a row without a successful push
         from asyncps.ps.update_log import open_worker_log  # what `asyncps replay` needs of each step
         self.update_log = open_worker_log(cfg, self.index, reply.data_shard, reply.num_data_shards, reply.seed,
                                           len(ps_addresses))
@@ -210,11 +211,15 @@ class WorkerLoop:
             self.rejoins = 0
             return params, versions
         except grpc.RpcError as err:
-            self.rejoins = getattr(self, "rejoins", 0) + 1
-            if stop.is_set() or err.code() not in REJOIN_CODES or self.rejoins > MAX_REJOINS:
-                raise
-            print(f"worker {self.index}: {describe(err)}; registering again and re-pulling", flush=True)
+            self.note_lost_view(err, stop)
             return None
+
+    def note_lost_view(self, err: grpc.RpcError, stop) -> None:
+        """Re-raises `err` unless the worker should register again (see `push_or_rejoin`)."""
+        self.rejoins += 1
+        if stop.is_set() or err.code() not in REJOIN_CODES or self.rejoins > MAX_REJOINS:
+            raise err
+        print(f"worker {self.index}: {describe(err)}; registering again and re-pulling", flush=True)
 
     def push_or_rejoin(self, grads, versions, stop):
         """push_pull, then the next seq; when the shards lost this worker's view (a shard was
@@ -226,10 +231,7 @@ class WorkerLoop:
             self.seq, self.rejoins = self.seq + 1, 0
             return params, versions
         except grpc.RpcError as err:
-            self.rejoins = getattr(self, "rejoins", 0) + 1
-            if stop.is_set() or err.code() not in REJOIN_CODES or self.rejoins > MAX_REJOINS:
-                raise
-            print(f"worker {self.index}: {describe(err)}; registering again and re-pulling", flush=True)
+            self.note_lost_view(err, stop)
             return self.rejoin(stop)
 
     def rejoin(self, stop):
