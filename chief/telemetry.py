@@ -207,4 +207,15 @@ def chief_families(run, telemetry: RunTelemetry):
             if key in summary:
                 ptp.add_metric([worker, q], summary[key] / 1e3)
     out.append(ptp)
+    refusals = getattr(getattr(run, "server", None), "refusals", None)  # the chief's RoleServer
+    if refusals is not None:
+        out.extend(refusal_families(refusals))
     return out
+
+
+def refusal_families(refusals):
+    """The chief server's refused calls per code (`asyncps.protos.security.Refusals`)."""
+    from asyncps.protos.security import refusal_family
+
+    return [refusal_family(refusals, "asyncps_chief_refused_calls",
+                           "Calls refused before any handler ran (job token, certificate role), by code.")]

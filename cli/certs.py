@@ -8,6 +8,12 @@ Writes, into DIR:
     worker.pem, worker-key.pem       the workers' client certificate
     client.pem, client-key.pem       for tools (asyncps health, scripts) under mTLS
 
+Each certificate's common name is its role (CN=ps, chief, worker, client): under mTLS the
+servers authorize calls by it (protos/security.py, README "Security": control RPCs only from the
+chief's certificate, data RPCs from the workers' and the chief's). So hand each process only its
+own role's key, and keep ca-key.pem off every machine of the job: whoever holds it can make a
+certificate of any role.
+
 Every certificate is valid for both server and client authentication and carries SANs for
 127.0.0.1, ::1, localhost, the compose service names (chief, ps, ps0 .. ps{N-1}, worker) and
 any --hosts given, so the same folder serves `asyncps launch` and docker-compose. Keys are
@@ -101,7 +107,7 @@ def make_certs(directory: str | os.PathLike, hosts: list[str] = (), ps: int = 8,
     for role in ROLES:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"asyncps {role}")]))
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, role)]))  # the role: authz
                 .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(begin).not_valid_after(end)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)

@@ -27,12 +27,32 @@ alike; `grpc.metadata_call_credentials` would need TLS and costs a thread hop pe
 
 The token is never read from the YAML itself (the resolved YAML is copied into every run
 directory): only from a file or an environment variable the YAML names.
+
+Authorization by role (mTLS only; README "Security" has the trust model): the role is the client
+certificate's common name, as `asyncps certs` writes it (CN=chief, worker, ps, client; the
+older "asyncps ROLE" is read the same). `POLICY` says which roles may call which method: control
+RPCs (Init, Pause, Resume, Snapshot, Restore, Stop) only the chief; data RPCs (RegisterWorker,
+Pull, Push, PushPull and their unary forms; the chief's Register, Heartbeat, ReportMetrics) the
+workers and the chief; Pull and Stats also the client (read-only tools); a method not in
+`POLICY` only the chief. Any other call ends with PERMISSION_DENIED, naming the role and the
+method, before the handler runs or its request is parsed. Health stays open. Without client
+certificates (TLS only, token only) no caller has a role the server can check: every token holder
+may call every method.
+
+Every refusal (UNAUTHENTICATED: token; PERMISSION_DENIED: role) is counted per code in the
+server's `Refusals` (the shard's and the chief's Prometheus metrics) and logged to stderr: the
+first of each (code, role, method), then at most one line per LOG_EVERY_S with the count since.
+A caller without a valid certificate under mTLS never makes a call: its handshake fails
+(UNAVAILABLE on its side; gRPC logs "Handshake failed" on the server's), and nothing is counted.
 """
 from __future__ import annotations
 
 import hmac
 import json
 import os
+import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +63,7 @@ import grpc
 from asyncps.errors import ConfigError
 
 ROLES = ("ps", "worker", "chief", "client")
+ENV_ROLE = "ASYNCPS_ROLE"  # picks the certificate of a process that TF_CONFIG does not name (tools, benchmarks)
 TOKEN_KEY = "authorization"
 ALT_TOKEN_KEY = "x-asyncps-token"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)  # health checks need no token (see the docstring)
@@ -162,7 +183,9 @@ def _from_env(role: str) -> Security:
 
 
 def process_role() -> str:
-    """This process's role from TF_CONFIG (task.type), else "client"."""
+    """This process's role: ASYNCPS_ROLE, else TF_CONFIG's task.type, else "client"."""
+    if os.environ.get(ENV_ROLE) in ROLES:
+        return os.environ[ENV_ROLE]
     try:
         role = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {}).get("type")
     except (ValueError, AttributeError):
@@ -225,16 +248,106 @@ def open_channel(address: str, security: Any = None, options: Sequence[tuple[str
 # Servers
 
 
-def _rejecting_handler(handler, code: grpc.StatusCode, message: str):
-    """A handler of the same kind as `handler` that ends the call with `code` at once.
+# Who may call what (module docstring). Roles are certificate common names (`role_of`).
+CHIEF_ONLY = frozenset({"chief"})
+DATA = frozenset({"chief", "worker"})
+READ = frozenset({"chief", "worker", "client"})
+_PS, _CHIEF = "/asyncps.ParameterServer/", "/asyncps.Chief/"
+POLICY: dict[str, frozenset[str]] = {
+    **{_PS + m: CHIEF_ONLY for m in ("Init", "Pause", "Resume", "Snapshot", "Restore", "Stop")},
+    **{_PS + m: DATA for m in ("RegisterWorker", "Push", "PushPull", "PushOne", "PushPullOne")},
+    **{_PS + m: READ for m in ("Pull", "PullOne", "Stats")},
+    **{_CHIEF + m: DATA for m in ("Register", "Heartbeat", "ReportMetrics")},
+}
+LOG_EVERY_S = 10.0  # at most one refusal line per (code, role, method) this often
+
+
+def allowed_roles(method: str) -> frozenset[str]:
+    """Roles that may call `method` (a full "/package.Service/Method"); unknown: the chief only."""
+    return POLICY.get(method, CHIEF_ONLY)
+
+
+def role_of(common_name: str) -> str | None:
+    """The role a certificate's common name names ("worker", or "asyncps worker" as older
+    `asyncps certs` wrote it); None when it names none."""
+    name = common_name[8:] if common_name.startswith("asyncps ") else common_name
+    return name if name in ROLES else None
+
+
+def peer_common_name(context) -> str | None:
+    """The verified client certificate's common name (None without one: TLS only, plaintext)."""
+    try:
+        names = context.auth_context().get("x509_common_name") or ()
+    except Exception:  # no auth context at all
+        return None
+    return names[0].decode("utf-8", "replace") if len(names) == 1 else None
+
+
+class Refusals:
+    """Calls a server refused, per status code; each logged (rate-limited) to stderr.
+
+    `who` names the server in the log lines ("ps 0", "chief"). Thread-safe.
+    """
+
+    CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+
+    def __init__(self, who: str = "server", stream=None):
+        self.who = who
+        self._stream = stream
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(self.CODES, 0)
+        self._logged: dict[tuple, list] = {}  # (code, role, method) -> [last line time, refused since]
+
+    def refuse(self, code: grpc.StatusCode, method: str, detail: str, peer: str = "?") -> None:
+        now = time.monotonic()
+        key = (code.name, detail, method)
+        with self._lock:
+            self._counts[code.name] = self._counts.get(code.name, 0) + 1
+            entry = self._logged.get(key)
+            if entry is None:
+                entry = self._logged[key] = [now, 0]
+                line, since = True, 0
+            else:
+                entry[1] += 1
+                line, since = now - entry[0] >= LOG_EVERY_S, entry[1]
+                if line:
+                    entry[0], entry[1] = now, 0
+        if line:
+            more = f" ({since} more like it in the last {LOG_EVERY_S:g}+ s)" if since else ""
+            print(f"asyncps {self.who}: refused {method} ({code.name}): {detail}, peer {peer}{more}",
+                  file=self._stream or sys.stderr, flush=True)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def refusal_family(refusals: Refusals, name: str, doc: str, labels: dict[str, str] | None = None):
+    """A Prometheus counter family NAME{code, LABELS} of `refusals` (every code, zeros included)."""
+    from prometheus_client.core import CounterMetricFamily
+
+    labels = dict(labels or {})
+    family = CounterMetricFamily(name, doc, labels=["code", *labels])
+    for code, n in sorted(refusals.counts().items()):
+        family.add_metric([code, *labels.values()], n)
+    return family
+
+
+def _rejecting_handler(handler, code: grpc.StatusCode, message: str, on_call=None):
+    """A handler of the same kind as `handler` that ends the call with `code` at once
+    (`on_call(context)` first, e.g. to count it).
 
     Requests are taken as raw bytes (no deserializer): nothing of them is parsed.
     """
 
     def unary(request, context):
+        if on_call is not None:
+            on_call(context)
         context.abort(code, message)
 
     def streaming(request, context):
+        if on_call is not None:
+            on_call(context)
         context.abort(code, message)
         yield  # pragma: no cover - abort raises
 
@@ -245,12 +358,17 @@ def _rejecting_handler(handler, code: grpc.StatusCode, message: str):
     return make[req_stream, resp_stream](streaming if resp_stream else unary)
 
 
+def _kind(handler) -> str:
+    return ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
+
+
 class TokenServerInterceptor(grpc.ServerInterceptor):
     """Ends every call without the job token with UNAUTHENTICATED, before any handler runs."""
 
-    def __init__(self, token: str, exempt: Sequence[str] = EXEMPT_PREFIXES):
+    def __init__(self, token: str, exempt: Sequence[str] = EXEMPT_PREFIXES, refusals: Refusals | None = None):
         self._token = token.encode()
         self._exempt = tuple(exempt)
+        self.refusals = refusals if refusals is not None else Refusals()
         self.rejected = 0  # calls refused (read by tests and logs; updated without a lock: a count)
 
     def authorized(self, metadata) -> bool:
@@ -272,13 +390,70 @@ class TokenServerInterceptor(grpc.ServerInterceptor):
         if self.authorized(details.invocation_metadata):
             return continuation(details)
         self.rejected += 1
-        return _rejecting_handler(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing or wrong job token (authorization: Bearer TOKEN)")
+        method, code = details.method, grpc.StatusCode.UNAUTHENTICATED
+        return _rejecting_handler(continuation(details), code,
+                                  "missing or wrong job token (authorization: Bearer TOKEN)",
+                                  lambda context: self.refusals.refuse(code, method, "missing or wrong job token",
+                                                                       context.peer()))
 
 
-def server_interceptors(sec: Security) -> list[grpc.ServerInterceptor]:
-    """The interceptors `sec` asks for (the token check, or none)."""
-    return [TokenServerInterceptor(sec.token)] if sec.token is not None else []
+class RoleInterceptor(grpc.ServerInterceptor):
+    """mTLS: ends every call whose client certificate's role `POLICY` does not allow with
+    PERMISSION_DENIED, before the handler runs or its request is parsed.
+
+    The role is read inside the call (the auth context belongs to the call, not to the
+    interceptor's HandlerCallDetails), so the handler is wrapped: one dict lookup per call.
+    """
+
+    def __init__(self, refusals: Refusals | None = None, exempt: Sequence[str] = EXEMPT_PREFIXES,
+                 policy: dict[str, frozenset[str]] | None = None):
+        self.refusals = refusals if refusals is not None else Refusals()
+        self._exempt = tuple(exempt)
+        self._policy = POLICY if policy is None else policy
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        method = details.method
+        if handler is None or method.startswith(self._exempt):
+            return handler
+        allowed = self._policy.get(method, CHIEF_ONLY)
+        refusals = self.refusals
+
+        def check(context) -> None:
+            name = peer_common_name(context)
+            role = role_of(name) if name is not None else None
+            if role in allowed:
+                return
+            who = (f"role {role}" if role else "no role") + f" (certificate CN={name!r})"
+            refusals.refuse(grpc.StatusCode.PERMISSION_DENIED, method, who, context.peer())
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{method}: {who} may not call this method (allowed: {', '.join(sorted(allowed))})")
+
+        kind = _kind(handler)
+        behavior = getattr(handler, kind)
+        if handler.response_streaming:
+            def run(request, context):
+                check(context)
+                yield from behavior(request, context)
+        else:
+            def run(request, context):
+                check(context)
+                return behavior(request, context)
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(run, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+def server_interceptors(sec: Security, refusals: Refusals | None = None) -> list[grpc.ServerInterceptor]:
+    """The interceptors `sec` asks for: the token check (first, when there is a token), then the
+    role check (mTLS); both count into `refusals`."""
+    refusals = refusals if refusals is not None else Refusals()
+    out: list[grpc.ServerInterceptor] = []
+    if sec.token is not None:
+        out.append(TokenServerInterceptor(sec.token, refusals=refusals))
+    if sec.mtls:
+        out.append(RoleInterceptor(refusals))
+    return out
 
 
 def add_port(server: grpc.Server, address: str, sec: Security) -> int:

@@ -50,7 +50,8 @@ class RoleServer:
         self.security = _security.INSECURE if security is None else _security.resolve(security, role.split()[0])
         self.health = health.HealthServicer()
         pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=role)
-        self.interceptors = _security.server_interceptors(self.security) + [RequestGuard()]
+        self.refusals = _security.Refusals(role)  # calls refused by the token or role check, per code
+        self.interceptors = _security.server_interceptors(self.security, self.refusals) + [RequestGuard()]
         self.server = grpc.server(pool, options=SERVER_OPTIONS, interceptors=self.interceptors)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0

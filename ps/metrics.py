@@ -8,6 +8,9 @@ the push path. Names follow Prometheus conventions (README, "Telemetry"):
     asyncps_ps_sync_rounds_total{shard}             sync rounds applied
     asyncps_ps_workers{shard}                       registered, not retired workers
     asyncps_ps_paused{shard}                        1 while paused (checkpoint)
+    asyncps_ps_refused_calls_total{shard,code}      calls the shard's server refused before any
+                                                    handler ran: code = UNAUTHENTICATED (job token)
+                                                    | PERMISSION_DENIED (certificate role, mTLS)
 """
 from __future__ import annotations
 
@@ -40,3 +43,12 @@ def shard_families(stats: dict):
     paused = GaugeMetricFamily("asyncps_ps_paused", "1 while the shard is paused.", labels=["shard"])
     paused.add_metric([shard], 1 if stats["paused"] else 0)
     return [version, pushes, staleness, rounds, active, paused]
+
+
+def refusal_families(refusals, shard: int):
+    """The shard server's refused calls per code (`asyncps.protos.security.Refusals`)."""
+    from asyncps.protos.security import refusal_family
+
+    return [refusal_family(refusals, "asyncps_ps_refused_calls",
+                           "Calls refused before any handler ran (job token, certificate role), by code.",
+                           {"shard": str(shard)})]

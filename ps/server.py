@@ -85,7 +85,7 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     counters.set_recording(cfg.telemetry.record_staleness)
     server = ShardServer(cfg, index, port, host)
     bound = server.start()
-    metrics = start_metrics(server.shard, cfg, index)
+    metrics = start_metrics(server.shard, cfg, index, server._role.refusals)
     signals = []  # a signal, not the chief's Stop RPC: exit 128 + signal, so a launcher restarts it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: signals.append(signum) or server.request_stop())
@@ -101,16 +101,20 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     return 128 + signals[0] if signals else 0
 
 
-def start_metrics(shard: Shard, cfg: Config, index: int) -> MetricsServer | None:
-    """The shard's /metrics endpoint (ps/metrics.py) on `telemetry.prometheus_port + 1 + index`;
-    None when off (port 0) or unavailable."""
+def start_metrics(shard: Shard, cfg: Config, index: int, refusals=None) -> MetricsServer | None:
+    """The shard's /metrics endpoint (ps/metrics.py) on `telemetry.prometheus_port + 1 + index`,
+    with the calls its server refused (`refusals`, protos/security.py); None when off (port 0) or
+    unavailable."""
     t = cfg.telemetry
     port = metrics_port(t.prometheus_port, "ps", index, cfg.cluster.ps)
     if not port:
         return None
-    from asyncps.ps.metrics import shard_families
+    from asyncps.ps.metrics import refusal_families, shard_families
 
-    server = MetricsServer.start([FunctionCollector(lambda: shard_families(shard.stats()))], port,
+    collectors = [FunctionCollector(lambda: shard_families(shard.stats()))]
+    if refusals is not None:
+        collectors.append(FunctionCollector(lambda: refusal_families(refusals, index)))
+    server = MetricsServer.start(collectors, port,
                                  t.prometheus_host, who=f"ps {index}")
     if server is not None:
         print(f"asyncps ps {index}: metrics on http://{t.prometheus_host}:{server.port}/metrics", flush=True)

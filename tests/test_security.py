@@ -125,9 +125,10 @@ def test_tls_client_rejects_a_server_certificate_of_another_ca(shard, certs, oth
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def test_mtls_rejects_clients_without_a_valid_certificate_and_changes_nothing(shard, certs, other_certs):
+def test_mtls_rejects_clients_without_a_valid_certificate_and_changes_nothing(shard, certs, other_certs, monkeypatch):
     cfg = make_cfg(mtls=True, dir=str(certs))
     server, address = shard(cfg)
+    monkeypatch.setenv("ASYNCPS_ROLE", "chief")  # Init is the chief's (tests/test_authz.py)
     with ready(address, cfg) as good:
         good.push(grad(), [0], 0, 0)
         before, v_before = good.pull()
@@ -151,7 +152,9 @@ def test_mtls_rejects_clients_without_a_valid_certificate_and_changes_nothing(sh
         assert v_after == v_before and not server.stop_requested.is_set()
         for name in PARAMS:
             np.testing.assert_array_equal(after[name], before[name])
-    # the role's own certificate (here: "client", picked when TF_CONFIG names no role) works
+    # the certificate is the role's own: ASYNCPS_ROLE, else TF_CONFIG's task.type, else "client"
+    assert security.process_role() == "chief"
+    monkeypatch.delenv("ASYNCPS_ROLE")
     assert security.process_role() == "client"
 
 
