@@ -67,6 +67,7 @@ def pusher_process(address, n, dim, security, indices, seconds, start_at, out_qu
     from asyncps.protos.codec import SparseRows
     from asyncps.worker.ps_client import PSClient
 
+    os.environ["ASYNCPS_ROLE"] = "worker"  # mtls: the worker certificate (pushes are data RPCs)
     cfg = make_cfg(n, security)
     results = []
 
@@ -139,6 +140,7 @@ def one_level(n: int, args, tmp: Path, security: dict) -> dict:
     from asyncps.worker.ps_client import PSClient
 
     proc, address = start_shard(tmp, n, security)
+    os.environ["ASYNCPS_ROLE"] = "chief"  # mtls: Init is a control RPC, the chief certificate's (README Security)
     try:
         admin = PSClient([address], placement(n, args.dim), make_cfg(n, security))
         admin.init({"w": np.zeros(args.dim, np.float32), "counts": np.zeros((n, 1), np.float32)})

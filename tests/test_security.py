@@ -311,3 +311,4 @@ def test_launch_linear_with_mtls_and_token(tmp_path, certs, token_file, monkeypa
     text = "".join(p.read_text() for p in tmp_path.glob("*.log"))
     assert TOKEN not in text and TOKEN not in (tmp_path / "config.yaml").read_text()
     assert "serving on 127.0.0.1:" in text
+    assert "refused" not in text  # every role's calls are allowed by its own certificate (test_authz.py)
