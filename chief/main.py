@@ -37,6 +37,7 @@ from asyncps.errors import UserError
 from asyncps.histogram import summarize
 from asyncps.protos import chief_pb2_grpc
 from asyncps.protos.serving import RoleServer
+from asyncps.worker.main import FINAL_REPORT_KEY
 from asyncps.runs import PARAMS_FILE, MetricsLog, Progress, TargetTracker, read_metrics, resolve_run_dir, save_params, write_report
 
 POLL_SECONDS = 0.2
@@ -76,7 +77,7 @@ class ChiefRun:
         self.cfg, self.spec = cfg, spec
         self.run_dir = resolve_run_dir(cfg)
         self.previous = previous_incarnation(self.run_dir / "metrics.jsonl")
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", hold=True)  # times count from step 0 (start())
         self.telemetry = RunTelemetry(cfg, self.run_dir, self.log, notice=lambda m: print(f"chief: {m}", flush=True))
         self.last_stats, self.last_eval = None, {}
         self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
@@ -86,14 +87,19 @@ class ChiefRun:
         self.ps = PSClient(list(spec.ps), self.placement, cfg)
         self.checkpoints = Checkpointer(cfg, self.run_dir, self.ps, self.placement, self.log)
         self.stop = threading.Event()
+        self.started = threading.Event()  # the start barrier has passed (workers train)
         self.step = 0
-        self.start_time = time.time()
+        self.process_start = self.start_time = time.time()
+        self.carried_seconds = 0.0  # training time of earlier incarnations (resume, adoption)
+        self.startup_seconds: float | None = None
         self.membership = Membership(spec.workers, cfg.cluster.heartbeat_timeout, on_event=self._member_event)
         self.server = self._make_server()
         self.target = TargetTracker(cfg.train.target)
         self.events: list[dict] = []
         self.failures: list[dict] = []
         self.resumed_from: int | None = None
+        self.adopted = False  # a restarted chief took the live shards over
+        self.final_reports: set[int] = set()  # workers whose last metrics arrived after the stop
         self._eval_histogram: dict[int, int] = {}
 
     def _make_server(self) -> RoleServer:
@@ -101,11 +107,13 @@ class ChiefRun:
         server = RoleServer("chief", bind_host(host), int(port), (SERVICE_NAME,),
                             max_workers=max(8, 2 * self.spec.workers + 4), security=self.cfg.cluster.security)
         servicer = ChiefServicer(self.membership, self.stop, list(self.spec.ps), self.cfg.seed,
-                                 lambda: self.step, self._worker_metrics)
+                                 lambda: self.step, self._worker_metrics, started=self.started)
         chief_pb2_grpc.add_ChiefServicer_to_server(servicer, server.server)
         return server
 
     def _member_event(self, kind: str, member) -> None:
+        if kind == "worker_dead" and self.stop.is_set():
+            kind = "worker_exited"  # it was told to stop: an exit, not a death
         row = self.log.write(kind, self.step, worker=member.index, hostname=member.hostname, pid=member.pid)
         self.events.append(row)
         print(f"chief: {kind} worker {member.index} ({member.hostname}:{member.pid}) at step {self.step}", flush=True)
@@ -113,7 +121,10 @@ class ChiefRun:
             self._record_failure("worker", member.index, self.step, self.step)
 
     def _worker_metrics(self, report) -> None:
-        values = self.telemetry.worker_report(report.worker_index, dict(report.values))
+        values = dict(report.values)
+        if values.pop(FINAL_REPORT_KEY, None):
+            self.final_reports.add(report.worker_index)
+        values = self.telemetry.worker_report(report.worker_index, values)
         self.log.write("worker", self.step, worker=report.worker_index, worker_step=report.step, **values)
 
     # ------------------------------------------------------------------------------------------
@@ -122,12 +133,39 @@ class ChiefRun:
     def start(self) -> None:
         """Give every shard its variables (init, restore or adopt), then serve the Chief service."""
         self._prepare_shards()
-        self.telemetry.baseline(self.step, self.ps.stats())
         self.telemetry.serve_metrics(self, notice=lambda m: print(m, flush=True))
         port = self.server.start()
         print(f"chief: serving on {self.spec.chief.rsplit(':', 1)[0]}:{port}; run_dir {self.run_dir}", flush=True)
+        ready = self._start_barrier()
+        self.startup_seconds = time.time() - self.process_start
+        self.start_time = time.time() - self.carried_seconds  # the run's one zero point
+        self.log.release(self.start_time)
+        self.started.set()
+        self.telemetry.baseline(self.step, self.ps.stats())
         self.log.write("start", self.step, workers=self.spec.workers, shards=len(self.spec.ps), mode=self.cfg.cluster.mode,
-                       pid=os.getpid(), resumed_from=self.resumed_from)
+                       pid=os.getpid(), resumed_from=self.resumed_from, workers_ready=ready,
+                       startup_seconds=round(self.startup_seconds, 3))
+
+    def _start_barrier(self) -> int | None:
+        """Step 0: waits until every worker has registered and loaded its data (at most
+        `cluster.start_timeout` s; then the ready ones start, with a notice). Returns how many
+        were ready; None when there is no barrier (off, or the workers already train)."""
+        c = self.cfg.cluster
+        if not c.start_barrier or self.adopted:
+            return None
+        deadline = time.monotonic() + c.start_timeout
+        while True:
+            ready = sum(m.ready for m in self.membership.alive())
+            if ready >= self.spec.workers or self.stop.is_set():
+                return ready
+            if time.monotonic() >= deadline:
+                message = (f"{ready} of {self.spec.workers} workers ready after {c.start_timeout:g} s "
+                           f"(cluster.start_timeout); starting with them")
+                print(f"chief: start barrier: {message}", flush=True)
+                self.log.write("start_barrier", self.step, message=message, ready=ready)
+                return ready
+            self.membership.reap()
+            time.sleep(0.02)
 
     def _prepare_shards(self) -> None:
         resume = self.cfg.checkpoint.resume
@@ -135,7 +173,8 @@ class ChiefRun:
         if resume and all(s.initialized for s in stats):
             self.step = global_step([s.version for s in stats])
             self.ps.resume()  # the previous chief may have died with the shards paused (mid-checkpoint)
-            self.start_time = self.log.start = time.time() - self.previous["time"]
+            self.adopted = True  # the workers are training: no start barrier
+            self.carried_seconds = self.previous["time"]
             print(f"chief: every shard still holds its variables; continuing from step {self.step}", flush=True)
             self._carry_over_failures(self.step)
         elif resume:
@@ -147,8 +186,7 @@ class ChiefRun:
     def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
         versions = self.checkpoints.restore(checkpoint)
         self.step, self.resumed_from = global_step(versions), checkpoint.step
-        self.start_time = time.time() - float(checkpoint.manifest.get("seconds", 0.0))
-        self.log.start = self.start_time  # metrics' `time` continues from the checkpoint's
+        self.carried_seconds = float(checkpoint.manifest.get("seconds", 0.0))  # `time` continues from it
         print(f"chief: restored {len(versions)} shards from {checkpoint.path} (step {checkpoint.step})", flush=True)
         self._carry_over_failures(checkpoint.step)
 
@@ -290,7 +328,8 @@ class ChiefRun:
     # Stop
 
     def finish(self) -> None:
-        """Freeze the shards, score and checkpoint the final weights, write the report, stop everyone."""
+        """Freeze the shards, score and checkpoint the final weights, collect the workers' last
+        metrics, write the report, stop everyone."""
         self.stop.set()
         self.ps.pause()  # no push applies after this: the final model is the one scored
         params, versions = self.ps.pull()
@@ -298,25 +337,24 @@ class ChiefRun:
         final = self.evaluate(params, versions)
         if self.checkpoints.enabled:
             self.checkpoints.save(seconds, already_paused=True)
+        self._wait_for_workers_to_see_stop()  # and their last pull-to-push windows to arrive
         stats = self.ps.stats()
         if self.telemetry.every:
             self.telemetry.row(global_step(versions), stats, final=True)
         report = cluster_report(self, final, stats, params, seconds)
-        self.log.write("final", global_step(versions), **final)
+        self.log.write("final", global_step(versions), evaluation="at stop", **final)
         save_params(Path(self.run_dir) / PARAMS_FILE, params)
         write_report(self.run_dir, report)
         print(f"chief: final {final} at step {global_step(versions)}; report {self.run_dir / 'report.json'}", flush=True)
-        self._wait_for_workers_to_see_stop()
         self.ps.stop()
 
     def _wait_for_workers_to_see_stop(self, timeout: float | None = None) -> None:
-        """Until every live worker has heartbeated after the stop flag (or is declared dead)."""
-        flagged = time.monotonic()
+        """Until every live worker has sent its last metrics after the stop flag (or is gone)."""
         timeout = timeout or 3 * self.cfg.cluster.heartbeat_interval + 2
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.membership.reap()
-            if all(m.last_seen >= flagged for m in self.membership.alive()):
+            if all(m.index in self.final_reports for m in self.membership.alive()):
                 return
             time.sleep(0.05)
 

@@ -45,6 +45,7 @@ class Member:
     last_seen: float
     step: int = 0
     alive: bool = True
+    ready: bool = False  # data loaded, waiting at (or past) the start barrier
     registered_at: float = field(default_factory=time.time)
 
 
@@ -76,7 +77,7 @@ class Membership:
         self._on_event("worker_joined", member)
         return member
 
-    def heartbeat(self, index: int, step: int) -> Member | None:
+    def heartbeat(self, index: int, step: int, ready: bool = False) -> Member | None:
         """Records a heartbeat; None if `index` is out of range or its worker was declared dead.
 
         An index never handed out by this chief is adopted (see the module docstring).
@@ -90,6 +91,7 @@ class Membership:
             if member is None or not member.alive:
                 return None
             member.last_seen, member.step = self.clock(), step
+            member.ready = member.ready or ready
         if adopted is not None:
             self._on_event("worker_adopted", adopted)
         return member

@@ -84,6 +84,7 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         "final": final,
         "target": run.target.as_dict(),
         "steps": steps,
+        "requested_steps": cfg.train.max_steps,
         "seconds": seconds,
         "versions": [s.version for s in stats],
         "throughput": {

@@ -51,8 +51,9 @@ class ChiefServicer(chief_pb2_grpc.ChiefServicer):
     """Register, Heartbeat and ReportMetrics; `on_metrics(report)` receives worker metrics."""
 
     def __init__(self, membership: Membership, stop: threading.Event, ps_addresses: list[str], seed: int,
-                 global_step, on_metrics=None):
+                 global_step, on_metrics=None, started: threading.Event | None = None):
         self.membership, self.stop, self.seed = membership, stop, seed
+        self.started = started if started is not None else threading.Event()  # the start barrier passed
         self.ps_addresses = list(ps_addresses)
         self.global_step = global_step  # callable -> int, the chief's latest view
         self.on_metrics = on_metrics or (lambda report: None)
@@ -83,14 +84,15 @@ class ChiefServicer(chief_pb2_grpc.ChiefServicer):
             time.sleep(REGISTER_POLL_SECONDS)
 
     def Heartbeat(self, request, context):
-        """Liveness; the reply carries the stop flag."""
+        """Liveness and readiness; the reply carries the stop flag and the start barrier's state."""
         self._check_index(request.worker_index, context)
         if request.step < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Heartbeat: step must be >= 0, got {request.step}")
-        if self.membership.heartbeat(request.worker_index, request.step) is None:
+        if self.membership.heartbeat(request.worker_index, request.step, request.ready) is None:
             context.abort(grpc.StatusCode.NOT_FOUND,
                           f"worker {request.worker_index} is not registered (or was declared dead): register again")
-        return chief_pb2.HeartbeatReply(should_stop=self.stop.is_set(), global_step=self.global_step())
+        return chief_pb2.HeartbeatReply(should_stop=self.stop.is_set(), global_step=self.global_step(),
+                                        start=self.started.is_set())
 
     def ReportMetrics(self, request, context):
         """Worker metrics, written to metrics.jsonl by the chief."""

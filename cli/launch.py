@@ -17,6 +17,7 @@ checkpoints folder or one ckpt-* folder; without DIR, the run directory given by
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -25,9 +26,12 @@ from pathlib import Path
 import yaml
 
 from asyncps.atomic import atomic_write_bytes, atomic_write_json
+from asyncps.cli.data import fetch_before_run
 from asyncps.cli.common_args import add_config_arguments, config_from_args
 from asyncps.cli.processes import Child, python_module_argv, stop_all, wait_for_exit
-from asyncps.cluster import spec_for_launch
+from asyncps.cli.summary import logs_hint, summary_lines
+from asyncps.cli.watch import RunWatcher
+from asyncps.cluster import check_ports_free, spec_for_launch
 from asyncps.config import Config
 from asyncps.errors import UserError
 from asyncps.runs import resolve_run_dir
@@ -35,6 +39,7 @@ from asyncps.runs import resolve_run_dir
 POLL_SECONDS = 0.1
 OWN_EXIT_SECONDS = 5.0  # after the chief's success, time the others get to exit by themselves
 PIDS_FILE = "pids.json"
+CONFIG_ERROR = 2  # the exit status of a process that met a configuration error (never restarted)
 
 
 def add_arguments(parser: argparse.ArgumentParser, _name: str) -> None:
@@ -53,16 +58,20 @@ def run(args: argparse.Namespace) -> int:
         prepare_resume(cfg, args.resume)
     if args.dry_run:
         return dry_run(cfg)
+    check_ports_free(cfg)
+    fetch_before_run(cfg.data, lambda m: print(f"asyncps launch: {m}", file=sys.stderr, flush=True))
     cfg.run_dir = str(resolve_run_dir(cfg).resolve())
     children = plan_children(cfg)
     print(f"asyncps launch: run_dir {cfg.run_dir}; {cfg.cluster.ps} shards, {cfg.cluster.workers} workers, "
           f"mode {cfg.cluster.mode}" + (f"; resuming from {cfg.checkpoint.resume}" if args.resume else ""),
           file=sys.stderr)
-    if cfg.telemetry.prometheus_port:
-        base, host = cfg.telemetry.prometheus_port, cfg.telemetry.prometheus_host
-        print(f"asyncps launch: Prometheus /metrics on {host}: chief {base}, shards {base + 1}..{base + cfg.cluster.ps}",
-              file=sys.stderr)
-    return supervise(children, cfg)
+    code = supervise(children, cfg)
+    report_path = Path(cfg.run_dir) / "report.json"
+    if code == 0 and report_path.exists():
+        report = json.loads(report_path.read_text())
+        for line in summary_lines(report, logs=logs_hint(cfg.run_dir)):
+            print(line)
+    return code
 
 
 def take_misplaced_override(args: argparse.Namespace) -> None:
@@ -135,47 +144,79 @@ def dry_run(cfg: Config) -> int:
     return 0
 
 
-def supervise(children: list[Child], cfg: Config | None = None) -> int:
+def supervise(children: list[Child], cfg: Config | None = None, stream=None) -> int:
     """Start every child, restart the dead per policy, wait for the chief, then stop the rest;
-    never leave an orphan."""
+    never leave an orphan. Shows the run's progress (cli/watch.py) while it trains.
+
+    A child that exits 2 has a configuration error (a port in use, a bad path): it is never
+    restarted, its one-line message is repeated here and the launch exits 2.
+    """
     chief = next(c for c in children if c.name == "chief")
     policy = cfg.cluster.restart_policy if cfg is not None else None
     pids_path = Path(cfg.run_dir) / PIDS_FILE if cfg is not None else None
+    watcher = RunWatcher(cfg.run_dir, cfg.train.max_steps, cfg.cluster.workers,
+                         stream=stream or sys.stderr) if cfg is not None else None
+    say = watcher.event if watcher is not None else (lambda m: print(f"asyncps launch: {m}", file=sys.stderr))
     try:
         for child in children:
             child.start()
         write_pids(pids_path, children)
         while True:
+            if (bad := config_error(children)) is not None:
+                say(f"error: {bad.name}: {last_line(bad.log_path)} (see {bad.log_path})")
+                return 2
             for child in children:
                 if died(child) and may_restart(child, policy):
-                    print(f"asyncps launch: {child.name} exited with code {child.poll()}; restarting it "
-                          f"({child.restarts + 1} of {policy.max_restarts})", file=sys.stderr)
+                    say(f"{child.name} exited with code {child.poll()}; restarting it "
+                        f"({child.restarts + 1} of {policy.max_restarts})")
                     child.restart()
                     write_pids(pids_path, children)
                 elif died(child) and not child.reported and child.role == "worker":  # a shard or the chief ends the run
                     child.reported = True
-                    print(f"asyncps launch: {child.name} exited with code {child.poll()} (see {child.log_path}); "
-                          f"not restarted (cluster.restart_policy)", file=sys.stderr)
+                    say(f"{child.name} exited with code {child.poll()} (see {child.log_path}); "
+                        f"not restarted (cluster.restart_policy)")
+            if watcher is not None:
+                watcher.poll(sum(c.restarts for c in children))
             if (code := chief.poll()) is not None:
                 break
             failed = failed_shard(children)
             if failed is not None:
-                print(f"asyncps launch: {failed.name} exited with code {failed.poll()} "
-                      f"(see {failed.log_path}); stopping the run", file=sys.stderr)
+                say(f"{failed.name} exited with code {failed.poll()} (see {failed.log_path}); stopping the run")
                 return 1
             if no_worker_left(children, policy):  # else the chief would wait for pushes forever
-                print("asyncps launch: every worker exited with an error and none will be restarted "
-                      f"(see {', '.join(str(c.log_path) for c in children if c.role == 'worker')}); "
-                      "stopping the run", file=sys.stderr)
+                say("every worker exited with an error and none will be restarted "
+                    f"(see {', '.join(str(c.log_path) for c in children if c.role == 'worker')}); stopping the run")
                 return 1
             time.sleep(POLL_SECONDS)
-        if code != 0:
-            print(f"asyncps launch: the chief exited with code {code} (see {chief.log_path})", file=sys.stderr)
+        if watcher is not None:
+            watcher.close()
+        if code == CONFIG_ERROR:
+            say(f"error: chief: {last_line(chief.log_path)} (see {chief.log_path})")
+        elif code != 0:
+            say(f"the chief exited with code {code} (see {chief.log_path})")
         else:
             wait_for_exit(children, OWN_EXIT_SECONDS)  # workers and shards finish on their own
         return code
     finally:
         stop_all(children)
+
+
+def config_error(children: list[Child]) -> Child | None:
+    """A shard or worker that exited 2: a configuration error, which no restart can fix (the
+    chief's own exit 2 ends the run through its exit code)."""
+    return next((c for c in children if c.role != "chief" and c.poll() == CONFIG_ERROR), None)
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log (a role's one-line error), at most 500 characters."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 8192))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][:500] if lines else "(empty log)"
 
 
 def died(child: Child) -> bool:
@@ -184,7 +225,8 @@ def died(child: Child) -> bool:
 
 
 def may_restart(child: Child, policy) -> bool:
-    return policy is not None and getattr(policy, child.role) == "on_failure" and child.restarts < policy.max_restarts
+    """Per policy, and never after a configuration error (exit 2)."""
+    return child.poll() != CONFIG_ERROR and policy is not None and getattr(policy, child.role) == "on_failure" and child.restarts < policy.max_restarts
 
 
 def write_pids(path: Path | None, children: list[Child]) -> None:

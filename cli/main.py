@@ -33,6 +33,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncps", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"asyncps {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(f"asyncps.cli.{module}")
@@ -40,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
         mod.add_arguments(p, name)
         p.set_defaults(run=mod.run)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("asyncps")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def pin_blas_threads() -> None:

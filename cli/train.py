@@ -14,12 +14,15 @@ this very sequence of r.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import deque
 
 import numpy as np
 
 from asyncps.cli.common_args import add_config_arguments, config_from_args
+from asyncps.cli.data import fetch_before_run
+from asyncps.cli.summary import summary_lines
 from asyncps.config import Config
 from asyncps.histogram import summarize
 from asyncps.runs import (PARAMS_FILE, MetricsLog, Progress, TargetTracker, resolve_run_dir, save_params,
@@ -35,13 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser, _name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    fetch_before_run(cfg.data, lambda m: print(f"asyncps train: {m}", file=sys.stderr, flush=True))
     report = train(cfg)
-    target = report["target"]
-    print(f"run_dir: {report['run_dir']}")
-    print("final: " + " ".join(f"{k}={v:.4f}" for k, v in report["final"].items()))
-    if target["value"] is not None:
-        print(f"target {target['metric']} {target['value']}: "
-              + (f"reached at step {target['step']} ({target['seconds']:.1f} s)" if target["reached"] else "not reached"))
+    for line in summary_lines(report):
+        print(line)
     return 0
 
 
@@ -109,6 +109,7 @@ def train(cfg: Config) -> dict:
         "final": final,
         "target": tracker.as_dict(),
         "steps": step,
+        "requested_steps": cfg.train.max_steps,
         "seconds": elapsed,
         "throughput": {
             "steps_per_second": step / train_seconds if train_seconds else 0.0,

@@ -16,7 +16,7 @@ import socket
 from dataclasses import dataclass, field
 
 from asyncps.config import Config
-from asyncps.errors import ConfigError
+from asyncps.errors import ConfigError, UserError
 
 ROLES = ("chief", "ps", "worker")
 
@@ -68,6 +68,38 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when nothing can listen on host:port now (another process holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and http.server bind
+        try:
+            s.bind((bind_host(host), port))
+        except OSError:
+            return True
+    return False
+
+
+def fixed_ports(cfg: Config) -> list[tuple[str, str, int]]:
+    """(config key, host, port) of every port the YAML fixes for a local launch."""
+    c, t = cfg.cluster, cfg.telemetry
+    out = [("cluster.chief_port", c.host, c.chief_port)] if c.chief_port else []
+    out += [(f"cluster.ps_ports[{i}]", c.host, p) for i, p in enumerate(c.ps_ports or [])]
+    if t.prometheus_port:
+        count = 1 + c.ps + c.workers  # chief, shards, workers: base, base + 1, ... (common/telemetry.py)
+        out += [("telemetry.prometheus_port" + (f" (+{i})" if i else ""), t.prometheus_host, t.prometheus_port + i)
+                for i in range(count)]
+    return out
+
+
+def check_ports_free(cfg: Config) -> None:
+    """A launch refuses, before starting anything, a fixed port that another process holds."""
+    for key, host, port in fixed_ports(cfg):
+        if not 0 < port <= 65535:
+            raise ConfigError(f"{key}: port {port} is outside 1..65535")
+        if port_in_use(host, port):
+            raise UserError(f"{key}: port {port} on {host} is already in use (free it or choose another port)")
 
 
 def spec_for_launch(cfg: Config) -> ClusterSpec:

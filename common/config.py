@@ -10,6 +10,8 @@ as YAML.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +19,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from yaml.composer import Composer, ComposerError
+from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent
+from yaml.resolver import Resolver
 
 from asyncps.errors import ConfigError
+
+# What a config may be (issue 12): a few KB in practice; the limits keep a hostile or mistaken file
+# (a 50 MB YAML, /dev/zero, a binary, 200,000 nested lists, an alias bomb) to one line and well under
+# a second. They apply to the file, to each key=value override and to RUN_DIR/config.yaml alike.
+MAX_CONFIG_BYTES = 1 << 20  # a file (or one override) larger than 1 MiB is refused unread
+MAX_DEPTH = 32  # lists and mappings nested deeper (the schema itself is 4 deep)
+MAX_VALUES = 200_000  # YAML nodes after expanding aliases (a 10,001-entry histogram is ~20,000)
+MAX_STRING = 4096  # characters of any string value (paths, names, patterns)
+INT64_MAX = 2**63 - 1
+MAX_SECONDS = 365 * 86400.0  # upper bound of every duration (sleep/wait/deadline must not overflow)
+MAX_PEERS = 1024  # cluster.ps and cluster.workers
 
 
 @dataclass
@@ -151,6 +168,10 @@ class ClusterConfig:
     rpc_timeout: float = 30.0  # seconds, deadline of every call
     heartbeat_interval: float = 1.0  # seconds
     heartbeat_timeout: float = 10.0  # seconds of silence after which a worker is declared dead
+    # step 0 waits until every worker has registered and loaded its data (at most start_timeout
+    # seconds, then the ready ones start): every time in the run counts from there
+    start_barrier: bool = True
+    start_timeout: float = 300.0
     # async only: a worker's push-pull of step t travels while step t+1 computes, on weights one
     # version older (recorded as staleness like any other); see docs/performance.md
     prefetch: bool = False
@@ -285,16 +306,7 @@ class Config:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML file, apply ``key.sub=value`` overrides, and validate the result."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" line {where.line + 1}" if where is not None else ""
-        raise ConfigError(f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = load_yaml(_read_text(path), str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -304,23 +316,182 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return from_dict(raw, source=str(path))
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: at most MAX_CONFIG_BYTES (never reads more, so /dev/zero ends), UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, the limit of a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                          "a config is a YAML file") from None
+
+
+class _Refused(ComposerError):
+    """A YAML document over one of the limits (a ComposerError, so it carries the line)."""
+
+
+class _LimitedComposer(Composer):
+    """PyYAML's composer with a depth limit and a count of nodes after alias expansion.
+
+    The composer recurses once per level, so the depth is checked before descending: a refused
+    document costs MAX_DEPTH frames, not 200,000. An alias adds the size of the node it names
+    (measured when that node was composed), so an alias bomb is refused while it is still small.
+    """
+
+    def __init__(self) -> None:
+        Composer.__init__(self)
+        self._depth = 0
+        self._values = 0
+        self._sizes: dict[str, int] = {}
+
+    def _count(self, n: int, mark) -> None:
+        self._values += n
+        if self._values > MAX_VALUES:
+            raise _Refused(None, None, f"more than {MAX_VALUES} values once aliases are expanded "
+                           "(the limit of a config)", mark)
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, AliasEvent):
+            anchor = event.anchor
+            if anchor in self.anchors and anchor not in self._sizes:
+                raise _Refused(None, None, f"alias *{_clip(anchor, 40)} refers to a node that contains it",
+                               event.start_mark)
+            node = super().compose_node(parent, index)  # an undefined alias is PyYAML's error
+            self._count(self._sizes[anchor], event.start_mark)
+            return node
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(None, None, f"lists and mappings nested deeper than {MAX_DEPTH} levels "
+                           "(the limit of a config)", event.start_mark)
+        before = self._values
+        self._count(1, event.start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if event.anchor is not None:
+            self._sizes[event.anchor] = self._values - before
+        return node
+
+
+try:  # libyaml's parser (in PyYAML's wheels) is ~4x faster; composing stays in Python, limited
+    from yaml._yaml import CParser as _Parser
+
+    class _Loader(_LimitedComposer, _Parser, SafeConstructor, Resolver):
+        def __init__(self, text: str) -> None:
+            _Parser.__init__(self, text)
+            _LimitedComposer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml.parser import Parser as _PyParser
+    from yaml.reader import Reader
+    from yaml.scanner import Scanner
+
+    class _Loader(Reader, Scanner, _PyParser, _LimitedComposer, SafeConstructor, Resolver):  # type: ignore[no-redef]
+        def __init__(self, text: str) -> None:
+            Reader.__init__(self, text)
+            Scanner.__init__(self)
+            _PyParser.__init__(self)
+            _LimitedComposer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+
+def _parse(text: str):
+    """yaml.safe_load within the limits; raises yaml.YAMLError (a _Refused one past a limit)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise _Refused(None, None, f"longer than {MAX_CONFIG_BYTES >> 20} MiB, the limit of a config", None)
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def load_yaml(text: str, where: str):
+    """Parse one config document (a file's text) within the limits; any failure is one ConfigError."""
+    try:
+        return _parse(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = _clip(getattr(exc, "problem", None) or exc, 160)
+        if isinstance(exc, _Refused):
+            raise ConfigError(f"{where}:{line}: {problem}") from None
+        raise ConfigError(f"{where}:{line} is not valid YAML ({problem})") from None
+    except (ValueError, OverflowError, RecursionError, MemoryError) as exc:  # e.g. int('9' * 10000)
+        raise ConfigError(f"{where}: a value YAML cannot represent here ({_clip(exc, 160)})") from None
+
+
 def apply_override(raw: dict, item: str) -> None:
-    """Set ``a.b.c=value`` in a raw config dict, the value parsed as YAML."""
+    """Set ``a.b.c=value`` in a raw config dict, the value parsed as YAML (within the same limits)."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key=value (e.g. optimizer.learning_rate=0.05)")
+        raise ConfigError(f"override {_clip(repr(item), 80)}: expected key=value (e.g. optimizer.learning_rate=0.05)")
+    parts = key.split(".")
+    name = _clip(key, 80)
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError(f"override {name}: keys nested deeper than {MAX_DEPTH} levels (the limit of a config)")
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = _parse(value) if value != "" else None
+    except _Refused as exc:
+        raise ConfigError(f"override {name}: {_clip(exc.problem, 160)}") from None
     except yaml.YAMLError:
         parsed = value
+    except (ValueError, OverflowError, RecursionError, MemoryError) as exc:
+        raise ConfigError(f"override {name}: a value YAML cannot represent here ({_clip(exc, 160)})") from None
     node = raw
-    parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
+            raise ConfigError(f"override {name}: {_clip(part, 40)} is not a section")
         node = child
     node[parts[-1]] = parsed
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr() for error messages: bounded in depth, items and length, whatever the value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 60, 60, 30
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 5
+
+    def repr_int(self, x, level):
+        if x.bit_length() > 96:  # repr() of a huge int is slow, and past 4300 digits an error
+            return f"<{'-' if x < 0 else ''}{x.bit_length()}-bit integer>"
+        return super().repr_int(x, level)
+
+
+_SHORT = _ShortRepr()
+
+
+def _show(value) -> str:
+    """A value as it may appear in a one-line error: at most ~120 characters."""
+    try:
+        return _clip(_SHORT.repr(value), 120)
+    except Exception:  # a repr that fails must not replace the real error
+        return f"<{type(value).__name__}>"
+
+
+def _clip(text, limit: int) -> str:
+    """`text` on one line, cut to `limit` characters."""
+    text = " ".join(str(text)[: limit * 4].split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(k) -> str:
+    """A mapping key as it may appear in a message (short plain strings as they are)."""
+    return k if isinstance(k, str) and 0 < len(k) <= 60 and k.isprintable() and k.strip() == k else _show(k)
 
 
 def from_dict(raw: dict, source: str = "config") -> Config:
@@ -330,13 +501,13 @@ def from_dict(raw: dict, source: str = "config") -> Config:
 
 def _build(cls, raw, prefix: str, source: str):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {_show(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted((k for k in raw if k not in fields), key=lambda k: (not isinstance(k, str), _key(k)))
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]} (expected one of: {', '.join(sorted(fields))})"
+            f"{source}: unknown key {prefix}{_key(unknown[0])} (expected one of: {', '.join(sorted(fields))})"
         )
     kwargs = {name: _coerce(hints[name], raw[name], prefix + name, source) for name in raw}
     obj = cls(**kwargs)
@@ -365,41 +536,50 @@ def _coerce(tp, value, key: str, source: str):
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, choices))}, got {_show(value)}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a mapping, got {_show(value)}")
         key_tp, value_tp = typing.get_args(tp)
         return {_coerce(key_tp, _digits(k) if key_tp is int else k, f"{key} key", source):
-                _coerce(value_tp, v, f"{key}[{k}]", source) for k, v in value.items()}
+                _coerce(value_tp, v, f"{key}[{_key(k)}]", source) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a list, got {_show(value)}")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be an integer, got {_show(value)}")
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:  # every integer crosses the wire as an int64
+            raise ConfigError(f"{source}: {key} must be an integer in [-2**63, 2**63 - 1], got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a number, got {_show(value)}")
+        if isinstance(value, int) and abs(value) > INT64_MAX or not math.isfinite(value):
+            raise ConfigError(f"{source}: {key} must be a finite number, got {_show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a string, got {_show(value)}")
+        if len(value) > MAX_STRING or "\0" in value:
+            raise ConfigError(f"{source}: {key} must be a string of at most {MAX_STRING} characters without NUL, "
+                              f"got {_show(value)}")
         return value
     raise TypeError(f"schema type {tp} of {key} is not supported")  # a bug in the schema itself
 
 
 def _digits(k):
     """A mapping key read back from JSON ("4") as the integer it was."""
-    return int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k
+    if isinstance(k, str) and len(k) <= 40 and k.strip().lstrip("-").isascii() and k.strip().lstrip("-").isdigit():
+        return int(k)
+    return k
 
 
 # Range checks that a type alone cannot express: (section class, field, predicate, expectation).
@@ -423,6 +603,7 @@ _RANGES = [
     (ClusterConfig, "staleness_bound", lambda v: v >= 0, "0 or more"),
     (ClusterConfig, "backup_workers", lambda v: v >= 0, "0 or more"),
     (ClusterConfig, "rpc_timeout", lambda v: v > 0, "positive"),
+    (ClusterConfig, "start_timeout", lambda v: 0 < v <= 86400, "in (0, 86400]"),
     (ScheduleConfig, "decay_steps", lambda v: v >= 1, "at least 1"),
     (RestartPolicyConfig, "max_restarts", lambda v: v >= 0, "0 or more"),
     (CheckpointConfig, "every_steps", lambda v: v >= 0, "0 or more"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +33,35 @@ class MetricsLog:
     `time` is seconds since the run started (wall clock), so runs can be overlaid by time.
     """
 
-    def __init__(self, path: str | Path, start_time: float | None = None):
+    def __init__(self, path: str | Path, start_time: float | None = None, hold: bool = False):
         self.path = Path(path)
         self.start = time.time() if start_time is None else start_time
         self._file = self.path.open("a", buffering=1)
+        self._held: list[tuple[float, dict]] | None = [] if hold else None
+        self._lock = threading.Lock()  # rows come from gRPC handler threads too
 
     def write(self, kind: str, step: int, **values: Any) -> dict:
-        row = {"kind": kind, "step": int(step), "time": round(time.time() - self.start, 4), **values}
-        self._file.write(json.dumps(row, default=jsonable) + "\n")
+        now = time.time()
+        row = {"kind": kind, "step": int(step), "time": round(now - self.start, 4), **values}
+        with self._lock:
+            if self._held is not None:  # before the zero point is known: written by `release`
+                self._held.append((now, row))
+            else:
+                self._file.write(json.dumps(row, default=jsonable) + "\n")
         return row
 
+    def release(self, start: float) -> None:
+        """Fixes the zero point (`start`, wall clock) and writes the rows held until now, their
+        `time` counted from it (negative: before step 0)."""
+        with self._lock:
+            self.start, held, self._held = start, self._held or [], None
+            for at, row in held:
+                row["time"] = round(at - start, 4)
+                self._file.write(json.dumps(row, default=jsonable) + "\n")
+
     def close(self) -> None:
+        if self._held is not None:
+            self.release(self.start)
         self._file.close()
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61syncps/protos/chief.proto\x12\x07\x61syncps\"b\n\x0fRegisterRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x1c\n\x0fpreferred_index\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x12\n\x10_preferred_index\"\x8b\x01\n\rRegisterReply\x12\x14\n\x0cworker_index\x18\x01 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x12\n\ndata_shard\x18\x03 \x01(\x05\x12\x17\n\x0fnum_data_shards\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x14\n\x0cps_addresses\x18\x06 \x03(\t\"6\n\x10HeartbeatRequest\x12\x14\n\x0cworker_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\":\n\x0eHeartbeatReply\x12\x13\n\x0bshould_stop\x18\x01 \x01(\x08\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x03\"\xa9\x01\n\rMetricsReport\x12\x14\n\x0cworker_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x32\n\x06values\x18\x04 \x03(\x0b\x32\".asyncps.MetricsReport.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0e\n\x0cMetricsReply2\xc6\x01\n\x05\x43hief\x12<\n\x08Register\x12\x18.asyncps.RegisterRequest\x1a\x16.asyncps.RegisterReply\x12?\n\tHeartbeat\x12\x19.asyncps.HeartbeatRequest\x1a\x17.asyncps.HeartbeatReply\x12>\n\rReportMetrics\x12\x16.asyncps.MetricsReport\x1a\x15.asyncps.MetricsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61syncps/protos/chief.proto\x12\x07\x61syncps\"b\n\x0fRegisterRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x1c\n\x0fpreferred_index\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x12\n\x10_preferred_index\"\x8b\x01\n\rRegisterReply\x12\x14\n\x0cworker_index\x18\x01 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x02 \x01(\x05\x12\x12\n\ndata_shard\x18\x03 \x01(\x05\x12\x17\n\x0fnum_data_shards\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x14\n\x0cps_addresses\x18\x06 \x03(\t\"E\n\x10HeartbeatRequest\x12\x14\n\x0cworker_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05ready\x18\x03 \x01(\x08\"I\n\x0eHeartbeatReply\x12\x13\n\x0bshould_stop\x18\x01 \x01(\x08\x12\x13\n\x0bglobal_step\x18\x02 \x01(\x03\x12\r\n\x05start\x18\x03 \x01(\x08\"\xa9\x01\n\rMetricsReport\x12\x14\n\x0cworker_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x11\n\twall_time\x18\x03 \x01(\x01\x12\x32\n\x06values\x18\x04 \x03(\x0b\x32\".asyncps.MetricsReport.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x0e\n\x0cMetricsReply2\xc6\x01\n\x05\x43hief\x12<\n\x08Register\x12\x18.asyncps.RegisterRequest\x1a\x16.asyncps.RegisterReply\x12?\n\tHeartbeat\x12\x19.asyncps.HeartbeatRequest\x1a\x17.asyncps.HeartbeatReply\x12>\n\rReportMetrics\x12\x16.asyncps.MetricsReport\x1a\x15.asyncps.MetricsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=140
   _globals['_REGISTERREPLY']._serialized_end=279
   _globals['_HEARTBEATREQUEST']._serialized_start=281
-  _globals['_HEARTBEATREQUEST']._serialized_end=335
-  _globals['_HEARTBEATREPLY']._serialized_start=337
-  _globals['_HEARTBEATREPLY']._serialized_end=395
-  _globals['_METRICSREPORT']._serialized_start=398
-  _globals['_METRICSREPORT']._serialized_end=567
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=522
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=567
-  _globals['_METRICSREPLY']._serialized_start=569
-  _globals['_METRICSREPLY']._serialized_end=583
-  _globals['_CHIEF']._serialized_start=586
-  _globals['_CHIEF']._serialized_end=784
+  _globals['_HEARTBEATREQUEST']._serialized_end=350
+  _globals['_HEARTBEATREPLY']._serialized_start=352
+  _globals['_HEARTBEATREPLY']._serialized_end=425
+  _globals['_METRICSREPORT']._serialized_start=428
+  _globals['_METRICSREPORT']._serialized_end=597
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=552
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=597
+  _globals['_METRICSREPLY']._serialized_start=599
+  _globals['_METRICSREPLY']._serialized_end=613
+  _globals['_CHIEF']._serialized_start=616
+  _globals['_CHIEF']._serialized_end=814
 # @@protoc_insertion_point(module_scope)

@@ -28,6 +28,10 @@ worker pull may ask for the values of ``age`` versions ago; see ``asyncps.ps.his
 Pause: pushes that arrive while paused wait (up to their deadline) for `resume`; pulls proceed.
 Since every update runs under the shard's lock, `pause` returns only once none is in progress.
 
+Cap (`cap_at`, `train.max_steps` in a shard process): once the version reaches the cap, pushes
+wait as if paused, whatever `resume` says, so a run applies exactly max_steps updates however
+late the chief notices; the chief's stop then ends those waits.
+
 Concurrency: one `threading.Condition` guards all state. Decoding and validation happen before
 taking it (variable shapes and dtypes never change after init), so only the update itself and
 the copies made for pulls are serialized.
@@ -101,6 +105,7 @@ class Shard:
         self.version = 0
         self._workers: dict[int, WorkerCounters] = {}
         self._paused = False
+        self._cap: int | None = None  # no update applies once the version reaches it (cap_at)
         self._stopping = False
         self._round: dict[int, dict] = {}  # sync: worker -> its gradients in the pending round
         self._rounds = 0
@@ -172,6 +177,16 @@ class Shard:
         with self._cond:
             self._paused = True
             return self.version
+
+    def cap_at(self, version: int | None) -> None:
+        """Applies no update past `version` (None: no cap); pushes beyond it wait."""
+        with self._cond:
+            self._cap = version
+            self._cond.notify_all()
+
+    def _held(self) -> bool:
+        """Pushes must wait: paused, or the version reached the cap. Caller holds the lock."""
+        return self._paused or (self._cap is not None and self.version >= self._cap)
 
     def resume(self) -> int:
         """Resumes applying updates; waiting pushes proceed."""
@@ -261,9 +276,10 @@ class Shard:
                     w.rejected += 1
                     raise OutOfRange(f"worker {worker}: read_version {read_version} is ahead of shard {self.index} "
                                      f"(now {self.version}; restored since the pull?)")
-                if not self._paused:
+                if not self._held():
                     break
-                self._wait(lambda: not self._paused, deadline, f"worker {worker} push while paused")
+                self._wait(lambda: not self._held(), deadline, f"worker {worker} push while paused "
+                           f"(or at the cap, train.max_steps)")
             had_read = self._log is not None and bool(self._values_read(worker, read_version))
             push = self._push_sync if self.mode == "sync" else self._push_async
             result = push(w, seq, read_version, clean)

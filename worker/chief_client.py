@@ -34,8 +34,9 @@ class ChiefClient:
         request = chief_pb2.RegisterRequest(hostname=socket.gethostname(), pid=os.getpid(), preferred_index=preferred)
         return self._stub.Register(request, timeout=self.timeout, wait_for_ready=True)
 
-    def heartbeat(self, index: int, step: int) -> chief_pb2.HeartbeatReply:
-        return self._stub.Heartbeat(chief_pb2.HeartbeatRequest(worker_index=index, step=step), timeout=self.timeout)
+    def heartbeat(self, index: int, step: int, ready: bool = False) -> chief_pb2.HeartbeatReply:
+        request = chief_pb2.HeartbeatRequest(worker_index=index, step=step, ready=ready)
+        return self._stub.Heartbeat(request, timeout=self.timeout)
 
     def report(self, index: int, step: int, wall_time: float, values: dict[str, float]) -> None:
         request = chief_pb2.MetricsReport(worker_index=index, step=step, wall_time=wall_time, values=values)
@@ -52,11 +53,14 @@ class Heartbeat(threading.Thread):
     `give_up` seconds means the run is over (or the chief died, which the launcher handles).
     """
 
-    def __init__(self, client: ChiefClient, index: int, step, interval: float, give_up: float):
+    def __init__(self, client: ChiefClient, index: int, step, interval: float, give_up: float, on_stop=None):
         super().__init__(name="heartbeat", daemon=True)
         self.client, self.index, self.step = client, index, step
+        self.on_stop = on_stop or (lambda: None)  # called once when the chief says stop
         self.interval, self.give_up = interval, give_up
         self.stop = threading.Event()
+        self.ready = False  # data loaded: told to the chief in every beat (the start barrier)
+        self.started = threading.Event()  # the chief says step 0 has passed
         self.reason = ""
         self.declared_dead = False  # the chief no longer knows this worker (NOT_FOUND)
 
@@ -64,7 +68,7 @@ class Heartbeat(threading.Thread):
         failing_since = None
         while not self.stop.wait(self.interval):
             try:
-                reply = self.client.heartbeat(self.index, self.step())
+                reply = self.client.heartbeat(self.index, self.step(), self.ready)
             except grpc.RpcError as err:
                 failing_since = failing_since or time.monotonic()
                 if err.code() == grpc.StatusCode.NOT_FOUND:
@@ -74,15 +78,36 @@ class Heartbeat(threading.Thread):
                     self.finish(f"chief: {err.code().name} {err.details()}")
                 continue
             failing_since = None
-            if reply.should_stop:
+            self._took(reply)
+
+    def _took(self, reply) -> None:
+        if reply.start:
+            self.started.set()
+        if reply.should_stop and not self.stop.is_set():
+            try:
+                self.on_stop()  # the last metrics, while the chief still listens
+            finally:
                 self.finish("the chief asked to stop")
 
     def beat_now(self) -> bool:
         """One synchronous heartbeat; True if the run should stop."""
         try:
-            return self.client.heartbeat(self.index, self.step()).should_stop
+            return self.client.heartbeat(self.index, self.step(), self.ready).should_stop
         except grpc.RpcError:
             return True
+
+    def wait_for_start(self, poll: float = 0.05) -> bool:
+        """Says this worker is ready and waits until the chief's start barrier has passed (or the
+        run stops); True to train. Beats every `poll` seconds meanwhile, so that every worker
+        starts within about `poll` of step 0."""
+        self.ready = True
+        while not self.started.is_set() and not self.stop.is_set():
+            try:
+                self._took(self.client.heartbeat(self.index, self.step(), True))
+            except grpc.RpcError:
+                pass  # the background beats decide whether the chief is gone
+            self.started.wait(poll)
+        return not self.stop.is_set()
 
     def finish(self, reason: str) -> None:
         """Ends the run for this worker (the chief said stop, SIGTERM, or the chief is gone)."""

