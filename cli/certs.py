@@ -6,7 +6,8 @@ Writes, into DIR:
     ps.pem, ps-key.pem               served by every parameter-server shard
     chief.pem, chief-key.pem         served by the chief; its client certificate to the shards
     worker.pem, worker-key.pem       the workers' client certificate
-    client.pem, client-key.pem       for tools (asyncps health, scripts) under mTLS
+    client.pem, client-key.pem       for tools (asyncps health, scripts) under mTLS: reads only
+                                     (Pull, Stats); ASYNCPS_ROLE=chief for a tool that must control
 
 Each certificate's common name is its role (CN=ps, chief, worker, client): under mTLS the
 servers authorize calls by it (protos/security.py, README "Security": control RPCs only from the

@@ -7,6 +7,7 @@ tools that have no config (`asyncps health`, a client built without one), from t
     ASYNCPS_TLS_CA / ASYNCPS_TLS_CERT / ASYNCPS_TLS_KEY    single files instead (PEM)
     ASYNCPS_MTLS=1     present the client certificate (implied by ASYNCPS_TLS_CERT)
     ASYNCPS_TOKEN / ASYNCPS_TOKEN_FILE                  the job token, or a file holding it
+    ASYNCPS_ROLE       the certificate of ROLE.pem to present (default: TF_CONFIG's task.type, else client)
 
 What is checked, on every server built by `asyncps.protos.serving.RoleServer`:
 
