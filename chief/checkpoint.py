@@ -7,13 +7,20 @@ Layout of a checkpoints folder (default RUN_DIR/checkpoints):
         shard-00000-of-00002.npz        values "value/<var>", optimizer slots "slot/<var>/<slot>"
         shard-00001-of-00002.npz        (npz, uncompressed, loadable with allow_pickle=False)
         manifest.json                   written LAST: step, per-shard versions and counters,
-                                        placement, config, sha256 of every file, timestamp
+                                        placement, config, sha256 of every file, timestamp, and
+                                        `manifest_sha256`: the sha256 of its own canonical content
 
-Every file goes through `asyncps.atomic` (temp file, fsync, rename, fsync the folder), and the
-manifest is written after the tensor files, so a folder with a valid manifest is complete. A
-folder without one (a crash mid-write) is ignored and deleted by `cleanup`. A tensor file whose
-sha256 differs from the manifest's (truncated, bit rot) makes its checkpoint invalid: the
-loader says so and falls back to the previous valid checkpoint.
+A checkpoint is written into a hidden `.ckpt-<step>.tmp-<pid>/` folder (every file through
+`asyncps.atomic`: temp file, fsync, rename, fsync the folder; the manifest after the tensor
+files), which is then renamed to `ckpt-<step>/`: a `ckpt-*` folder is complete or absent, and a
+failed write (ENOSPC, EACCES) leaves every earlier checkpoint as it was, including one of the
+same step being replaced. Leftovers of a crash mid-write are deleted by `cleanup`.
+
+Loading verifies the manifest (its own sha256, then its schema: types, step = the folder's step
+= min(versions), one shard entry and one file per shard) and every file's sha256. Anything that
+does not verify makes the checkpoint invalid: `latest_valid` says so in one line and falls back
+to the previous one, newest step first. The `checkpoint` pointer file is only a hint for other
+tools; it never decides which checkpoint is used.
 
 Restoring into a different number of shards joins the saved blocks with the saved placement and
 splits them with the new one, slots included; see `Checkpoint.snapshots_for`.
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -31,15 +39,18 @@ from pathlib import Path
 
 import numpy as np
 
-from asyncps.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json
+from asyncps.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json, fsync_dir, jsonable
 from asyncps.errors import UserError
 from asyncps.protos.codec import Snapshot
 from asyncps.ps.partition import Placement
 
-FORMAT = 1
+FORMAT = 2  # 2: the manifest carries MANIFEST_DIGEST; 1 (still read): without it
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 POINTER = "checkpoint"
 _NAME = re.compile(r"^ckpt-(\d{9,})$")
+_LEFTOVER = re.compile(r"^\.ckpt-\d{9,}\.(tmp|old)-\d+$")  # a write in progress, or a crash's leftover
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(UserError):
@@ -104,25 +115,58 @@ def write_checkpoint(folder: str | Path, snapshots: list[Snapshot], placement: P
                      extra: dict | None = None) -> Path:
     """Writes ckpt-<step>/ (tensor files, then manifest.json), then the pointer; returns the folder.
 
-    The step is the global step of the snapshots (the smallest shard version).
+    The step is the global step of the snapshots (the smallest shard version). The files go to a
+    hidden temp folder renamed to ckpt-<step>/ once complete. A failure (OSError: ENOSPC, EACCES, ...) removes what was written and leaves every existing
+    checkpoint as it was, one of the same step included (it is replaced only by a complete one).
     """
     folder = Path(folder)
     step = min(s.version for s in snapshots)
     path = folder / ckpt_name(step)
-    if path.exists():  # the same step again (e.g. the final checkpoint): replace it whole
-        shutil.rmtree(path)
-    entries, files = [], {}
-    for i, snap in enumerate(snapshots):
-        name = shard_file(i, len(snapshots))
-        atomic_save_npz(path / name, snapshot_arrays(snap))
-        entries.append(snapshot_entry(snap, name))
-        files[name] = {"sha256": sha256_of(path / name), "bytes": (path / name).stat().st_size}
-    manifest = {"format": FORMAT, "step": step, "versions": [s.version for s in snapshots], "timestamp": time.time(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "placement": json.loads(placement.to_json()),
-                "shards": entries, "files": files, "config": config, **(extra or {})}
-    atomic_write_json(path / MANIFEST, manifest)
-    write_pointer(folder)
+    tmp, old = folder / f".{path.name}.tmp-{os.getpid()}", folder / f".{path.name}.old-{os.getpid()}"
+    try:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        entries, files = [], {}
+        for i, snap in enumerate(snapshots):
+            name = shard_file(i, len(snapshots))
+            atomic_save_npz(tmp / name, snapshot_arrays(snap))
+            entries.append(snapshot_entry(snap, name))
+            files[name] = {"sha256": sha256_of(tmp / name), "bytes": (tmp / name).stat().st_size}
+        manifest = {"format": FORMAT, "step": step, "versions": [s.version for s in snapshots], "timestamp": time.time(),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "placement": json.loads(placement.to_json()),
+                    "shards": entries, "files": files, "config": config, **(extra or {})}
+        atomic_write_json(tmp / MANIFEST, seal_manifest(manifest))
+        if path.exists():  # the same step again (e.g. the final checkpoint): replaced once complete
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if old.exists():
+                os.rename(old, path)
+            raise
+        fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        write_pointer(folder)
+    except OSError:
+        pass  # the pointer is a hint for other tools: loading goes by step (latest_valid)
     return path
+
+
+def canonical_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content without its digest (sorted keys, no spaces)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """The manifest as JSON will read it back, with its MANIFEST_DIGEST."""
+    plain = json.loads(json.dumps(manifest, default=jsonable))
+    return {**plain, MANIFEST_DIGEST: canonical_digest(plain)}
 
 
 def write_pointer(folder: Path) -> None:
@@ -154,17 +198,22 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def cleanup(folder: str | Path, keep: int) -> list[Path]:
-    """Deletes incomplete ckpt-* folders (no manifest) and all but the newest `keep`; returns them."""
+    """Deletes incomplete ckpt-* folders (no manifest), leftovers of a write that crashed, and all
+    but the newest `keep`; returns them. Best effort: what cannot be deleted stays."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    incomplete = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name) and not (p / MANIFEST).is_file()]
+    incomplete = [p for p in folder.iterdir() if p.is_dir() and (_LEFTOVER.match(p.name) or
+                                                                 (_NAME.match(p.name) and not (p / MANIFEST).is_file()))]
     complete = list_checkpoints(folder)
     doomed = incomplete + complete[: max(0, len(complete) - keep)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     if doomed:
-        write_pointer(folder)
+        try:
+            write_pointer(folder)
+        except OSError:
+            pass  # a hint only
     return doomed
 
 
@@ -213,16 +262,18 @@ class Checkpoint:
 
 
 def load(path: str | Path) -> Checkpoint:
-    """Reads and verifies one ckpt-* folder: manifest complete, every file's sha256 matching."""
+    """Reads and verifies one ckpt-* folder: the manifest (its own sha256, its schema), then every
+    file's sha256. Raises CheckpointError (one line) for anything that does not verify."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / MANIFEST}: unreadable ({exc})") from None
-    if manifest.get("format") != FORMAT or "files" not in manifest:
-        raise CheckpointError(f"{path / MANIFEST}: not an asyncps checkpoint manifest (format {manifest.get('format')!r})")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path / MANIFEST}: damaged manifest (unreadable: {_short(exc)})") from None
+    problem = manifest_problem(manifest, path)
+    if problem:
+        raise CheckpointError(f"{path / MANIFEST}: damaged manifest ({problem})")
     for name, meta in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -232,15 +283,85 @@ def load(path: str | Path) -> Checkpoint:
     return Checkpoint(path, manifest)
 
 
+def _short(value, limit: int = 120) -> str:
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _int_table(table, low: int) -> bool:
+    """{"<worker>": n} with worker >= 0 and n >= low."""
+    return isinstance(table, dict) and all(isinstance(k, str) and k.isdigit() and _is_int(v, low) for k, v in table.items())
+
+
+def manifest_problem(m, path: Path | None = None) -> str | None:
+    """What is wrong with a parsed manifest (its digest, then its schema), or None."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    if MANIFEST_DIGEST in m:
+        if m[MANIFEST_DIGEST] != canonical_digest(m):
+            return f"{MANIFEST_DIGEST} does not match its content"
+    elif m.get("format") != 1:
+        return f"no {MANIFEST_DIGEST}"  # only format 1 manifests were written without it
+    if not _is_int(m.get("format")) or m["format"] not in (1, FORMAT):
+        return f"format {_short(m.get('format'))!r}, expected 1 or {FORMAT}"
+    step, versions, shards, files = m.get("step"), m.get("versions"), m.get("shards"), m.get("files")
+    if not _is_int(step):
+        return f"step {_short(step)!r} is not an integer >= 0"
+    named = _NAME.match(path.name) if path is not None else None
+    if named and int(named.group(1)) != step:
+        return f"step {step} in folder {path.name}"
+    if not (isinstance(versions, list) and versions and all(_is_int(v) for v in versions)):
+        return "versions is not a list of integers >= 0"
+    if step != min(versions):
+        return f"step {step} is not min(versions) {min(versions)}"
+    if not (isinstance(shards, list) and len(shards) == len(versions)):
+        return f"shards is not a list of {len(versions)} entries"
+    if not isinstance(files, dict):
+        return "files is not an object"
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            return f"shards[{i}] is not an object"
+        if entry.get("file") != shard_file(i, len(shards)):
+            return f"shards[{i}].file {_short(entry.get('file'))!r}, expected {shard_file(i, len(shards))!r}"
+        if entry.get("version") != versions[i] or not _is_int(entry.get("version")):
+            return f"shards[{i}].version {_short(entry.get('version'))!r} differs from versions[{i}] {versions[i]}"
+        if not isinstance(entry.get("optimizer"), str):
+            return f"shards[{i}].optimizer is not a string"
+        updates = entry.get("updates")
+        if not (isinstance(updates, dict) and all(isinstance(k, str) and _is_int(v) for k, v in updates.items())):
+            return f"shards[{i}].updates is not a table of counts"
+        if not (_int_table(entry.get("last_seq"), -1) and _int_table(entry.get("clocks"), 0)):
+            return f"shards[{i}].last_seq or clocks is not a table of worker counters"
+        meta = files.get(entry["file"])
+        if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and _SHA256.match(meta["sha256"])
+                and _is_int(meta.get("bytes"))):
+            return f"files[{entry['file']!r}] has no sha256 and size"
+    if set(files) != {e["file"] for e in shards}:
+        return f"files {_short(sorted(files))} are not the shards' files"
+    if not isinstance(m.get("config"), dict):
+        return "config is not an object"
+    if "seconds" in m and not (isinstance(m["seconds"], (int, float)) and not isinstance(m["seconds"], bool)):
+        return "seconds is not a number"
+    try:
+        placement = Placement.from_json(json.dumps(m.get("placement")))
+    except Exception as exc:  # noqa: BLE001 - any failure to parse means a damaged placement
+        return f"placement unreadable ({type(exc).__name__}: {_short(exc)})"
+    if placement.num_shards != len(shards):
+        return f"placement for {placement.num_shards} shards, {len(shards)} saved"
+    return None
+
+
 def latest_valid(folder: str | Path, warn=None) -> Checkpoint | None:
-    """The newest checkpoint of `folder` that verifies; each refused one is reported to `warn`."""
+    """The newest checkpoint of `folder` that verifies, by step (the pointer file is not
+    consulted: a crash between a manifest and the pointer leaves it stale); each refused one is
+    reported to `warn` in one line."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
     folder = Path(folder)
     candidates = list(reversed(list_checkpoints(folder)))
-    pointed = read_pointer(folder)
-    if pointed and (folder / pointed) in candidates:  # the pointer's choice first, then by step
-        candidates.remove(folder / pointed)
-        candidates.insert(0, folder / pointed)
     for path in candidates:
         try:
             return load(path)
@@ -255,12 +376,63 @@ def resolve(spec: str | Path, default_folder: Path, warn=None) -> Checkpoint:
     folder = default_folder if str(spec) == "latest" else Path(spec)
     if (folder / MANIFEST).is_file():
         return load(folder)
-    if not (folder / POINTER).exists() and (folder / "checkpoints").is_dir():
+    if not list_checkpoints(folder) and (folder / "checkpoints").is_dir():
         folder = folder / "checkpoints"
     ckpt = latest_valid(folder, warn)
     if ckpt is None:
         raise CheckpointError(f"{folder}: no valid checkpoint found")
     return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming with a config: what must match the checkpoint's
+
+# Keys whose change a checkpoint cannot follow: they define the variables (names, shapes), the
+# optimizer slots saved with them, or what the shards' saved counters mean. Every other key may
+# change on resume (docs/failures.md lists both); the number of shards may change too (the
+# checkpoint is re-split), and the variables' shapes are checked again when the chief restores.
+MUST_MATCH = ("model.name", "model.hidden", "model.context", "model.embed_dim", "data.name",
+              "optimizer.name", "optimizer.staleness_policy.name", "train.frozen", "cluster.mode")
+
+
+def _lookup(tree, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _MISSING
+        tree = tree[part]
+    return tree
+
+
+_MISSING = object()
+
+
+def config_mismatches(manifest: dict, config: dict) -> list[str]:
+    """`key saved -> new` for each key of `config` (a Config.to_dict()) that cannot continue the
+    checkpoint whose manifest is `manifest`; empty when it can. Keys the saved config lacks (an
+    older version) are not compared."""
+    saved = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    plain = json.loads(json.dumps(config, default=jsonable))
+    out = []
+    for key in MUST_MATCH:
+        old, new = _lookup(saved, key), _lookup(plain, key)
+        if old is not _MISSING and new is not _MISSING and old != new:
+            out.append(f"{key} {old!r} -> {new!r}")
+    name = _lookup(plain, "optimizer.name")
+    names = {e.get("optimizer") for e in manifest.get("shards", []) if isinstance(e, dict)} - {"", None}
+    if names and names != {name} and not any(k.startswith("optimizer.name ") for k in out):
+        out.append(f"optimizer.name {sorted(names)[0]!r} (the shards' slots) -> {name!r}")
+    if name == "rmsprop" and _lookup(saved, "optimizer.name") == "rmsprop":  # momentum 0: no `mom` slot
+        old, new = _lookup(saved, "optimizer.rmsprop_momentum"), _lookup(plain, "optimizer.rmsprop_momentum")
+        if old is not _MISSING and new is not _MISSING and bool(old) != bool(new):
+            out.append(f"optimizer.rmsprop_momentum {old!r} -> {new!r} (adds or removes the 'mom' slot)")
+    workers = [int(w) for e in manifest.get("shards", []) if isinstance(e, dict)
+               for table in (e.get("last_seq", {}), e.get("clocks", {})) for w in table]
+    new_workers = _lookup(plain, "cluster.workers")
+    if workers and isinstance(new_workers, int) and max(workers) >= new_workers:
+        old = _lookup(saved, "cluster.workers")
+        out.append(f"cluster.workers {max(workers) + 1 if old is _MISSING else old!r} -> {new_workers!r} (the "
+                   f"checkpoint holds counters of worker {max(workers)}: more workers are fine, fewer are not)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

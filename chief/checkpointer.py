@@ -5,6 +5,12 @@ is in progress, so all shards stop at known versions), snapshot every shard over
 shards need no filesystem shared with the chief), resume, then write the files while training
 goes on. The pause lasts only as long as the snapshots' transfer; it is measured and logged
 (`kind: checkpoint` rows of metrics.jsonl, `pause_ms`).
+
+A checkpoint that cannot be written (ENOSPC, EACCES, a read-only or vanished folder: any
+OSError while writing) is one line in the chief's log naming the cause, a `checkpoint_failed`
+row, and a count in report.json (`checkpoints.failed`, `last_error`); the run goes on, the
+earlier checkpoints stay as they were, and the next attempt is at the next interval. The shards
+are resumed whatever happens between the pause and the snapshot's end.
 """
 from __future__ import annotations
 
@@ -32,8 +38,12 @@ class Checkpointer:
         self.last_time = time.monotonic()
         self.pauses_ms: list[float] = []
         self.last: Path | None = None
+        self.failed, self.last_error = 0, None
         if cfg.checkpoint.enabled:
-            ckpt.cleanup(self.folder, cfg.checkpoint.keep)  # leftovers of a crash mid-write
+            try:
+                ckpt.cleanup(self.folder, cfg.checkpoint.keep)  # leftovers of a crash mid-write
+            except OSError as exc:  # e.g. an unreadable folder: the first save says it again
+                print(f"chief: cannot clean up {self.folder}: {exc}", flush=True)
 
     @property
     def enabled(self) -> bool:
@@ -51,27 +61,61 @@ class Checkpointer:
         return by_steps or by_time
 
     def save(self, seconds: float, already_paused: bool = False) -> dict:
-        """Pause, snapshot, resume (unless `already_paused`: the final one), write; the log row."""
+        """Pause, snapshot, resume (unless `already_paused`: the final one), write; the log row.
+
+        A write that fails (OSError) returns a `checkpoint_failed` row instead of raising; an
+        error of the shards (pause, snapshot) is counted and raised (the caller's next poll
+        repairs a dead shard). The shards are resumed in every case.
+        """
         started = time.perf_counter()
-        if not already_paused:
-            self.ps.pause()
         try:
-            snapshots = self.ps.snapshot()
-        finally:
-            if not already_paused:
-                self.ps.resume()
+            try:
+                if not already_paused:
+                    self.ps.pause()
+                snapshots = self.ps.snapshot()
+            finally:
+                if not already_paused:
+                    self.ps.resume()  # every shard, also when the pause reached only some
+        except Exception as exc:
+            self.failed, self.last_error = self.failed + 1, f"snapshot: {_cause(exc)}"
+            raise
         pause_ms = (time.perf_counter() - started) * 1e3
-        written = time.perf_counter()
-        path = ckpt.write_checkpoint(self.folder, snapshots, self.placement, self.cfg.to_dict(),
-                                     {"seconds": seconds, "pause_ms": pause_ms})
-        removed = ckpt.cleanup(self.folder, self.cfg.checkpoint.keep)
-        write_ms = (time.perf_counter() - written) * 1e3
         step = min(s.version for s in snapshots)
+        written = time.perf_counter()
+        try:
+            path = ckpt.write_checkpoint(self.folder, snapshots, self.placement, self.cfg.to_dict(),
+                                         {"seconds": seconds, "pause_ms": pause_ms})
+            size = sum(f.stat().st_size for f in path.iterdir())
+        except OSError as exc:
+            return self._failed(step, exc)
+        try:
+            removed = ckpt.cleanup(self.folder, self.cfg.checkpoint.keep)
+        except OSError as exc:
+            print(f"chief: checkpoint at step {step} written; removing older ones failed: {exc}", flush=True)
+            removed = []
+        write_ms = (time.perf_counter() - written) * 1e3
         self.last, self.pauses_ms = path, self.pauses_ms + [pause_ms]
         self.restart_from(step)
         return self.log.write("checkpoint", step, path=str(path), versions=[s.version for s in snapshots],
                               pause_ms=round(pause_ms, 3), write_ms=round(write_ms, 3),
-                              bytes=sum(f.stat().st_size for f in path.iterdir()), removed=[p.name for p in removed])
+                              bytes=size, removed=[p.name for p in removed])
+
+    def _failed(self, step: int, exc: OSError) -> dict:
+        """One line, one row, one count; the next attempt at the next interval."""
+        self.failed, self.last_error = self.failed + 1, f"step {step}: {_cause(exc)}"
+        last = self.last or self._newest_on_disk()
+        print(f"chief: checkpoint at step {step} failed: {_cause(exc)}; the last good one is "
+              f"{last or 'none'}; retrying at the next interval", flush=True)
+        self.restart_from(step)
+        return self.log.write("checkpoint_failed", step, error=_cause(exc), errno=getattr(exc, "errno", None),
+                              last_good=str(last) if last else None)
+
+    def _newest_on_disk(self) -> Path | None:
+        try:
+            found = ckpt.list_checkpoints(self.folder)
+        except OSError:
+            return None
+        return found[-1] if found else None
 
     def latest(self, warn=None) -> ckpt.Checkpoint | None:
         return ckpt.latest_valid(self.folder, warn)
@@ -83,6 +127,14 @@ class Checkpointer:
         return versions
 
     def summary(self) -> dict:
+        """report.json's `checkpoints`: `count` (= `written`), `failed`, `last_error`, pauses."""
         p = self.pauses_ms
-        return {"count": len(p), "dir": str(self.folder), "last": str(self.last) if self.last else None,
+        return {"count": len(p), "written": len(p), "failed": self.failed, "last_error": self.last_error,
+                "dir": str(self.folder), "last": str(self.last) if self.last else None,
                 "pause_ms_mean": sum(p) / len(p) if p else None, "pause_ms_max": max(p) if p else None}
+
+
+def _cause(exc: BaseException) -> str:
+    """One line: the exception's message (an OSError's names the errno and the file)."""
+    text = str(exc).replace("\n", " ").strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
