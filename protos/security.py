@@ -261,6 +261,7 @@ POLICY: dict[str, frozenset[str]] = {
     **{_CHIEF + m: DATA for m in ("Register", "Heartbeat", "ReportMetrics")},
 }
 LOG_EVERY_S = 10.0  # at most one refusal line per (code, role, method) this often
+MAX_LOG_KEYS = 64  # distinct (code, role, method) lines tracked; beyond, one shared line per code
 
 
 def allowed_roles(method: str) -> frozenset[str]:
@@ -301,9 +302,12 @@ class Refusals:
 
     def refuse(self, code: grpc.StatusCode, method: str, detail: str, peer: str = "?") -> None:
         now = time.monotonic()
+        method, peer = _printable(method), _printable(peer)  # the caller chose them: one bounded line
         key = (code.name, detail, method)
         with self._lock:
             self._counts[code.name] = self._counts.get(code.name, 0) + 1
+            if key not in self._logged and len(self._logged) >= MAX_LOG_KEYS:
+                key = (code.name, "(more roles and methods)", "*")  # bounded memory under a flood of names
             entry = self._logged.get(key)
             if entry is None:
                 entry = self._logged[key] = [now, 0]
@@ -314,13 +318,17 @@ class Refusals:
                 if line:
                     entry[0], entry[1] = now, 0
         if line:
-            more = f" ({since} more like it in the last {LOG_EVERY_S:g}+ s)" if since else ""
+            more = f" ({since} refused like it since the last such line)" if since else ""
             print(f"asyncps {self.who}: refused {method} ({code.name}): {detail}, peer {peer}{more}",
                   file=self._stream or sys.stderr, flush=True)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit and text.isprintable() else ascii(text[:limit])
 
 
 def refusal_family(refusals: Refusals, name: str, doc: str, labels: dict[str, str] | None = None):

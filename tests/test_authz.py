@@ -308,6 +308,21 @@ def test_a_refusal_storm_is_logged_in_a_bounded_number_of_lines(shard, capfd):
     assert 1 <= len(lines) <= 2, lines
 
 
+def test_refusals_of_made_up_method_names_keep_the_log_bounded(shard, capfd):
+    server, address, cfg = shard
+    worker = as_role(cfg, "worker")
+    no_token = Security(tls=True, mtls=True, ca=worker.ca, cert=worker.cert, key=worker.key)
+    with open_channel(address, no_token, channel_options()) as channel:
+        for i in range(100):
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(f"/evil.Service/M{i}\x1b[2J")(b"", timeout=3)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert server._role.refusals.counts()["UNAUTHENTICATED"] == 100
+    lines = [ln for ln in capfd.readouterr().err.splitlines() if "refused" in ln]
+    assert len(lines) <= security.MAX_LOG_KEYS + 1, len(lines)
+    assert not any("\x1b" in ln for ln in lines)  # no control characters reach the log
+
+
 def test_without_a_client_certificate_the_handshake_fails_and_no_call_is_seen(shard):
     """What README says: under mTLS a caller without a valid certificate sees UNAVAILABLE (the
     TLS handshake fails before any call exists), the server counts nothing (it never sees a call;
