@@ -153,8 +153,6 @@ def test_certs_put_the_role_in_the_common_name(certs):
 
 
 def test_policy_names_every_method_of_both_services():
-    from asyncps.protos import chief_pb2_grpc as cg, ps_pb2_grpc as pg  # noqa: F401
-
     ps_methods = {m.name for m in ps_pb2.DESCRIPTOR.services_by_name["ParameterServer"].methods}
     chief_methods = {m.name for m in chief_pb2.DESCRIPTOR.services_by_name["Chief"].methods}
     named = set(security.POLICY)
