@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 import grpc
+import yaml
 
+from asyncps.atomic import atomic_write_bytes
 from asyncps.chief import checkpoint as ckpt
 from asyncps.chief.checkpointer import Checkpointer
 from asyncps.chief.membership import Membership
@@ -76,6 +78,7 @@ class ChiefRun:
 
         self.cfg, self.spec = cfg, spec
         self.run_dir = resolve_run_dir(cfg)
+        write_config_once(self.run_dir, cfg)  # compose and TFJob runs: replay, eval and inspect need it
         self.previous = previous_incarnation(self.run_dir / "metrics.jsonl")
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", hold=True)  # times count from step 0 (start())
         self.telemetry = RunTelemetry(cfg, self.run_dir, self.log, notice=lambda m: print(f"chief: {m}", flush=True))
@@ -219,11 +222,11 @@ class ChiefRun:
                 if self.step >= next_log:
                     self.log.write("progress", self.step, steps_per_second=self.step / self.elapsed())
                     next_log = (self.step // t.log_every + 1) * t.log_every
-                if next_eval is not None and next_eval <= self.step < t.max_steps:
-                    self._guarded(self.evaluate)
-                    next_eval = (self.step // t.eval_every + 1) * t.eval_every
-                    if self.target.step is not None and t.target.stop:
-                        break
+                while next_eval is not None and next_eval <= self.step and next_eval < t.max_steps:
+                    self._guarded(lambda: self.evaluate_milestone(next_eval))
+                    next_eval += t.eval_every
+                if self.target.step is not None and t.target.stop:
+                    break
                 if self.checkpoints.enabled and self.checkpoints.due(self.step) and self.step < t.max_steps:
                     self._guarded(lambda: self.checkpoints.save(self.elapsed()))
                 if self.step >= t.max_steps or (t.max_seconds is not None and self.elapsed() >= t.max_seconds):
@@ -317,6 +320,21 @@ class ChiefRun:
         self.target.observe(step, self.elapsed(), metrics)
         return metrics
 
+    def evaluate_milestone(self, version: int) -> None:
+        """Scores the model as it was at global step `version` exactly (the shards keep those
+        values until read: ps/shard.py keep_milestones). When a shard no longer has them (it was
+        restored meanwhile, or the chief fell far behind), that evaluation is skipped and said so
+        in an `eval_skipped` row: every `eval` row is the model at its step."""
+        try:
+            params, versions = self.ps.pull(at_version=version)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            print(f"chief: evaluation at step {version} skipped: {err.details()}", flush=True)
+            self.log.write("eval_skipped", version, message=err.details())
+            return
+        self.evaluate(params, versions)
+
     def _staleness_since_last_eval(self, stats) -> dict:
         now = merged_histogram(stats)
         diff = {s: n - self._eval_histogram.get(s, 0) for s, n in now.items()}
@@ -363,6 +381,13 @@ class ChiefRun:
         self.log.close()
         self.server.stop(grace=1.0)
         self.ps.close()
+
+
+def write_config_once(run_dir: Path, cfg: Config) -> None:
+    """RUN_DIR/config.yaml, the resolved config, unless the launcher already wrote it."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 
 def previous_incarnation(metrics_path: Path) -> dict:

@@ -43,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line; a subcommand's options may come anywhere after it (`launch CONFIG k=v
+    --dry-run k=v`), which argparse allows only per subparser (parse_intermixed_args)."""
+    parser = build_parser()
+    if argv and argv[0] in COMMANDS:
+        sub = parser._subparsers._group_actions[0].choices[argv[0]]  # the subcommand's own parser
+        args = sub.parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
+
+
 def package_version() -> str:
     """The installed distribution's version (pyproject.toml)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -61,7 +73,7 @@ def pin_blas_threads() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     pin_blas_threads()
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

@@ -13,6 +13,7 @@ import numpy as np
 
 from asyncps.atomic import atomic_save_npz, atomic_write_json, jsonable
 from asyncps.config import Config
+from asyncps.errors import UserError
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -23,7 +24,13 @@ def resolve_run_dir(cfg: Config, default_root: str = "runs") -> Path:
         path = Path(cfg.run_dir)
     else:
         path = Path(default_root) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".asyncps-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"run_dir {path}: cannot be created or written ({exc.strerror or exc})") from None
     return path
 
 

@@ -63,6 +63,9 @@ from asyncps.ps.errors import (
 )
 
 POLICY_SLOT = "policy:"  # prefix of staleness-policy state in snapshots
+# Evaluation milestones kept at once (keep_milestones): as many as fit in MILESTONE_BYTES, at
+# least MIN and at most MAX (a fast small model can pass several between two polls of the chief).
+MIN_MILESTONES, MAX_MILESTONES, MILESTONE_BYTES = 4, 256, 64 << 20
 
 
 @dataclass
@@ -114,6 +117,10 @@ class Shard:
         self._log = update_log  # a ps.update_log.ShardLog: every state change, for `asyncps replay`
         self._history = VersionHistory(history_depth(cfg.staleness))  # controlled staleness (ps/history.py)
         self._ages: dict[int, AgeCounters] = {}  # controlled staleness: worker -> ages served
+        self._milestone_every = 0  # keep the values of every version that is a multiple (keep_milestones)
+        self._milestones: dict[int, dict[str, np.ndarray]] = {}  # version -> values, oldest first
+        self._milestones_dropped = 0
+        self._max_clock_gap = 0
 
     # ------------------------------------------------------------------------------------------
     # Control
@@ -184,6 +191,23 @@ class Shard:
             self._cap = version
             self._cond.notify_all()
 
+    def keep_milestones(self, every: int) -> None:
+        """Saves the values of each version that is a multiple of `every` (0: none), until a
+        pull `at_version` a later one (the chief's evaluations at exact global steps)."""
+        with self._cond:
+            self._milestone_every = every
+
+    def _after_update(self) -> None:
+        """Bookkeeping after the version moved. Caller holds the lock."""
+        every = self._milestone_every
+        if every and self.version % every == 0:
+            self._milestones[self.version] = {n: v.value.copy() for n, v in self._vars.items()}
+            size = sum(v.value.nbytes for v in self._vars.values()) or 1
+            while len(self._milestones) > max(MIN_MILESTONES, min(MAX_MILESTONES, MILESTONE_BYTES // size)):
+                # the chief fell behind: the oldest goes
+                del self._milestones[next(iter(self._milestones))]
+                self._milestones_dropped += 1
+
     def _held(self) -> bool:
         """Pushes must wait: paused, or the version reached the cap. Caller holds the lock."""
         return self._paused or (self._cap is not None and self.version >= self._cap)
@@ -205,11 +229,13 @@ class Shard:
     # Pull and push
 
     def pull(self, worker: int | None, names: Iterable[str] = (), timeout: float | None = None, export=None,
-             age: int = 0):
+             age: int = 0, at_version: int = 0):
         """(version, {name: copy of value}) of the named variables (all if `names` is empty).
 
         `age` (controlled staleness, ps/history.py): the values of ``age`` versions ago instead
         of the current ones, clamped to the oldest version kept; the version returned is theirs.
+        `at_version` (the chief's evaluations): the values saved at exactly that version
+        (`keep_milestones`), or the current ones when the shard is at it; NotFound otherwise.
 
         `worker` is None for the chief or an evaluator (never waits); a worker waits, up to
         `timeout` seconds, for the ssp bound or its sync round (see the module docstring).
@@ -224,7 +250,7 @@ class Shard:
             if worker is not None:
                 w = self._worker(worker)
                 self._wait(lambda: self._may_pull(w), deadline, f"worker {worker} pull (mode {self.mode})")
-            version, live = self._read_at(worker, age, wanted)
+            version, live = self._read_at(worker, age, wanted, at_version)
             if export is not None and not (worker is not None and self._policy.needs_value_read):
                 return export(version, live)
             values = {name: value.copy() for name, value in live.items()}
@@ -234,8 +260,15 @@ class Shard:
                 return export(version, values)
             return version, values
 
-    def _read_at(self, worker: int | None, age: int, wanted: list[str]) -> tuple[int, dict]:
+    def _read_at(self, worker: int | None, age: int, wanted: list[str], at_version: int = 0) -> tuple[int, dict]:
         """(version served, its live arrays) for a pull of `age`; caller holds the lock."""
+        if at_version and at_version != self.version:
+            if at_version not in self._milestones:
+                raise NotFound(f"shard {self.index}: version {at_version} is not kept (now {self.version}; kept: "
+                               f"{sorted(self._milestones)[:8]})")
+            for older in [v for v in self._milestones if v < at_version]:  # read in order: done with them
+                del self._milestones[older]
+            return at_version, {name: self._milestones[at_version][name] for name in wanted}
         if not age and not self._history.depth:
             return self.version, {name: self._vars[name].value for name in wanted}
         if age and self.mode == "sync":
@@ -304,8 +337,10 @@ class Shard:
             if w.worker in self._ages:
                 self._ages[w.worker].applied(read_version)
             self.version += 1
+            self._after_update()
         else:
             w.dropped += 1  # the staleness policy dropped every gradient
+        self._note_clock_gap()
         self._cond.notify_all()  # ssp waiters: a clock moved
         return PushResult("APPLIED" if applied else "DROPPED", self.version, staleness if applied else 0)
 
@@ -333,6 +368,7 @@ class Shard:
             self._workers[worker].record_applied(0)  # every gradient of a round read this version
         self._round.clear()
         self.version += 1
+        self._after_update()
         self._rounds += 1
         self._cond.notify_all()  # pulls waiting for the round
         return True
@@ -376,6 +412,12 @@ class Shard:
             if i not in self._workers or self._workers[i].active
         ]
         return min(clocks, default=me.clock)
+
+    def _note_clock_gap(self) -> None:
+        """The largest clock gap between active registered workers so far. Caller holds the lock."""
+        clocks = [w.clock for w in self._workers.values() if w.active]
+        if len(clocks) > 1:
+            self._max_clock_gap = max(self._max_clock_gap, max(clocks) - min(clocks))
 
     def _quorum(self) -> int:
         retired = sum(not w.active for w in self._workers.values())
@@ -431,6 +473,7 @@ class Shard:
             self._round.clear()
             self._read.clear()
             self._history.clear()  # the kept versions belong to the history before the restore
+            self._milestones.clear()  # so do the evaluation milestones
             for ages in self._ages.values():
                 ages.pending = None
             self._cond.notify_all()
@@ -463,6 +506,8 @@ class Shard:
                 "initialized": self._initialized,
                 "history_depth": self._history.depth,
                 "history_bytes": self._history.nbytes,
+                "max_clock_gap": self._max_clock_gap,
+                "milestones_dropped": self._milestones_dropped,
             }
 
     # ------------------------------------------------------------------------------------------

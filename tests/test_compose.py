@@ -402,3 +402,8 @@ def test_cluster_trains_mnist_to_target_despite_a_worker_and_a_shard_crash(clust
     restores it from the latest checkpoint. The chief must still exit 0 with the target reached."""
     report = run_with_crashes(cluster, image, ("worker", "ps1"))
     assert report["target"]["reached"], report["target"]
+    # the run directory is complete as under `launch`: the chief wrote the resolved config, so
+    # replay, eval and inspect can use it
+    config = sh("docker", "run", "--rm", "-v", f"{cluster.volume('runs')}:/runs", "--entrypoint", "cat",
+                image, f"{RUN_DIR}/config.yaml").stdout
+    assert "mnist_softmax" in config and "max_steps: 3000" in config

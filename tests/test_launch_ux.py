@@ -1,0 +1,141 @@
+"""What a user sees of `asyncps launch`: the summary, exact counts and clocks, one-line mistakes.
+
+One real cluster run on y = 2x (seconds) carries most assertions; the operator mistakes are
+refused before anything starts; the launcher's handling of a child's configuration error is
+tested with real child processes that stand in for roles.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncps.cli.launch import supervise
+from asyncps.cli.processes import Child
+from asyncps.cli.watch import RunWatcher
+from asyncps.config import load_config
+from cli_runner import CONFIGS, asyncps, report, run_ok
+
+LINEAR = CONFIGS / "linear_regression.yaml"
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def linear_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("linear")
+    proc = run_ok("launch", LINEAR, f"run_dir={run_dir}", "train.max_steps=700", "train.eval_every=100",
+                  "telemetry.every_seconds=0.5", timeout=180)
+    return run_dir, proc
+
+
+def test_launch_ends_with_the_summary_train_prints(linear_run):
+    run_dir, proc = linear_run
+    out = proc.stdout.splitlines()
+    assert out[0] == f"run_dir: {run_dir}"
+    assert out[1].startswith("final: loss=") and out[1].endswith("at step 700")
+    assert out[2].startswith("target mse 0.0001: reached at step ")
+    assert out[3] == f"logs: {run_dir}/*.log"
+
+
+def test_max_steps_is_exactly_the_updates_applied(linear_run):
+    run_dir, _ = linear_run
+    r = report(run_dir)
+    assert r["steps"] == r["requested_steps"] == 700
+    assert r["versions"] == [700] and r["pushes"]["applied"] == 700
+
+
+def test_evaluations_are_at_exact_multiples_of_eval_every(linear_run):
+    run_dir, _ = linear_run
+    steps = [r["step"] for r in rows(run_dir) if r["kind"] == "eval"]
+    assert steps[:-1] == [100, 200, 300, 400, 500, 600]  # the last one is the final evaluation
+    assert steps[-1] == 700
+    final = [r for r in rows(run_dir) if r["kind"] == "final"]
+    assert len(final) == 1 and final[0]["evaluation"] == "at stop"
+
+
+def test_one_zero_point_and_no_death_for_stopped_workers(linear_run):
+    run_dir, _ = linear_run
+    all_rows, r = rows(run_dir), report(run_dir)
+    start = next(x for x in all_rows if x["kind"] == "start")
+    assert abs(start["time"]) < 0.5 and start["workers_ready"] == 2 and start["startup_seconds"] > 0
+    joined = [x for x in all_rows if x["kind"] == "worker_joined"]
+    assert len(joined) == 2 and all(x["time"] <= start["time"] for x in joined)  # before step 0
+    target_eval = next(x for x in all_rows if x["kind"] == "eval" and x["step"] == r["target"]["step"])
+    assert abs(target_eval["time"] - r["target"]["seconds"]) < 0.1  # the same clock
+    assert not [x for x in all_rows if x["kind"] == "worker_dead"]
+    assert all_rows[-1]["kind"] in ("final", "worker_exited") and r["membership"]["deaths"] == 0
+
+
+def test_the_last_telemetry_window_is_flushed_at_stop(linear_run):
+    run_dir, _ = linear_run
+    final_rows = [x for x in rows(run_dir) if x["kind"] == "telemetry" and x["final"]]
+    assert len(final_rows) == 1
+    assert set(report(run_dir)["pull_to_push_ms"]["per_worker"]) == {"0", "1"}
+
+
+def test_a_missed_target_is_said_in_words_and_exits_0(tmp_path):
+    proc = run_ok("launch", LINEAR, f"run_dir={tmp_path}", "train.max_steps=60", "train.target.value=1.0e-30",
+                  "cluster.workers=1", timeout=180)
+    assert "target mse 1e-30: NOT reached" in proc.stdout
+
+
+@pytest.mark.parametrize("key", ["cluster.chief_port", "cluster.ps_ports", "telemetry.prometheus_port"])
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path, key):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        value = f"[{port}]" if key == "cluster.ps_ports" else str(port)
+        proc = asyncps("launch", LINEAR, f"{key}={value}", "cluster.ps=1", f"run_dir={tmp_path / 'r'}", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"asyncps launch: error: {key}{'[0]' if key == 'cluster.ps_ports' else ''}: port {port} on 127.0.0.1 "
+        f"is already in use (free it or choose another port)"]
+    assert not (tmp_path / "r").exists()  # nothing was started
+
+
+def test_a_child_with_a_configuration_error_is_not_restarted(tmp_path):
+    """A role that exits 2 (here: a stand-in shard) is never restarted; its line is repeated."""
+    cfg = load_config(LINEAR, [f"run_dir={tmp_path}", "cluster.restart_policy.ps=on_failure",
+                               "cluster.restart_policy.max_restarts=3"])
+    bad = "asyncps ps: error: ps 0: cannot listen on 127.0.0.1:1234 (port in use?)"
+    children = [Child("ps0", [sys.executable, "-c", f"import sys; print({bad!r}); sys.exit(2)"], tmp_path / "ps0.log",
+                      role="ps"),
+                Child("chief", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "chief.log", role="chief")]
+    out = io.StringIO()
+    assert supervise(children, cfg, stream=out) == 2
+    assert children[0].restarts == 0
+    assert f"asyncps launch: error: ps0: {bad} (see {tmp_path / 'ps0.log'})" in out.getvalue()
+    assert children[1].poll() is not None  # the others were stopped
+
+
+def test_the_watcher_reports_progress_and_failures(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("")
+    out = io.StringIO()
+    clock = iter(range(0, 1000, 10)).__next__
+    watcher = RunWatcher(tmp_path, max_steps=1000, workers=2, stream=out, every_seconds=5, clock=clock)
+    lines = [{"kind": "worker_joined", "step": 0, "time": -1, "worker": 0},
+             {"kind": "progress", "step": 100, "time": 1.0},
+             {"kind": "eval", "step": 200, "time": 2.0, "accuracy": 0.9},
+             {"kind": "telemetry", "step": 200, "time": 2.0, "staleness": {"count": 3, "mean": 1.5}},
+             {"kind": "failure", "step": 200, "time": 2.1, "role": "ps", "index": 1, "at_step": 200,
+              "restored_step": 150, "steps_lost": 50}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"kind": "progr')  # a row being written
+    watcher.poll(restarts=1)
+    text = out.getvalue()
+    assert "asyncps launch: ps 1 failed at step 200; model restored to step 150 (50 steps lost)" in text
+    assert "step 200/1000  100 steps/s  eval accuracy=0.9000 @200  staleness 1.50  workers 1/2  restarts 1" in text
+
+
+def test_options_may_come_anywhere_and_version_is_known():
+    proc = run_ok("launch", LINEAR, "train.max_steps=5", "--dry-run", "cluster.workers=1")
+    assert "max_steps: 5" in proc.stdout and proc.stdout.count("TF_CONFIG=") == 1 + 1 + 1
+    assert run_ok("--version").stdout.startswith("asyncps ")
