@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +386,54 @@ def test_shards_are_resumed_when_the_snapshot_fails_midway(tmp_path):
     with pytest.raises(OSError):
         saver.save(1.0)
     assert calls == ["pause", "resume"] and saver.summary()["failed"] == 1
+
+
+def test_the_chief_trains_on_and_reports_when_no_checkpoint_can_be_written(tmp_path, monkeypatch):
+    """The chief in-process with a real shard on a thread: every write fails with ENOSPC; the
+    periodic checkpoint and the final one are counted and the run ends normally."""
+    import threading
+
+    from asyncps.chief.main import ChiefRun
+    from asyncps.cluster import ClusterSpec
+
+    run_dir = tmp_path / "run"
+    cfg = linear_cfg(run_dir, "cluster.ps=1", "cluster.workers=1", "train.max_steps=6", "checkpoint.every_steps=2",
+                     "cluster.rpc_timeout=5", "train.eval_every=0", "cluster.start_barrier=false")
+    server = ShardServer(cfg, 0, port=0)
+    address = f"127.0.0.1:{server.start()}"
+    monkeypatch.setattr(ckpt, "atomic_save_npz", enospc)
+    run = ChiefRun(cfg, ClusterSpec(chief="127.0.0.1:0", ps=(address,), workers=1))
+    client = None
+    try:
+        run.start()
+        client = PSClient([address], run.placement, cfg)
+        client.register(0)
+        _, versions = client.pull()
+        grads = {"linear.w": np.ones((1, 1), np.float32), "linear.b": np.ones((1,), np.float32)}
+        for seq in range(3):
+            _, _, versions = client.push_pull(grads, versions, 0, seq)
+        trainer = threading.Thread(target=run.train, daemon=True)
+        trainer.start()
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 60
+        while '"checkpoint_failed"' not in metrics.read_text():  # the periodic one at step >= 2
+            assert trainer.is_alive() and time.monotonic() < deadline, metrics.read_text()[-2000:]
+            time.sleep(0.02)
+        for seq in range(3, 6):
+            _, _, versions = client.push_pull(grads, versions, 0, seq)
+        trainer.join(60)
+        assert not trainer.is_alive()
+        run.finish()
+    finally:
+        if client is not None:
+            client.close()
+        run.close()
+        server.stop(grace=0)
+    r = report(run_dir)
+    assert r["steps"] == 6
+    c = r["checkpoints"]
+    assert c["written"] == 0 and c["failed"] == 2 and "No space left on device" in c["last_error"], c
+    assert not any(p.name.startswith(".ckpt") for p in (run_dir / "checkpoints").glob("*"))
 
 
 # ----------------------------------------------------------------------------------------------
