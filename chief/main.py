@@ -187,6 +187,10 @@ class ChiefRun:
         self.checkpoints.restart_from(self.step)
 
     def _resume(self, checkpoint: ckpt.Checkpoint) -> None:
+        problems = ckpt.config_mismatches(checkpoint.manifest, self.cfg.to_dict())
+        if problems:  # `asyncps launch` refuses this before starting; a chief started alone (compose) here
+            raise ckpt.CheckpointError(f"{checkpoint.path} cannot continue with this config: {'; '.join(problems)} "
+                                       f"(these keys must match the checkpoint's, see docs/failures.md)")
         versions = self.checkpoints.restore(checkpoint)
         self.step, self.resumed_from = global_step(versions), checkpoint.step
         self.carried_seconds = float(checkpoint.manifest.get("seconds", 0.0))  # `time` continues from it

@@ -84,32 +84,104 @@ def take_misplaced_override(args: argparse.Namespace) -> None:
     if len(dirs) > 1:
         raise UserError(f"--resume takes one DIR, got {len(dirs)}: {' '.join(dirs)}")
     args.resume = dirs[0] if dirs else "latest"
+    explicit = [a.partition("=")[2] for a in args.overrides if a.startswith("run_dir=")]
+    if dirs and explicit:  # --resume DIR owns the run directory: a second one is a contradiction
+        owner = run_dir_of(Path(dirs[0]).resolve())
+        if is_run_dir(owner) and Path(explicit[-1]).resolve() != owner:
+            raise UserError(f"--resume {dirs[0]} continues the run in {owner}, run_dir={explicit[-1]} names another "
+                            f"directory (drop run_dir=, or copy the run there and resume the copy)")
+
+
+# Paths of a run's config that may point inside its run directory: re-rooted when the run is
+# resumed from another place (a copy, a move). checkpoint.dir always; the TLS files if there.
+REROOTED = ("checkpoint.dir", "cluster.security.dir", "cluster.security.ca", "cluster.security.cert",
+            "cluster.security.key", "cluster.security.token_file")
 
 
 def prepare_resume(cfg: Config, spec: str) -> None:
-    """Sets `checkpoint.resume` (and the run directory) and checks now that a checkpoint exists."""
+    """Sets the run directory and `checkpoint.resume`; checks now, before anything starts, that a
+    valid checkpoint exists and that this config can continue it (else UserError: exit 2).
+
+    `--resume DIR` owns the run directory: the run DIR is (or whose checkpoints it holds), not
+    the run_dir a YAML names (a copied run's config.yaml names the original). Paths that pointed
+    inside the directory the run was written in (checkpoint.dir, ...) are re-rooted into it, so
+    a copied or moved run never reads or writes the original; its metrics.jsonl, and so its
+    failure history, are those of the copy. A config without checkpoint.dir continues in the
+    folder the run's own config.yaml names.
+    """
     from asyncps.chief import checkpoint as ckpt
     from asyncps.chief.checkpointer import checkpoint_dir
 
     if spec == "latest":
         if not cfg.run_dir:
             raise UserError("--resume without DIR needs run_dir=PATH (the run to continue)")
+        run_dir = Path(cfg.run_dir).resolve()
     else:
         path = Path(spec).resolve()
-        cfg.run_dir = cfg.run_dir or str(run_dir_of(path))
-        spec = str(path)
-    found = ckpt.resolve(spec, checkpoint_dir(cfg, Path(cfg.run_dir)))
+        owner = run_dir_of(path)
+        run_dir = owner if is_run_dir(owner) or not cfg.run_dir else Path(cfg.run_dir).resolve()
+    recorded = _recorded_config(run_dir)
+    if not cfg.checkpoint.dir and isinstance(recorded.get("checkpoint"), dict) and recorded["checkpoint"].get("dir"):
+        cfg.checkpoint.dir = str(recorded["checkpoint"]["dir"])
+    _reroot(cfg, [cfg.run_dir, recorded.get("run_dir")], run_dir)
+    cfg.run_dir = str(run_dir)
+    if spec != "latest":  # the run's own folder means its checkpoints, wherever checkpoint.dir puts them
+        spec = str(checkpoint_dir(cfg, run_dir).resolve() if path == run_dir else path)
+    found = ckpt.resolve(spec, checkpoint_dir(cfg, run_dir))
+    problems = ckpt.config_mismatches(found.manifest, cfg.to_dict())
+    if problems:
+        raise UserError(f"--resume: {found.path} cannot continue with this config: {'; '.join(problems)} "
+                        f"(these keys must match the checkpoint's, see docs/failures.md)")
     print(f"asyncps launch: resuming from {found.path} (step {found.step})", file=sys.stderr)
     cfg.checkpoint.resume = spec
 
 
+def is_run_dir(path: Path) -> bool:
+    """A folder `asyncps launch` ran in: it holds the run's config.yaml or metrics.jsonl."""
+    return (path / "config.yaml").is_file() or (path / "metrics.jsonl").is_file()
+
+
 def run_dir_of(path: Path) -> Path:
-    """The run directory a --resume DIR belongs to (DIR itself, or above its checkpoints/)."""
-    if path.name.startswith("ckpt-"):
+    """The run directory a --resume DIR belongs to: DIR when it is one (is_run_dir), else the run
+    directory holding DIR's checkpoints folder (whatever its name), else, for checkpoints kept
+    outside any run, DIR itself or the folder above one named checkpoints/."""
+    if path.name.startswith("ckpt-") and not is_run_dir(path):
         path = path.parent
-    if path.name == "checkpoints":
-        path = path.parent
-    return path
+    if is_run_dir(path):
+        return path
+    if is_run_dir(path.parent) and any(path.glob("ckpt-*")):
+        return path.parent
+    return path.parent if path.name == "checkpoints" else path
+
+
+def _recorded_config(run_dir: Path) -> dict:
+    """The run's config.yaml as written by its launch ({} without one). Its run_dir is where the
+    run was written: a copy's names the original."""
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def _reroot(cfg: Config, old_roots: list, new_root: Path) -> None:
+    """Paths of REROOTED inside an old run directory move into `new_root` (the TLS files only when
+    the copy has them)."""
+    olds = {Path(o).resolve() for o in old_roots if isinstance(o, str) and o} - {new_root}
+    for dotted in REROOTED:
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        value = getattr(node, leaf)
+        if not value or not Path(value).is_absolute() or Path(value).is_relative_to(new_root):
+            continue
+        for old in olds:
+            if Path(value).is_relative_to(old):
+                moved = new_root / Path(value).relative_to(old)
+                if leaf == "dir" and parents == ["checkpoint"] or moved.exists():
+                    setattr(node, leaf, str(moved))
+                break
 
 
 def write_run_config(cfg: Config) -> Path:
