@@ -33,7 +33,7 @@ def staleness_section(stats) -> dict:
     for index, rows in sorted(workers.items()):
         summary = summarize(merge_histograms(*(histogram_of(w.histogram) for w in rows)))
         summary["max"] = max(w.staleness_max for w in rows)
-        per_worker[str(index)] = {**summary, **controlled_ages(rows)}
+        per_worker[str(index)] = {**summary, **controlled_ages(rows), "dropped": sum(w.dropped for w in rows)}
     overall = summarize(merge_histograms(*(histogram_of(s.histogram) for s in stats)))
     overall["max"] = max((w.staleness_max for rows in workers.values() for w in rows), default=0)
     overall.update(controlled_ages([w for rows in workers.values() for w in rows]))
@@ -71,6 +71,18 @@ def push_counters(stats) -> dict:
     return totals
 
 
+def pushes_per_worker(stats) -> dict:
+    """{worker: applied, dropped, rejected, duplicates, reapplied} summed over the shards."""
+    fields = ("applied", "dropped", "rejected", "duplicates", "reapplied")
+    out: dict[str, dict] = {}
+    for s in stats:
+        for w in s.workers:
+            row = out.setdefault(str(w.worker), dict.fromkeys(fields, 0))
+            for f in fields:
+                row[f] += getattr(w, f)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dict:
     """The report of a finished ChiefRun."""
     cfg = run.cfg
@@ -95,6 +107,10 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         "pushes": push_counters(stats),
         "pull_to_push_ms": run.telemetry.pull_to_push_summary() if hasattr(run, "telemetry") else None,
         "pushes_per_shard": {str(s.shard): push_counters([s]) for s in stats},
+        "pushes_per_worker": pushes_per_worker(stats),
+        # ssp: the largest clock gap between the fastest and the slowest worker seen on any shard
+        "max_clock_gap": max((s.max_clock_gap for s in stats), default=0),
+        "startup_seconds": getattr(run, "startup_seconds", None),
         "membership": {"joins": run.membership.joins, "deaths": run.membership.deaths, "events": run.events},
         "failures": run.failures,
         "resumed_from": run.resumed_from,

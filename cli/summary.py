@@ -17,17 +17,25 @@ def summary_lines(report: dict, logs: str | None = None) -> list[str]:
     at = f" at step {steps}" if steps is not None else ""
     if requested is not None and steps is not None and steps != requested:
         at += f" ({requested} requested)"
-    lines.append("final: " + " ".join(f"{k}={_fmt(v)}" for k, v in final.items()) + at)
+    lines.append("final: " + " ".join(f"{k}={_fmt(v)}" for k, v in final.items()) + at
+                 + (" (evaluated after the stop at the target)" if stopped_at_target(report) else ""))
     target = report.get("target") or {}
     if target.get("value") is not None:
         head = f"target {target['metric']} {target['value']:g}: "
         if target.get("reached"):
-            lines.append(head + f"reached at step {target['step']} ({target['seconds']:.1f} s)")
+            value = (target.get("metrics") or {}).get(target["metric"])
+            lines.append(head + f"reached at step {target['step']} ({target['seconds']:.1f} s)"
+                         + (f", {target['metric']}={_fmt(value)} there" if value is not None else ""))
         else:
             lines.append(head + "NOT reached")
     if logs:
         lines.append(f"logs: {logs}")
     return lines
+
+
+def stopped_at_target(report: dict) -> bool:
+    target = report.get("target") or {}
+    return bool(target.get("reached")) and bool(((report.get("config") or {}).get("train") or {}).get("target", {}).get("stop"))
 
 
 def _fmt(v) -> str:

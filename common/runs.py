@@ -134,16 +134,17 @@ class TargetTracker:
     target: object
     step: int | None = None
     seconds: float | None = None
+    metrics: dict | None = None  # the evaluation that reached it
 
     def observe(self, step: int, seconds: float, metrics: dict) -> bool:
         if self.step is None and target_reached(metrics, self.target):
-            self.step, self.seconds = step, seconds
+            self.step, self.seconds, self.metrics = step, seconds, dict(metrics)
         return self.step is not None
 
     def as_dict(self) -> dict:
         t = self.target
         return {"metric": t.metric, "value": t.value, "reached": self.step is not None,
-                "step": self.step, "seconds": self.seconds}
+                "step": self.step, "seconds": self.seconds, "metrics": self.metrics}
 
 
 def small_variables(params: dict, limit: int = 16) -> dict:
