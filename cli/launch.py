@@ -127,7 +127,8 @@ def prepare_resume(cfg: Config, spec: str) -> None:
     cfg.run_dir = str(run_dir)
     if spec != "latest":  # the run's own folder means its checkpoints, wherever checkpoint.dir puts them
         spec = str(checkpoint_dir(cfg, run_dir).resolve() if path == run_dir else path)
-    found = ckpt.resolve(spec, checkpoint_dir(cfg, run_dir))
+    found = ckpt.resolve(spec, checkpoint_dir(cfg, run_dir),
+                         warn=lambda m: print(f"asyncps launch: {m}", file=sys.stderr, flush=True))
     problems = ckpt.config_mismatches(found.manifest, cfg.to_dict())
     if problems:
         raise UserError(f"--resume: {found.path} cannot continue with this config: {'; '.join(problems)} "
