@@ -583,49 +583,94 @@ def _digits(k):
 
 
 # Range checks that a type alone cannot express: (section class, field, predicate, expectation).
+# Every number of the schema has one (tests/test_config_limits.py walks the schema); for a list
+# field the predicate applies to each item, and a None (off) is not checked. _coerce has already
+# refused integers outside int64 and floats that are not finite.
+_SECONDS = f"{MAX_SECONDS:.0f}"  # a year, in the texts below
+_MS = MAX_SECONDS * 1000
 _RANGES = [
-    (TrainConfig, "batch_size", lambda v: v >= 1, "at least 1"),
-    (TrainConfig, "max_steps", lambda v: v >= 1, "at least 1"),
-    (TrainConfig, "eval_every", lambda v: v >= 0, "0 or more"),
-    (TrainConfig, "log_every", lambda v: v >= 1, "at least 1"),
-    (OptimizerConfig, "learning_rate", lambda v: v > 0, "positive"),
-    (OptimizerConfig, "weight_decay", lambda v: v >= 0, "0 or more"),
-    (OptimizerConfig, "epsilon", lambda v: v > 0, "positive"),
-    (OptimizerConfig, "rmsprop_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (Config, "seed", lambda v: v >= 0, "0 or more"),
+    (ModelConfig, "hidden", lambda v: 1 <= v <= 65536, "in [1, 65536] (each width)"),
+    (ModelConfig, "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (ModelConfig, "context", lambda v: 1 <= v <= 4096, "in [1, 4096]"),
+    (ModelConfig, "embed_dim", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    (ModelConfig, "init_scale", lambda v: v >= 0, "0 or more"),
+    (DataConfig, "num_train", lambda v: 1 <= v <= 100_000_000, "in [1, 100000000]"),
+    (DataConfig, "noise", lambda v: v >= 0, "0 or more"),
+    (ScheduleConfig, "decay_steps", lambda v: v >= 1, "at least 1"),
+    (ScheduleConfig, "decay_rate", lambda v: v >= 0, "0 or more"),
+    (ScheduleConfig, "boundaries", lambda v: v >= 0, "0 or more (each a step)"),
+    (ScheduleConfig, "values", lambda v: v > 0, "positive (each a learning rate)"),
+    (ScheduleConfig, "alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
     (StalenessPolicyConfig, "max_staleness", lambda v: v >= 0, "0 or more"),
     (StalenessPolicyConfig, "dc_lambda", lambda v: v >= 0, "0 or more"),
     (StalenessPolicyConfig, "dc_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     (StalenessPolicyConfig, "dc_epsilon", lambda v: v > 0, "positive"),
-    (ModelConfig, "dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    (ModelConfig, "context", lambda v: v >= 1, "at least 1"),
-    (ClusterConfig, "ps", lambda v: v >= 1, "at least 1"),
-    (ClusterConfig, "workers", lambda v: v >= 1, "at least 1"),
+    (OptimizerConfig, "learning_rate", lambda v: v > 0, "positive"),
+    (OptimizerConfig, "momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (OptimizerConfig, "beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (OptimizerConfig, "beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (OptimizerConfig, "epsilon", lambda v: v > 0, "positive"),
+    (OptimizerConfig, "rho", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (OptimizerConfig, "rmsprop_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    (OptimizerConfig, "initial_accumulator", lambda v: v >= 0, "0 or more"),
+    (OptimizerConfig, "weight_decay", lambda v: v >= 0, "0 or more"),
+    # TargetConfig.value: any finite number (a loss, an accuracy or an mse)
+    (TrainConfig, "batch_size", lambda v: 1 <= v <= 1 << 20, "at least 1 and at most 1048576"),
+    (TrainConfig, "max_steps", lambda v: v >= 1, "at least 1"),
+    (TrainConfig, "max_seconds", lambda v: 0 < v <= MAX_SECONDS, f"in (0, {_SECONDS}] seconds or null"),
+    (TrainConfig, "eval_every", lambda v: v >= 0, "0 or more"),
+    (TrainConfig, "log_every", lambda v: v >= 1, "at least 1"),
+    (ClusterConfig, "ps", lambda v: 1 <= v <= MAX_PEERS, f"at least 1 and at most {MAX_PEERS}"),
+    (ClusterConfig, "workers", lambda v: 1 <= v <= MAX_PEERS, f"at least 1 and at most {MAX_PEERS}"),
     (ClusterConfig, "staleness_bound", lambda v: v >= 0, "0 or more"),
     (ClusterConfig, "backup_workers", lambda v: v >= 0, "0 or more"),
-    (ClusterConfig, "rpc_timeout", lambda v: v > 0, "positive"),
+    (ClusterConfig, "ps_ports", lambda v: 1 <= v <= 65535, "a port in [1, 65535]"),
+    (ClusterConfig, "chief_port", lambda v: 0 <= v <= 65535, "in [0, 65535] (0: a free port)"),
+    (ClusterConfig, "rpc_timeout", lambda v: 0 < v <= MAX_SECONDS, f"in (0, {_SECONDS}] seconds"),
+    (ClusterConfig, "heartbeat_interval", lambda v: 0 < v <= MAX_SECONDS, f"in (0, {_SECONDS}] seconds"),
+    (ClusterConfig, "heartbeat_timeout", lambda v: 0 < v <= MAX_SECONDS, f"in (0, {_SECONDS}] seconds"),
     (ClusterConfig, "start_timeout", lambda v: 0 < v <= 86400, "in (0, 86400]"),
-    (ScheduleConfig, "decay_steps", lambda v: v >= 1, "at least 1"),
     (RestartPolicyConfig, "max_restarts", lambda v: v >= 0, "0 or more"),
     (CheckpointConfig, "every_steps", lambda v: v >= 0, "0 or more"),
+    (CheckpointConfig, "every_seconds", lambda v: 0 <= v <= MAX_SECONDS, f"in [0, {_SECONDS}] seconds (0: never)"),
     (CheckpointConfig, "keep", lambda v: v >= 1, "at least 1"),
     (StragglerConfig, "worker", lambda v: v >= 0, "0 or more"),
-    (StragglerConfig, "factor", lambda v: v >= 1, "at least 1"),
+    (StragglerConfig, "factor", lambda v: 1 <= v <= 1e6, "in [1, 1000000]"),
     (StragglerConfig, "pause_every", lambda v: v >= 0, "0 or more"),
-    (StragglerConfig, "pause_ms", lambda v: v >= 0, "0 or more"),
-    (DelayConfig, "mean_ms", lambda v: v >= 0, "0 or more"),
-    (DelayConfig, "min_ms", lambda v: v >= 0, "0 or more"),
-    (DelayConfig, "sigma", lambda v: v >= 0, "0 or more"),
+    (StragglerConfig, "pause_ms", lambda v: 0 <= v <= _MS, f"in [0, {_MS:.0f}] ms"),
+    (DelayConfig, "mean_ms", lambda v: 0 <= v <= _MS, f"in [0, {_MS:.0f}] ms"),
+    (DelayConfig, "min_ms", lambda v: 0 <= v <= _MS, f"in [0, {_MS:.0f}] ms"),
+    (DelayConfig, "max_ms", lambda v: 0 <= v <= _MS, f"in [0, {_MS:.0f}] ms"),
+    (DelayConfig, "sigma", lambda v: 0 <= v <= 10, "in [0, 10]"),
     (StalenessConfig, "s", lambda v: 0 <= v <= 10000, "in [0, 10000]"),
     (StalenessConfig, "p", lambda v: 0 < v <= 1, "in (0, 1]"),
-    (TelemetryConfig, "every_seconds", lambda v: v >= 0, "0 or more"),
-    (TelemetryConfig, "prometheus_port", lambda v: 0 <= v <= 65535, "in [0, 65535]"),
+    (TelemetryConfig, "every_seconds", lambda v: 0 <= v <= MAX_SECONDS, f"in [0, {_SECONDS}] seconds (0: never)"),
+    (TelemetryConfig, "prometheus_port", lambda v: 0 <= v <= 65535, "in [0, 65535] (0: off)"),
 ]
 
 
 def _check(obj, prefix: str, source: str) -> None:
     for cls, name, ok, expected in _RANGES:
-        if type(obj) is cls and not ok(getattr(obj, name)):
-            raise ConfigError(f"{source}: {prefix}{name} must be {expected}, got {getattr(obj, name)!r}")
+        if type(obj) is not cls:
+            continue
+        value = getattr(obj, name)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if item is not None and not ok(item):
+                where = name if i is None else f"{name}[{i}]"
+                raise ConfigError(f"{source}: {prefix}{where} must be {expected}, got {_show(item)}")
+    if isinstance(obj, ModelConfig) and obj.name == "charlm" and not obj.hidden:
+        raise ConfigError(f"{source}: {prefix}hidden must list the charlm width (e.g. [128]), got []")
+    if isinstance(obj, ScheduleConfig) and any(b >= c for b, c in zip(obj.boundaries, obj.boundaries[1:])):
+        raise ConfigError(f"{source}: {prefix}boundaries must increase strictly, got {_show(obj.boundaries)}")
+    if isinstance(obj, StalenessConfig):
+        for k, w in obj.histogram.items():
+            if not 0 <= k <= 10000:
+                raise ConfigError(f"{source}: {prefix}histogram keys must be staleness values in [0, 10000], "
+                                  f"got {_show(k)}")
+            if not w >= 0:
+                raise ConfigError(f"{source}: {prefix}histogram[{k}] must be a weight of 0 or more, got {_show(w)}")
     if isinstance(obj, ScheduleConfig) and obj.name == "piecewise":
         if len(obj.values) != len(obj.boundaries) + 1:
             raise ConfigError(
@@ -639,7 +684,7 @@ def _check(obj, prefix: str, source: str) -> None:
     if isinstance(obj, StalenessConfig) and obj.distribution == "histogram":
         if not obj.histogram or any(k < 0 or w < 0 for k, w in obj.histogram.items()) or not sum(obj.histogram.values()) > 0:
             raise ConfigError(f"{source}: {prefix}histogram must map staleness values >= 0 to weights >= 0 "
-                              f"with a positive sum (e.g. {{0: 0.5, 8: 0.5}}), got {obj.histogram!r}")
+                              f"with a positive sum (e.g. {{0: 0.5, 8: 0.5}}), got {_show(obj.histogram)}")
     if isinstance(obj, Config) and obj.staleness.controlled and (obj.cluster.mode == "sync" or obj.cluster.prefetch):
         raise ConfigError(f"{source}: staleness.controlled decides what every gradient reads: it needs cluster.mode "
                           f"async or ssp and cluster.prefetch false (got mode {obj.cluster.mode}, prefetch "
@@ -654,11 +699,15 @@ def _check(obj, prefix: str, source: str) -> None:
         raise ConfigError(f"{source}: delay.straggler.worker must be less than cluster.workers "
                           f"({obj.cluster.workers}), got {obj.delay.straggler.worker}")
     if isinstance(obj, SecurityConfig):
-        if obj.mtls:
-            obj.tls = True
-        if obj.tls and not (obj.dir or (obj.ca and obj.cert and obj.key)):
+        # mtls implies tls (protos/security.py reads `tls or mtls`); validation leaves the config as given
+        if (obj.tls or obj.mtls) and not (obj.dir or (obj.ca and obj.cert and obj.key)):
             raise ConfigError(f"{source}: {prefix}tls needs dir (made by `asyncps certs DIR`) or ca, cert and key")
         if obj.token_file and obj.token_env:
             raise ConfigError(f"{source}: {prefix}token_file and token_env: set one, not both")
+    if isinstance(obj, Config) and obj.telemetry.prometheus_port:
+        top = 65535 - obj.cluster.ps - obj.cluster.workers
+        if obj.telemetry.prometheus_port > top:
+            raise ConfigError(f"{source}: telemetry.prometheus_port must be at most {top} (the chief, each shard and "
+                              f"each worker serve on port, port + 1, ...), got {obj.telemetry.prometheus_port}")
     if isinstance(obj, ClusterConfig) and obj.backup_workers >= obj.workers:
         raise ConfigError(f"{source}: {prefix}backup_workers must be less than workers ({obj.workers})")
