@@ -104,11 +104,12 @@ class Checkpointer:
         """One line, one row, one count; the next attempt at the next interval."""
         self.failed, self.last_error = self.failed + 1, f"step {step}: {_cause(exc)}"
         last = self.last or self._newest_on_disk()
-        print(f"chief: checkpoint at step {step} failed: {_cause(exc)}; the last good one is "
-              f"{last or 'none'}; retrying at the next interval", flush=True)
+        message = (f"checkpoint at step {step} failed: {_cause(exc)}; the last good one is {last or 'none'}; "
+                   f"retrying at the next interval")
+        print(f"chief: {message}", flush=True)
         self.restart_from(step)
-        return self.log.write("checkpoint_failed", step, error=_cause(exc), errno=getattr(exc, "errno", None),
-                              last_good=str(last) if last else None)
+        return self.log.write("checkpoint_failed", step, message=message, error=_cause(exc),
+                              errno=getattr(exc, "errno", None), last_good=str(last) if last else None)
 
     def _newest_on_disk(self) -> Path | None:
         try:

@@ -329,6 +329,7 @@ def test_a_checkpoint_that_cannot_be_written_is_logged_counted_and_retried(tmp_p
         m.setattr(ckpt, "atomic_save_npz", enospc)
         row = saver.save(2.0)  # periodic: must not raise
         assert row["kind"] == "checkpoint_failed" and "No space left" in row["error"]
+        assert "\n" not in row["message"] and "ckpt-000000003" in row["message"]  # what `launch` shows
         final = saver.save(3.0, already_paused=False)
         assert final["kind"] == "checkpoint_failed"
     out = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line]
