@@ -32,8 +32,8 @@ from asyncps.cli.processes import Child, python_module_argv, stop_all, wait_for_
 from asyncps.cli.summary import logs_hint, summary_lines
 from asyncps.cli.watch import RunWatcher
 from asyncps.cluster import check_ports_free, spec_for_launch
-from asyncps.config import Config
-from asyncps.errors import UserError
+from asyncps.config import Config, load_yaml_file
+from asyncps.errors import ConfigError, UserError
 from asyncps.runs import resolve_run_dir
 
 POLL_SECONDS = 0.1
@@ -159,8 +159,8 @@ def _recorded_config(run_dir: Path) -> dict:
     """The run's config.yaml as written by its launch ({} without one). Its run_dir is where the
     run was written: a copy's names the original."""
     try:
-        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, ValueError, yaml.YAMLError):
+        recorded = load_yaml_file(run_dir / "config.yaml")  # the config loader's size/depth/alias limits
+    except ConfigError:
         return {}
     return recorded if isinstance(recorded, dict) else {}
 

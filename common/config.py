@@ -316,6 +316,11 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return from_dict(raw, source=str(path))
 
 
+def load_yaml_file(path: str | Path):
+    """Any YAML file the CLI reads as a config (e.g. RUN_DIR/config.yaml), within the same limits."""
+    return load_yaml(_read_text(Path(path)), str(path))
+
+
 def _read_text(path: Path) -> str:
     """The file as text: at most MAX_CONFIG_BYTES (never reads more, so /dev/zero ends), UTF-8."""
     try:

@@ -330,3 +330,15 @@ def test_range_checks_do_not_reject_the_defaults_or_edges():
 def test_validation_does_not_mutate():
     cfg = from_dict({"cluster": {"security": {"mtls": True, "dir": "/tmp/certs"}}})
     assert cfg.cluster.security.mtls and not cfg.cluster.security.tls  # mtls implies tls where it is used
+
+
+def test_launch_resume_reads_the_recorded_config_within_the_limits(tmp_path):
+    """`launch --resume DIR` reads DIR/config.yaml for the run_dir it names: a hostile one is no config."""
+    from asyncps.cli.launch import _recorded_config
+
+    (tmp_path / "config.yaml").write_text("[" * 200_000 + "]" * 200_000)
+    assert _recorded_config(tmp_path) == {}
+    (tmp_path / "config.yaml").write_bytes(bytes(range(256)) * 8)
+    assert _recorded_config(tmp_path) == {}
+    (tmp_path / "config.yaml").write_text("run_dir: /somewhere\n")
+    assert _recorded_config(tmp_path) == {"run_dir": "/somewhere"}
