@@ -42,7 +42,7 @@ from asyncps.protos.serving import RoleServer
 from asyncps.worker.main import FINAL_REPORT_KEY
 from asyncps.runs import PARAMS_FILE, MetricsLog, Progress, TargetTracker, read_metrics, resolve_run_dir, save_params, write_report
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05  # the chief's view of the global step lags by at most this (time to target included)
 STATS_ATTEMPTS = 3  # rpc_timeout-long waits for an unreachable shard before the run is given up
 
 
@@ -219,6 +219,7 @@ class ChiefRun:
         try:
             while True:
                 self.step = global_step(self.versions())
+                seen_at = self.elapsed()  # when the step was seen: the time an evaluation of it is stamped with
                 self.membership.reap()
                 progress.update(min(self.step, t.max_steps), workers=len(self.membership.alive()))
                 if self.telemetry.due() and self.last_stats is not None:
@@ -227,7 +228,7 @@ class ChiefRun:
                     self.log.write("progress", self.step, steps_per_second=self.step / self.elapsed())
                     next_log = (self.step // t.log_every + 1) * t.log_every
                 while next_eval is not None and next_eval <= self.step and next_eval < t.max_steps:
-                    self._guarded(lambda: self.evaluate_milestone(next_eval))
+                    self._guarded(lambda: self.evaluate_milestone(next_eval, seen_at))
                     next_eval += t.eval_every
                 if self.target.step is not None and t.target.stop:
                     break
@@ -307,7 +308,8 @@ class ChiefRun:
     def elapsed(self) -> float:
         return time.time() - self.start_time
 
-    def evaluate(self, params: dict | None = None, versions: list[int] | None = None) -> dict:
+    def evaluate(self, params: dict | None = None, versions: list[int] | None = None,
+                 seconds: float | None = None) -> dict:
         """Score the shards' current weights on the test set; one `eval` row in metrics.jsonl.
 
         The row carries wall time, global step, per-shard versions and the staleness of the
@@ -321,10 +323,10 @@ class ChiefRun:
         self.log.write("eval", step, wall_time=time.time(), versions=versions, staleness=since, **metrics)
         self.last_eval = metrics
         self.telemetry.evaluation(step, metrics)
-        self.target.observe(step, self.elapsed(), metrics)
+        self.target.observe(step, self.elapsed() if seconds is None else seconds, metrics)
         return metrics
 
-    def evaluate_milestone(self, version: int) -> None:
+    def evaluate_milestone(self, version: int, seconds: float | None = None) -> None:
         """Scores the model as it was at global step `version` exactly (the shards keep those
         values until read: ps/shard.py keep_milestones). When a shard no longer has them (it was
         restored meanwhile, or the chief fell far behind), that evaluation is skipped and said so
@@ -337,7 +339,7 @@ class ChiefRun:
             print(f"chief: evaluation at step {version} skipped: {err.details()}", flush=True)
             self.log.write("eval_skipped", version, message=err.details())
             return
-        self.evaluate(params, versions)
+        self.evaluate(params, versions, seconds)
 
     def _staleness_since_last_eval(self, stats) -> dict:
         now = merged_histogram(stats)

@@ -42,6 +42,8 @@ def test_ssp_bound_holds(tmp_path):
     # A worker at clock c may read once the slowest finished c - s; between its read and its
     # push every other worker can push at most 2s + 1 times (see ps/shard.py).
     assert r["staleness"]["max"] <= (workers - 1) * (2 * s + 1)
+    # in clocks: a worker pulls only at clock <= slowest + s, so it pushes at most to slowest + s + 1
+    assert 0 < r["max_clock_gap"] <= s + 1
 
 
 def test_bad_override_fails_before_starting_anything(tmp_path):
