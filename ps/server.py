@@ -84,6 +84,8 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     """
     counters.set_recording(cfg.telemetry.record_staleness)
     server = ShardServer(cfg, index, port, host)
+    server.shard.cap_at(cfg.train.max_steps)  # max_steps means updates applied: exactly that many
+    server.shard.keep_milestones(cfg.train.eval_every)  # the chief evaluates exactly these versions
     bound = server.start()
     metrics = start_metrics(server.shard, cfg, index, server._role.refusals)
     signals = []  # a signal, not the chief's Stop RPC: exit 128 + signal, so a launcher restarts it

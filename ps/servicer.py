@@ -85,7 +85,8 @@ class ParameterServerServicer:
     def Pull(self, request, context):
         """Streams the requested values with the shard version (may wait: ssp/sync)."""
         worker = request.worker if request.HasField("worker") else None
-        yield from self._shard.pull(worker, request.names, context.time_remaining(), self._export(), age=request.age)
+        yield from self._shard.pull(worker, request.names, context.time_remaining(), self._export(), age=request.age,
+                                    at_version=request.at_version)
 
     @_rpc
     def Push(self, request_iterator, context):
@@ -104,7 +105,7 @@ class ParameterServerServicer:
         """Pull as one unary reply message (all values unchunked)."""
         worker = request.worker if request.HasField("worker") else None
         return self._shard.pull(worker, request.names, context.time_remaining(), self._export(one=True),
-                                age=request.age)
+                                age=request.age, at_version=request.at_version)
 
     @_rpc
     def PushOne(self, request, context):

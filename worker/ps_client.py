@@ -177,14 +177,17 @@ class PSClient:
 
         return self._each(one)
 
-    def pull(self, names: list[str] | None = None, worker: int | None = None, age: int = 0) -> tuple[dict, list[int]]:
+    def pull(self, names: list[str] | None = None, worker: int | None = None, age: int = 0,
+             at_version: int = 0) -> tuple[dict, list[int]]:
         """(full arrays by name, shard versions). A worker's pull may wait (ssp/sync).
 
         With `names`, only the shards holding them are asked; the others' versions are -1.
         With `age` (controlled staleness), every shard serves its values of `age` versions ago.
+        With `at_version` (the chief's evaluations), every shard serves its values of exactly
+        that version (NOT_FOUND where not kept).
         """
         wanted = list(self.placement.variables) if names is None else list(names)
-        requests = [self._pull_request(i, names, worker, age) for i in range(len(self._stubs))]
+        requests = [self._pull_request(i, names, worker, age, at_version) for i in range(len(self._stubs))]
 
         def one(i, stub, req):
             if req is None:
@@ -196,9 +199,12 @@ class PSClient:
         results = self._each(one, [(r,) for r in requests])
         return self.placement.join([v for _, v in results], wanted), [h.version for h, _ in results]
 
-    def _pull_request(self, shard: int, names: list[str] | None, worker: int | None, age: int = 0):
+    def _pull_request(self, shard: int, names: list[str] | None, worker: int | None, age: int = 0,
+                      at_version: int = 0):
         """The PullRequest for one shard (None: the shard holds none of `names`)."""
-        request = ps_pb2.PullRequest(age=age) if worker is None else ps_pb2.PullRequest(worker=worker, age=age)
+        request = ps_pb2.PullRequest(age=age, at_version=at_version)
+        if worker is not None:
+            request.worker = worker
         if names is not None:
             mine = self._names_on(shard, names)
             if not mine:
