@@ -118,7 +118,12 @@ def prepare_resume(cfg: Config, spec: str) -> None:
         run_dir = Path(cfg.run_dir).resolve()
     else:
         path = Path(spec).resolve()
+        if not path.exists():
+            raise UserError(f"--resume {spec}: no such file or directory")
         owner = run_dir_of(path)
+        if not (is_run_dir(owner) or path.name.startswith("ckpt-") or any(path.glob("ckpt-*"))):
+            raise UserError(f"--resume {spec}: not a run directory (no config.yaml, metrics.jsonl or ckpt-* "
+                            f"folder), a checkpoints folder or a ckpt-* folder")
         run_dir = owner if is_run_dir(owner) or not cfg.run_dir else Path(cfg.run_dir).resolve()
     recorded = _recorded_config(run_dir)
     if not cfg.checkpoint.dir and isinstance(recorded.get("checkpoint"), dict) and recorded["checkpoint"].get("dir"):

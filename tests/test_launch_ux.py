@@ -139,3 +139,11 @@ def test_options_may_come_anywhere_and_version_is_known():
     proc = run_ok("launch", LINEAR, "train.max_steps=5", "--dry-run", "cluster.workers=1")
     assert "max_steps: 5" in proc.stdout and proc.stdout.count("TF_CONFIG=") == 1 + 1 + 1
     assert run_ok("--version").stdout.startswith("asyncps ")
+
+
+def test_resume_of_something_that_is_no_run_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    for target, why in ((tmp_path, "not a run directory"), (tmp_path / "missing", "no such file or directory")):
+        proc = asyncps("launch", LINEAR, "--resume", target, timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+        assert why in proc.stderr
