@@ -37,6 +37,7 @@ class RunWatcher:
         self.alive: set[int] = set()
         self.restarts = 0
         self.stopping = False
+        self.started = False  # the chief's `start` row (step 0, after the start barrier)
         self._rate_from: tuple[float, int] | None = None  # (row time, step) the rate is measured from
         self._last_plain = clock()
         self._line_len = 0
@@ -70,6 +71,8 @@ class RunWatcher:
 
     def _take(self, row: dict) -> None:
         kind, step = row.get("kind"), int(row.get("step", 0))
+        if kind == "start":
+            self.started = True
         if kind in ("progress", "eval", "telemetry", "checkpoint"):
             self._advance(step, row.get("time"))
         if kind == "eval":
@@ -101,6 +104,8 @@ class RunWatcher:
     # -- output ---------------------------------------------------------------------------------
 
     def status(self) -> str:
+        if not self.started and not self.step:
+            return "starting: shards, chief and workers are coming up and loading data"
         parts = [f"step {min(self.step, self.max_steps)}/{self.max_steps}"]
         if self.rate is not None:
             parts.append(f"{self.rate:.0f} steps/s")

@@ -122,7 +122,7 @@ def test_the_watcher_reports_progress_and_failures(tmp_path):
     out = io.StringIO()
     clock = iter(range(0, 1000, 10)).__next__
     watcher = RunWatcher(tmp_path, max_steps=1000, workers=2, stream=out, every_seconds=5, clock=clock)
-    lines = [{"kind": "worker_joined", "step": 0, "time": -1, "worker": 0},
+    lines = [{"kind": "worker_joined", "step": 0, "time": -1, "worker": 0}, {"kind": "start", "step": 0, "time": 0},
              {"kind": "progress", "step": 100, "time": 1.0},
              {"kind": "eval", "step": 200, "time": 2.0, "accuracy": 0.9},
              {"kind": "telemetry", "step": 200, "time": 2.0, "staleness": {"count": 3, "mean": 1.5}},
