@@ -286,19 +286,34 @@ def _finished(dtype, shape, rows, flat) -> np.ndarray | SparseRows:
     return values if rows is None else SparseRows(rows, values)
 
 
+# admit(name, slot, dtype, shape, sparse, nbytes): called once per tensor of a stream, with its
+# validated declaration (nbytes: data plus sparse row indices), before any buffer is allocated
+# for it; raises to refuse the tensor (and so the stream).
+Admit = Callable[[str, str, np.dtype, tuple, bool, int], None]
+
+
 class Assembler:
     """Reassembles the Tensor pieces of one stream, checking order, sizes and completeness.
 
     Feed every message's ``tensors`` to `add`, then call `finish`. Errors raise CodecError
     naming the tensor: unknown dtype, shape and byte count that disagree, a piece out of order
     or missing, a piece past the declared end, a tensor sent twice, or (at `finish`) a stream
-    that ended before a tensor was complete.
+    that ended before a tensor was complete. `admit` (see `Admit`) vets each tensor's
+    declaration before anything is allocated for it: the shard checks names, dtypes, shapes and
+    its byte budget there.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, admit: Admit | None = None) -> None:
         self._done: dict[tuple[str, str], np.ndarray | SparseRows] = {}
         self._partial: dict[tuple[str, str], _Partial] = {}
         self.nbytes = 0  # data bytes received, for accounting
+        self._admit = admit  # vets each tensor's declaration before anything is allocated for it
+
+    def clear(self) -> None:
+        """Drops every tensor received so far (their buffers are freed with the last reference):
+        for a stream that failed or was cancelled."""
+        self._done.clear()
+        self._partial.clear()
 
     def add(self, pieces: Iterable[Any]) -> None:
         """Takes the pieces of one message, in order."""
@@ -320,6 +335,8 @@ class Assembler:
         if key in self._done:
             raise CodecError(f"tensor {label}: sent twice in one stream")
         dtype, shape, total = _header(piece)
+        if self._admit is not None:  # before the buffer: a refused declaration allocates nothing
+            self._admit(piece.name, piece.slot, dtype, shape, bool(piece.sparse), total + len(piece.rows))
         if piece.offset != 0:
             raise CodecError(f"tensor {label}: first piece starts at byte {piece.offset}, expected 0 (missing or out-of-order chunk)")
         if len(data) > total:
@@ -693,6 +710,8 @@ def _add_wire(self: Assembler, message: bytes) -> bytes | None:
             known = _known_tensor(view, a, b)
             if known is not None and known[0] not in self._done and known[0] not in self._partial:
                 key, dtype, shape, data_at = known
+                if self._admit is not None:
+                    self._admit(key[0], key[1], dtype, shape, False, b - data_at)
                 self.nbytes += b - data_at
                 self._done[key] = np.frombuffer(view[data_at:b], dtype=dtype).reshape(shape)
                 continue

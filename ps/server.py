@@ -22,7 +22,7 @@ import threading
 from asyncps.config import Config, load_config
 from asyncps.errors import UserError
 from asyncps.protos.rpc import ps_handler
-from asyncps.protos.serving import RoleServer
+from asyncps.protos.serving import RoleServer, StreamLimits
 from asyncps.ps import counters
 from asyncps.ps.servicer import SERVICE_NAME, ParameterServerServicer
 from asyncps.ps.shard import Shard
@@ -30,25 +30,43 @@ from asyncps.ps.update_log import open_shard_log
 from asyncps.telemetry import FunctionCollector, MetricsServer, metrics_port
 
 DEFAULT_GRACE = 5.0  # seconds in-flight calls get at shutdown
+STREAM_IDLE_TIMEOUT = 10.0  # seconds a push/init/restore stream may wait for its next message
+STREAMS_PER_PEER = 4  # request streams open at once on one connection
+
+
+def stream_limits(cfg: Config) -> StreamLimits:
+    """A shard's limits on request streams (Push, PushPull, Init, Restore; protos/serving.py):
+    2 * workers + 8 open at once (each with a thread of its own, on top of the threads of unary
+    calls and pulls), 4 per connection, STREAM_IDLE_TIMEOUT between messages, and 4 *
+    rpc_timeout in all for a caller that set no deadline."""
+    return StreamLimits(max_streams=2 * cfg.cluster.workers + 8, per_peer=STREAMS_PER_PEER,
+                        idle_timeout=STREAM_IDLE_TIMEOUT, max_duration=4 * cfg.cluster.rpc_timeout)
 
 
 class ShardServer:
     """One shard behind a gRPC server: `start()`, then `wait()` or `stop()`.
 
     ``stop_requested`` is set by the Stop RPC or by `request_stop` (the SIGTERM handler).
+    `streams`: limits on request streams (default `stream_limits(cfg)`); `push_bytes`: bytes of
+    streamed pushes held at once (default: sized from the variables, ps/servicer.py ByteBudget).
     """
 
-    def __init__(self, cfg: Config, index: int = 0, port: int = 0, host: str = "127.0.0.1", shard: Shard | None = None):
+    def __init__(self, cfg: Config, index: int = 0, port: int = 0, host: str = "127.0.0.1", shard: Shard | None = None,
+                 streams: StreamLimits | None = None, push_bytes: int | None = None):
         self.cfg, self.index = cfg, index
         self.update_log = None if shard else open_shard_log(cfg, index)  # for `asyncps replay`
         self.shard = shard or Shard(cfg, index, update_log=self.update_log)
         self.stop_requested = threading.Event()
         self._grace = DEFAULT_GRACE
-        # Threads: every in-flight call holds one, and ssp/sync pulls may wait in theirs.
+        # Threads: every in-flight call holds one, and ssp/sync pulls may wait in theirs; request
+        # streams get max_streams more of their own, so idle streams never take the others.
         self._role = RoleServer(f"ps {index}", host, port, (SERVICE_NAME,),
-                                max_workers=max(16, 2 * cfg.cluster.workers + 8), security=cfg.cluster.security)
+                                max_workers=max(16, 2 * cfg.cluster.workers + 8), security=cfg.cluster.security,
+                                streams=streams or stream_limits(cfg))
         self.server = self._role.server
-        self.server.add_generic_rpc_handlers((ps_handler(ParameterServerServicer(self.shard, self.request_stop)),))
+        self.servicer = ParameterServerServicer(self.shard, self.request_stop, push_bytes=push_bytes)
+        self.server.add_generic_rpc_handlers((ps_handler(self.servicer),))
+        self.streams = self._role.streams  # the StreamGuard: counts of refused and ended streams
         self.port = 0
 
     def start(self) -> int:

@@ -6,17 +6,28 @@ by `codec.Assembler.add_wire`, replies built by `codec.encode_wire`.
 Every ShardError or CodecError becomes ``context.abort(code, message)``; no error travels as
 text in a reply field. Waits inside the shard (ssp bound, sync round, pause) are bounded by the
 call's own deadline (``context.time_remaining()``).
+
+Memory of pushes: the header is read first (an unknown worker or an uninitialized shard is
+refused before any tensor), then every tensor's declaration is checked against the shard's
+variables (`validate.check_declared`: name, dtype, shape, row count) before the codec allocates
+anything for it, and the bytes of streamed pushes in flight are charged to the shard's
+`ByteBudget` (refused with RESOURCE_EXHAUSTED when spent). A failed or cancelled stream drops
+what it received at once (`Assembler.clear`). A later Init is checked the same way against the
+variables; the first Init and Restore (the chief's) are not capped.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Callable
 
 import grpc
 
 from asyncps.protos import codec, ps_pb2
 from asyncps.protos.codec import CodecError
+from asyncps.ps import validate
 from asyncps.ps.errors import ShardError
 from asyncps.ps.shard import Shard
 
@@ -57,22 +68,81 @@ def _push_reply(result) -> ps_pb2.PushReply:
     )
 
 
+MIN_PUSH_BYTES = 256 << 20  # the byte budget's floor (see ByteBudget)
+
+
+class ByteBudget:
+    """Bytes of streamed pushes a shard holds at once: each tensor's declared size is charged
+    when it is declared (before its buffer exists) and returned when its push is done.
+
+    `limit`: a fixed number of bytes, or None for max(MIN_PUSH_BYTES, 2 * (workers + 1) * the
+    shard's variable bytes), room for every worker's push twice over.
+    """
+
+    def __init__(self, shard: Shard, workers: int, limit: int | None = None):
+        self._shard, self._workers, self._fixed = shard, workers, limit
+        self._lock = threading.Lock()
+        self.in_use = 0
+        self.refused = 0
+        self._sized: tuple[int, int] = (0, 0)  # (id of the shard's variable dict, its bytes)
+
+    @property
+    def limit(self) -> int:
+        if self._fixed is not None:
+            return self._fixed
+        variables = self._shard._vars
+        if self._sized[0] != id(variables):  # the dict is replaced by init and restore only
+            self._sized = (id(variables), sum(v.value.nbytes for v in variables.values()))
+        return max(MIN_PUSH_BYTES, 2 * (self._workers + 1) * self._sized[1])
+
+    @contextlib.contextmanager
+    def lease(self):
+        """A `take(n)` callable whose charges are all returned when the block ends."""
+        taken = [0]
+
+        def take(n: int) -> None:
+            with self._lock:
+                limit = self.limit
+                if self.in_use + n > limit:
+                    self.refused += 1
+                    raise validate.ResourceExhausted(
+                        f"shard {self._shard.index}: no room for a push of {n} more bytes ({self.in_use} of "
+                        f"{limit} bytes of pushes in flight); try again")
+                self.in_use += n
+            taken[0] += n
+
+        try:
+            yield take
+        finally:
+            with self._lock:
+                self.in_use -= taken[0]
+
+
 class ParameterServerServicer:
-    """gRPC handlers of the ParameterServer service (see protos/ps.proto) over one Shard."""
+    """gRPC handlers of the ParameterServer service (see protos/ps.proto) over one Shard.
+
+    `push_bytes`: the ByteBudget's limit (None: sized from the shard's variables).
+    """
 
     def __init__(self, shard: Shard, on_stop: Callable[[float], None] | None = None,
-                 chunk_bytes: int = codec.CHUNK_BYTES):
+                 chunk_bytes: int = codec.CHUNK_BYTES, push_bytes: int | None = None):
         self._shard = shard
         self._on_stop = on_stop
         self._chunk = chunk_bytes
+        self.budget = ByteBudget(shard, shard.num_workers, push_bytes)
 
     @_rpc
     def Init(self, request_iterator, context):
         """Creates the variables from the streamed initial values (first Init wins)."""
-        asm = codec.Assembler()
-        for message in request_iterator:
-            asm.add_wire(message)
-        created = self._shard.init(asm.finish())
+        asm = codec.Assembler(self._init_admission())
+        try:
+            for message in request_iterator:
+                asm.add_wire(message)
+            values = asm.finish()
+        except BaseException:
+            asm.clear()
+            raise
+        created = self._shard.init(values)
         return ps_pb2.InitReply(created=created, num_variables=self._shard.num_variables, version=self._shard.version)
 
     @_rpc
@@ -110,12 +180,12 @@ class ParameterServerServicer:
     @_rpc
     def PushOne(self, request, context):
         """Push of one message (all gradients unchunked)."""
-        return _push_reply(self._push((request,), context))
+        return _push_reply(self._push((request,), context, streamed=False))
 
     @_rpc
     def PushPullOne(self, request, context):
         """PushPull with one request and one reply message."""
-        result, header = self._push((request,), context, with_header=True)
+        result, header = self._push((request,), context, with_header=True, streamed=False)
         return self._shard.pull(header.worker, (), context.time_remaining(), self._export(_push_reply(result), one=True),
                                 age=header.pull_age)
 
@@ -131,32 +201,74 @@ class ParameterServerServicer:
 
         return export
 
-    def _push(self, request_iterator, context, with_header=False):
-        header, grads = self._read_push(request_iterator)
-        result = self._shard.push(header.worker, header.seq, header.read_version, grads, context.time_remaining())
+    def _push(self, request_iterator, context, with_header=False, streamed=True):
+        # streamed: charged to the byte budget (a unary push is one message, already received
+        # whole and bounded by the server's message limit)
+        with self.budget.lease() if streamed else contextlib.nullcontext() as take:
+            header, grads = self._read_push(request_iterator, take)
+            result = self._shard.push(header.worker, header.seq, header.read_version, grads, context.time_remaining())
+            del grads
         return (result, header) if with_header else result
 
-    def _read_push(self, request_iterator):
-        """(header, gradients) of a push stream; a malformed stream is counted as rejected."""
-        asm, header = codec.Assembler(), None
-        for message in request_iterator:
-            if header is None:  # read first, so a malformed tensor is counted against its worker
-                raw = codec.read_header(message)
-                if raw is None:
-                    raise CodecError("the first message of a push carries no header")
-                header = codec.parse_header(ps_pb2.PushHeader, raw)
+    def _read_push(self, request_iterator, take=None):
+        """(header, gradients) of a push stream; a malformed stream is counted as rejected.
+
+        The header comes first: an unknown worker is refused before any tensor; every tensor's
+        declaration is then validated (and charged to `take`) before anything is allocated."""
+        asm, header = None, None
+        try:
+            for message in request_iterator:
+                if header is None:  # read first, so a malformed tensor is counted against its worker
+                    raw = codec.read_header(message)
+                    if raw is None:
+                        raise CodecError("the first message of a push carries no header")
+                    header = codec.parse_header(ps_pb2.PushHeader, raw)
+                    self._check_pusher(header.worker)
+                    asm = codec.Assembler(self._push_admission(take))
+                try:
+                    asm.add_wire(message)
+                except (CodecError, ShardError):
+                    self._shard.count_rejected(header.worker)
+                    raise
+            if header is None:
+                raise CodecError("empty push stream (no header)")
             try:
-                asm.add_wire(message)
+                return header, asm.finish()
             except CodecError:
                 self._shard.count_rejected(header.worker)
                 raise
-        if header is None:
-            raise CodecError("empty push stream (no header)")
-        try:
-            return header, asm.finish()
-        except CodecError:
-            self._shard.count_rejected(header.worker)
+        except BaseException:  # refused, malformed, cancelled or timed out: free what arrived now
+            if asm is not None:
+                asm.clear()
             raise
+
+    def _check_pusher(self, worker: int) -> None:
+        """An initialized shard and a registered, active worker (as `Shard.push` checks)."""
+        shard = self._shard
+        with shard._cond:
+            shard._require_init()
+            shard._worker(worker)
+
+    def _push_admission(self, take) -> codec.Admit:
+        variables = self._shard._vars  # fixed once initialized (restore swaps in a new dict)
+
+        def admit(name, slot, dtype, shape, sparse, nbytes):
+            validate.check_declared(name, slot, dtype, shape, sparse, variables)
+            if take is not None:
+                take(nbytes)
+
+        return admit
+
+    def _init_admission(self) -> codec.Admit | None:
+        """A later Init must match the variables (Shard.init): checked before allocating."""
+        if not self._shard.num_variables:
+            return None
+        variables = self._shard._vars
+
+        def admit(name, slot, dtype, shape, sparse, nbytes):
+            validate.check_declared_value(name, slot, dtype, shape, sparse, variables)
+
+        return admit
 
     @_rpc
     def Pause(self, request, context):

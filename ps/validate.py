@@ -3,6 +3,11 @@
 Each function raises a ShardError naming the variable and the problem, or returns the tensor
 in the form the optimizer takes (sparse rows deduplicated by summing).
 
+`check_declared` and `check_declared_value` run on a tensor's declaration (name, dtype, shape:
+the first piece of a stream) before the codec allocates anything for it, so a push cannot make
+the shard hold more than its own variables' size per stream (a sparse gradient carries at most
+as many rows as its variable has). `check_gradients` then checks the values.
+
 Compressed gradients (``cluster.compression``): a float32 variable also accepts a float16 or
 bfloat16 gradient. It is widened to float32 here (exactly: every 16-bit value is a float32) and
 checked for NaN/Inf after widening, so a float16 value that overflowed to Inf on the way is
@@ -17,7 +22,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from asyncps.protos.codec import SparseRows, dtype_name, is_reduced_float, widen
-from asyncps.ps.errors import InvalidArgument, NotFound
+from asyncps.ps.errors import FailedPrecondition, InvalidArgument, NotFound, ShardError
+
+
+class ResourceExhausted(ShardError):
+    """A push the shard has no room for now (its byte budget for pushes in flight is spent)."""
+
+    code = "RESOURCE_EXHAUSTED"
 
 
 def all_finite(array: np.ndarray) -> bool:
@@ -108,3 +119,41 @@ def _check_sparse(name: str, grad: SparseRows, value: np.ndarray) -> SparseRows:
     summed = np.zeros((len(unique), *values.shape[1:]), dtype=values.dtype)
     np.add.at(summed, inverse, values)
     return SparseRows(unique, summed)
+
+
+def check_declared(name: str, slot: str, dtype: np.dtype, shape: tuple, sparse: bool, variables: Mapping) -> None:
+    """A pushed gradient's declaration, before its data is stored: a known trainable variable,
+    its dtype (or float16/bfloat16 for float32), its shape; sparse: its row shape, and no more
+    rows than the variable has. Raises the same errors `check_gradients` would."""
+    var = variables.get(name)
+    if var is None:
+        raise NotFound(f"variable {name!r} is not held by this shard")
+    if slot:
+        raise InvalidArgument(f"variable {name!r}: a push carries gradients only, not optimizer slot {slot!r}")
+    if var.frozen:
+        raise InvalidArgument(f"variable {name!r} is frozen (train.frozen): its gradient must not be pushed")
+    value = var.value
+    if dtype != value.dtype and not (value.dtype == np.float32 and is_reduced_float(dtype)):
+        raise InvalidArgument(f"variable {name!r}: gradient of dtype {dtype_name(dtype)}, expected {value.dtype.name}")
+    if not sparse:
+        if shape != value.shape:
+            raise InvalidArgument(f"variable {name!r}: gradient of shape {shape}, expected {value.shape}")
+        return
+    if value.ndim == 0:
+        raise InvalidArgument(f"variable {name!r} is a scalar: it takes no sparse rows")
+    if shape[1:] != value.shape[1:]:
+        raise InvalidArgument(f"variable {name!r}: sparse rows of shape {shape[1:]}, expected {value.shape[1:]}")
+    if shape[0] > value.shape[0]:
+        raise InvalidArgument(f"variable {name!r}: {shape[0]} sparse rows for a variable of {value.shape[0]} rows "
+                              "(sum duplicate rows before pushing)")
+
+
+def check_declared_value(name: str, slot: str, dtype: np.dtype, shape: tuple, sparse: bool, variables: Mapping) -> None:
+    """An Init value's declaration once the shard has variables: one of them, dense, same
+    dtype and shape (a later Init must match; see Shard.init)."""
+    var = variables.get(name)
+    if var is None or slot or sparse or dtype != var.value.dtype or shape != var.value.shape:
+        got = f"{'sparse ' if sparse else ''}{dtype_name(dtype)}{list(shape)}" + (f" slot {slot!r}" if slot else "")
+        want = "no such variable" if var is None else f"{var.value.dtype.name}{list(var.value.shape)}"
+        raise FailedPrecondition(f"Init does not match the variables of this shard: {name!r} is {got}, "
+                                 f"the shard has {want}")

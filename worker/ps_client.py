@@ -20,9 +20,10 @@ request-iterator thread, one send per direction; see docs/performance.md).
 
 gRPC: channels are made in the constructor, so build the client inside the process that uses it
 (never before a fork). Every call has a deadline (``cluster.rpc_timeout``) and waits for the
-shard to become ready; the channel's service config retries UNAVAILABLE only (all shard calls
-are idempotent: pushes by (worker, seq), Init by first-wins). Errors surface as grpc.RpcError
-with the shard's status code and message.
+shard to become ready; the channel's service config retries UNAVAILABLE and RESOURCE_EXHAUSTED
+(a shard's stream limits or byte budget; all shard calls are idempotent: pushes by (worker, seq),
+Init by first-wins). Errors surface as grpc.RpcError with the shard's status code and message;
+`RETRIED_CODES` are those a worker recovers from by rejoining.
 """
 from __future__ import annotations
 
@@ -48,10 +49,20 @@ _SERVICE_CONFIG = json.dumps({
             "initialBackoff": "0.1s",
             "maxBackoff": "2s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         },
     }]
 })
+
+
+# The status codes after which a worker drops its gradient, registers again, re-pulls and goes
+# on (worker/main.py; docs/failures.md): a shard restarted (FAILED_PRECONDITION, UNAVAILABLE,
+# CANCELLED by its shutdown), restored to an older version (OUT_OF_RANGE), too slow or frozen
+# for the call's deadline, or a stream ended by the shard's idle timeout (DEADLINE_EXCEEDED),
+# a shard with no room for the call now (RESOURCE_EXHAUSTED: its stream limits or byte
+# budget). INVALID_ARGUMENT and NOT_FOUND (a bad gradient) are never retried.
+RETRIED_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE,
+                 grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def channel_options() -> list[tuple[str, Any]]:
