@@ -76,7 +76,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="delay.max_ms must be at least min_ms"):
         load_config(CONFIGS / "linear_regression.yaml", ["delay.kind=uniform", "delay.min_ms=5", "delay.max_ms=1"])
     with pytest.raises(ConfigError, match="delay.kind must be one of"):
-        load_config(CONFIGS / "linear_regression.yaml", ["delay.kind=gamma"])
+        load_config(CONFIGS / "linear_regression.yaml", ["delay.kind=weibull"])
 
 
 def test_straggler_pushes_are_staler_than_the_others(tmp_path):

@@ -5,14 +5,9 @@ other workers apply between its read and its push. The delay of each step is dra
 YAML's `delay` section with an RNG seeded by (run seed, worker index), so a run is reproducible
 worker by worker and no two workers draw the same sequence.
 
-Distributions (milliseconds):
-
-- ``none``: 0;
-- ``constant``: ``mean_ms``;
-- ``uniform``: uniform on [``min_ms``, ``max_ms``];
-- ``exponential``: mean ``mean_ms``;
-- ``lognormal``: mean ``mean_ms``, the log of the delay has std ``sigma``
-  (mu = ln(mean_ms) - sigma^2 / 2).
+Distributions (milliseconds; ``asyncps.worker.distributions``, shared with the simulation):
+``none``, ``constant``, ``uniform``, ``exponential``, ``gamma``, ``lognormal``, ``pareto`` and
+``trace`` (a file of measured per-worker durations, in seconds, replayed in order).
 
 A straggler (``delay.straggler.worker``) stretches its whole step, compute included, to
 ``factor`` times: it sleeps ``factor * d + (factor - 1) * compute_seconds`` where `d` is its
@@ -20,12 +15,12 @@ drawn delay; with ``pause_every: n`` it also sleeps ``pause_ms`` after every n-t
 """
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
 
 from asyncps.config import DelayConfig, StalenessConfig
+from asyncps.worker.distributions import Distribution
 
 DELAY_STREAM = 0xDE1A7  # keeps the delay RNG apart from the worker's data and dropout RNGs
 
@@ -36,6 +31,7 @@ class DelayModel:
     def __init__(self, cfg: DelayConfig, worker: int, seed: int):
         self.cfg, self.worker = cfg, worker
         self.rng = np.random.default_rng([seed, worker, DELAY_STREAM])
+        self.distribution = Distribution(cfg, worker)
         s = cfg.straggler
         self.straggler = s if s is not None and s.worker == worker else None
 
@@ -47,20 +43,7 @@ class DelayModel:
 
     def draw_ms(self) -> float:
         """One base delay in milliseconds, before any straggler stretch."""
-        c = self.cfg
-        if c.kind == "none":
-            return 0.0
-        if c.kind == "constant":
-            return c.mean_ms
-        if c.kind == "uniform":
-            return float(self.rng.uniform(c.min_ms, c.max_ms))
-        if c.kind == "exponential":
-            return float(self.rng.exponential(c.mean_ms)) if c.mean_ms > 0 else 0.0
-        if c.kind == "lognormal":
-            if c.mean_ms <= 0:
-                return 0.0
-            return float(self.rng.lognormal(math.log(c.mean_ms) - c.sigma**2 / 2, c.sigma))
-        raise ValueError(f"unknown delay kind {c.kind!r}")  # the config schema prevents this
+        return self.distribution.draw_ms(self.rng)
 
     def seconds(self, step: int, compute_seconds: float = 0.0) -> float:
         """The sleep after this worker's `step`-th gradient (0-based), which took `compute_seconds`."""
