@@ -4,6 +4,11 @@
   10,000 validation images as ``x_valid, y_valid``; see `asyncps.worker.data.mnist`.
 - ``linear``: y = 2x (+ noise), shapes (n, 1); see `asyncps.worker.data.synthetic`.
 - ``charlm``: the previous `context` character ids -> the next one; see `asyncps.worker.data.text`.
+- ``npz``, ``csv``: a user's own files; see `asyncps.worker.data.formats`.
+- an import path ``module:attr``: a user's function returning a `Dataset` (docs/own_model.md).
+
+Every process loads the whole dataset; workers then read disjoint parts of the training set.
+The public face for users is `asyncps.data`.
 
 Per-worker batches come from `BatchStream` (`asyncps.worker.data.sharding`).
 """
@@ -14,23 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
-from asyncps.config import DataConfig
+from asyncps.config import DataConfig, is_import_path
+from asyncps.errors import UserError
+from asyncps.worker.data.formats import check_dataset, dataset_from_arrays, load_csv, load_npz
 from asyncps.worker.data.mnist import default_cache_dir, load_mnist, prepare_mnist
 from asyncps.worker.data.sharding import BatchId, BatchStream, shard_indices
 from asyncps.worker.data.synthetic import make_linear
 from asyncps.worker.data.text import Vocab, load_charlm
 
 __all__ = [
-    "BatchId", "BatchStream", "Dataset", "DatasetMeta", "Vocab", "default_cache_dir",
-    "load_dataset", "prepare_mnist", "shard_indices",
+    "BatchId", "BatchStream", "Dataset", "DatasetMeta", "Vocab", "default_cache_dir", "load_csv",
+    "load_dataset", "load_npz", "prepare_mnist", "shard_indices",
 ]
 
 
 @dataclass(frozen=True)
 class DatasetMeta:
-    """What a model needs to know about its data."""
+    """What a model needs to know about its data (the model gets it as `data_meta`)."""
 
-    name: str  # "mnist", "linear" or "charlm"
+    name: str  # "mnist", "linear", "charlm", "npz", "csv" or a user's name
     input_shape: tuple[int, ...]  # one example's x, e.g. (784,)
     num_classes: int | None  # 10 for mnist, the vocabulary size for charlm, None for regression
     vocab: list[str] | None = None  # charlm: id -> character
@@ -38,7 +45,14 @@ class DatasetMeta:
 
 @dataclass
 class Dataset:
-    """Training and test arrays (first axis: examples) and their `meta`; MNIST adds a validation split."""
+    """Training and test arrays (first axis: examples) and their `meta`; MNIST adds a validation split.
+
+    A user's loader builds one with `Dataset.from_arrays`, which checks and converts the arrays
+    (x float32; integer y class ids, float y regression targets) and fills in `meta`. Workers
+    never see a different dataset: each loads all of it and `BatchStream` gives worker i of M
+    its own part of the training set (a seeded permutation cut in M, reshuffled every epoch);
+    the chief evaluates on all of x_test, y_test.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -47,6 +61,16 @@ class Dataset:
     meta: DatasetMeta
     x_valid: np.ndarray | None = None
     y_valid: np.ndarray | None = None
+
+    @classmethod
+    def from_arrays(cls, x_train, y_train, x_test, y_test, *, name: str = "data", num_classes: int | None = None,
+                    vocab=None) -> "Dataset":
+        """A checked Dataset: as many labels as examples, the same per-example shapes in train and
+        test, finite numbers; x becomes float32, integer/bool y class ids (int64; `num_classes` the
+        largest + 1 unless given), float y regression targets (float32, `num_classes` None).
+        A problem is one DataError line naming the array."""
+        return dataset_from_arrays(x_train, y_train, x_test, y_test, name=name, num_classes=num_classes,
+                                   vocab=vocab, where=name)
 
 
 def load_dataset(data_cfg: DataConfig, context: int = 8, *, seed: int = 0,
@@ -57,8 +81,42 @@ def load_dataset(data_cfg: DataConfig, context: int = 8, *, seed: int = 0,
     ``data.cache_dir``, else `cache_dir` (e.g. `default_cache_dir()` read at the entry point),
     else ``$ASYNCPS_CACHE`` or ``~/.cache/asyncps``.
     """
-    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm}
+    if is_import_path(data_cfg.name):
+        return _user_data(data_cfg, seed=seed)
+    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm, "npz": _npz, "csv": _csv}
     return loaders[data_cfg.name](data_cfg, context=context, seed=seed, cache_dir=cache_dir)
+
+
+def _user_data(cfg: DataConfig, *, seed: int) -> Dataset:
+    """``attr(**data.options)`` (plus ``seed=`` the run's seed when it takes a `seed` the config
+    does not set), resolved like model.name, and its result checked (`formats.check_dataset`)."""
+    from asyncps.imports import accepts, call_factory
+
+    spec = cfg.name
+    factory = data_factory(spec)
+    options = dict(cfg.options)
+    if "seed" not in options and accepts(factory, "seed"):
+        options["seed"] = seed
+    data = call_factory(factory, spec, "data.name", (), options, "data")
+    return check_dataset(data, f"data.name {spec}")
+
+
+def data_factory(spec: str):
+    """The loader function an import path names; one-line UserError otherwise."""
+    from asyncps.imports import resolve
+
+    factory = resolve(spec, "data.name")
+    if not callable(factory):
+        raise UserError(f"data.name {spec}: a {type(factory).__name__}, not a function returning a Dataset")
+    return factory
+
+
+def _npz(cfg: DataConfig, **_) -> Dataset:
+    return load_npz(cfg.path)
+
+
+def _csv(cfg: DataConfig, **_) -> Dataset:
+    return load_csv(cfg.path, cfg.test_path, cfg.label)
 
 
 def _mnist(cfg: DataConfig, *, cache_dir, **_) -> Dataset:

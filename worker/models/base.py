@@ -1,4 +1,7 @@
-"""What every model shares: metadata access, initialisers, the loss and batched evaluation."""
+"""What every model shares: metadata access, initialisers, the loss and batched evaluation.
+
+Public through `asyncps.models` (the `Model` contract, the initialisers, `dense`, `batches`).
+"""
 from __future__ import annotations
 
 import math
@@ -27,7 +30,13 @@ def glorot_uniform(rng: np.random.Generator, fan_in: int, fan_out: int, shape: t
 
 
 def zeros(*shape) -> np.ndarray:
+    """A float32 array of zeros (biases, shifts)."""
     return np.zeros(shape, dtype=np.float32)
+
+
+def ones(*shape) -> np.ndarray:
+    """A float32 array of ones (scales, e.g. a layer normalisation's gain)."""
+    return np.ones(shape, dtype=np.float32)
 
 
 def dense_params(name: str, rng, fan_in: int, fan_out: int, relu: bool) -> dict[str, np.ndarray]:
@@ -48,24 +57,52 @@ def batches(n: int, size: int):
 
 
 class Model:
-    """A classifier: parameters keyed by dotted names, a loss on the tape, batched evaluation.
+    """The base class of every model, built-in or a user's (public as `asyncps.models.Model`).
 
-    Subclasses define `init_params(rng)` and `logits(params, x, training, rng)`; `params` may
-    hold Tensors (on a tape) or plain arrays.
+    The contract, i.e. exactly what the rest of the system calls (worker/step.py, the chief's
+    evaluation in chief/main.py, `asyncps train`, cli/replayer.py, `asyncps eval`):
+
+    - ``Model(cfg, data_meta, **options)``: built once per process, in every process of a run,
+      from the config alone. `cfg` is the `ModelConfig` (its `options` are the extra keys of
+      the YAML's ``model:`` section, also passed as keyword arguments), `data_meta` the
+      dataset's `DatasetMeta` (``input_shape``, ``num_classes``).
+    - ``init_params(rng) -> dict[str, np.ndarray]``: the variables, keyed by dotted names
+      (``block1.dense.kernel``), float32 arrays. Called with ``np.random.default_rng(seed)``
+      in every process: it must depend on `rng` and the config only, so the chief and every
+      worker agree on names, shapes and values (the chief's copy initialises the shards).
+      The names are what `train.frozen` patterns match and what checkpoints store.
+    - ``loss(params, x, y, training=True, rng=rng) -> Tensor``: the mean loss of a batch, a
+      scalar, computed with `asyncps.autodiff.ops` (the tape differentiates it). `params`
+      holds Tensors for the trainable variables and arrays for frozen ones; `x`, `y` are
+      numpy arrays (a batch of the dataset); `rng` is the worker's generator (dropout).
+      It must not change `self` or `params` (graph mode traces it once and replays it).
+    - ``evaluate(params, x, y) -> dict[str, float]``: metrics on held-out data, with plain
+      arrays (no tape), called by the chief on the test set. ``loss`` is required;
+      ``accuracy`` (classifiers) or ``mse`` (regression) is what `train.target.metric` reads.
+    - `tables`: names of the variables read with `ops.gather` (embedding tables). Their
+      gradients are `SparseRows` (the rows a batch touched), pushed and applied as rows;
+      every other variable is dense. Informational (the gradient's type decides on the wire)
+      and checked by `asyncps.models.check_model`.
+
+    The default `loss` and `evaluate` make a classifier: define `logits(params, x, training,
+    rng)` and they are the softmax cross-entropy and (loss, accuracy). A regression or any
+    other model overrides `loss` and `evaluate` instead (see `LinearRegression`).
     """
 
     name = "model"
+    tables: frozenset[str] = frozenset()  # variables read by ops.gather: sparse-row gradients
 
-    def __init__(self, cfg, data_meta):
+    def __init__(self, cfg=None, data_meta=None):
         self.cfg = cfg
         self.input_shape = tuple(meta_get(data_meta, "input_shape", (784,)))
         self.num_classes = int(meta_get(data_meta, "num_classes", None) or 10)  # None: a regression model
 
     def init_params(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define init_params(rng)")
 
     def logits(self, params, x, training: bool = False, rng=None):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define logits(params, x, training, rng), "
+                                  "or loss and evaluate")
 
     def loss(self, params, x, y, training: bool = False, rng=None):
         """Mean softmax cross-entropy of the batch, a scalar Tensor."""

@@ -16,6 +16,7 @@ class CharLM(Model):
     """
 
     name = "charlm"
+    tables = frozenset({"embed.table"})
 
     def __init__(self, cfg, data_meta):
         super().__init__(cfg, data_meta)
