@@ -130,6 +130,7 @@ class ParameterServerServicer:
         self._on_stop = on_stop
         self._chunk = chunk_bytes
         self.budget = ByteBudget(shard, shard.num_workers, push_bytes)
+        self._declared: tuple[dict | None, set] = (None, set())  # (the shard's variables, valid dense declarations)
 
     @_rpc
     def Init(self, request_iterator, context):
@@ -251,9 +252,16 @@ class ParameterServerServicer:
 
     def _push_admission(self, take) -> codec.Admit:
         variables = self._shard._vars  # fixed once initialized (restore swaps in a new dict)
+        if self._declared[0] is not variables:
+            self._declared = (variables, set())
+        valid = self._declared[1]  # declarations found valid (the shape includes a sparse row count)
 
         def admit(name, slot, dtype, shape, sparse, nbytes):
-            validate.check_declared(name, slot, dtype, shape, sparse, variables)
+            key = (name, slot, dtype, shape, sparse)
+            if key not in valid:
+                validate.check_declared(name, slot, dtype, shape, sparse, variables)
+                if len(valid) < 1 << 12:
+                    valid.add(key)
             if take is not None:
                 take(nbytes)
 
