@@ -34,6 +34,7 @@ from asyncps.cli.watch import RunWatcher
 from asyncps.cluster import check_ports_free, spec_for_launch
 from asyncps.config import Config, load_yaml_file
 from asyncps.errors import ConfigError, UserError
+from asyncps.imports import preflight
 from asyncps.runs import resolve_run_dir
 
 POLL_SECONDS = 0.1
@@ -54,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser, _name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     take_misplaced_override(args)
     cfg = config_from_args(args)
+    preflight(cfg)  # a user's model.name / data.name (module:attr): one line now, not one per process
     if args.resume:
         prepare_resume(cfg, args.resume)
     if args.dry_run:

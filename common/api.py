@@ -71,8 +71,10 @@ def train(config_or_path, **overrides) -> dict:
     """`asyncps train` in this process: trains, writes the run directory, returns report.json's dict."""
     from asyncps.cli.data import fetch_before_run
     from asyncps.cli.train import train as train_config
+    from asyncps.imports import preflight
 
     cfg = load(config_or_path, **overrides)
+    preflight(cfg)
     fetch_before_run(cfg.data, lambda m: print(f"asyncps.train: {m}", file=sys.stderr, flush=True))
     return train_config(cfg)
 

@@ -140,9 +140,25 @@ def _describe(exc: BaseException) -> str:
         message = " ".join((exc.msg or "").split())
     else:
         frames = traceback.extract_tb(exc.__traceback__)
-        if frames:
-            where = f" ({frames[-1].filename}:{frames[-1].lineno})"
+        # the innermost frame in the user's code: not in asyncps, numpy or the standard library
+        own = [f for f in frames if os.path.isabs(f.filename) and not f.filename.startswith(_package_dirs())
+               and "site-packages" not in f.filename]
+        if own or frames:
+            frame = (own or frames)[-1]
+            where = f" ({frame.filename}:{frame.lineno})"
     return f"{type(exc).__name__}: {message}{where}"
+
+
+def _package_dirs() -> tuple[str, ...]:
+    """The folders of asyncps's own packages (role folders are siblings in an editable install)."""
+    import importlib.util
+
+    dirs = {os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(os.__file__) + os.sep, "<frozen"}
+    for sub in ("worker", "cli", "chief", "ps", "protos"):
+        spec = importlib.util.find_spec(f"asyncps.{sub}")
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.add(os.path.abspath(location) + os.sep)
+    return tuple(dirs)
 
 
 def _cwd_on_path() -> None:
