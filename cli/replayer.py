@@ -236,10 +236,10 @@ class _State:
             return False
         shard = self.rp.shards[s]
         if r["had_read"]:  # delay compensation: what the worker's last pull left on the shard
-            shard._read[key[0]] = (read, self.history[s, read])
+            shard.values_read.remember(key[0], read, self.history[s, read])
             self._release(s, read)
         else:
-            shard._read.pop(key[0], None)
+            shard.values_read.forget(key[0])
         result = shard.push(key[0], key[1], read, self.grads[key][s])
         if result.result != ul.RESULT_NAMES.get(int(r["result"])) or shard.version != int(r["version"]):
             raise ReplayError(f"{self.log.run_dir}: replay diverged at shard {s} entry {self.pos[s]} (worker {key[0]} "
