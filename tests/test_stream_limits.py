@@ -331,7 +331,7 @@ def test_a_cancelled_stream_returns_its_memory_and_budget(shards):
     held = HeldStream(shard.stub(), messages)
     assert held.sent.wait(WAIT)
     _wait_until(lambda: shard.server.servicer.budget.in_use >= big, "the stream's declaration charged")
-    time.sleep(0.5)  # (the pieces already sent are copied in)
+    _wait_until(lambda: _rss_bytes() > before + (40 << 20), "the 48 MiB sent held by the shard")
     during = _rss_bytes()
     held.future.cancel()
     assert held.done.wait(WAIT)
