@@ -10,6 +10,9 @@ weights, through ``optimizer.staleness_policy`` like a shard would. Before step 
 version t - r: the gradient then uses version 0, and the staleness recorded is t, not r.
 `asyncps launch` runs the same mode on the shards (``asyncps.ps.history``); its worker 0 draws
 this very sequence of r.
+
+``staleness.simulate`` (an event simulation of an M-worker cluster) and ``staleness.workers: W``
+(W workers per clock) run through the same loop with a stepper from ``asyncps.cli.simulate``.
 """
 from __future__ import annotations
 
@@ -66,7 +69,9 @@ def train(cfg: Config) -> dict:
     slots = {n: optimizer.init_slots(params[n]) for n in trainable}
     compute = GradientComputer(model, trainable, cfg.train.graph_mode)
     stream = iter(BatchStream(len(data.x_train), cfg.train.batch_size, 0, 1, cfg.seed))
-    stale = ControlledStaleness(cfg, params, trainable) if cfg.staleness.controlled else None
+    from asyncps.cli.simulate import make_stepper  # staleness.simulate, or W workers per clock
+    sim = make_stepper(cfg, data, compute, optimizer, schedule, params, slots, trainable)
+    stale = ControlledStaleness(cfg, params, trainable) if cfg.staleness.controlled and sim is None else None
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     progress = Progress(cfg.train.max_steps, every=cfg.train.log_every)
@@ -80,7 +85,9 @@ def train(cfg: Config) -> dict:
                 break
             t0 = time.perf_counter()
             indices, _batch_id = next(stream)
-            if stale is None:
+            if sim is not None:
+                loss = sim.step(params, step)
+            elif stale is None:
                 loss, grads = compute(params, data.x_train[indices], data.y_train[indices], rng)
                 apply_gradients(optimizer, params, slots, grads, schedule(step), step)
             else:
@@ -117,7 +124,7 @@ def train(cfg: Config) -> dict:
             "steps_per_second": step / train_seconds if train_seconds else 0.0,
             "examples_per_second": step * cfg.train.batch_size / train_seconds if train_seconds else 0.0,
         },
-        "staleness": summarize({0: step}) if stale is None else stale.summary(),
+        "staleness": summarize({0: step}) if stale is None and sim is None else (sim or stale).summary(),
         "trainable": trainable,
         "variables": small_variables(params),
     }
@@ -168,9 +175,11 @@ class ControlledStaleness:
             return params, 0
         return {**params, **self.past[-r]}, r
 
-    def apply(self, optimizer, params, slots, grads, read, r: int, lr: float, step: int) -> None:
+    def apply(self, optimizer, params, slots, grads, read, r: int, lr: float, step: int) -> bool:
+        """The update of one gradient; False when the policy dropped all of it."""
         if self.sampler.s_max:
             self.past.append({n: params[n].copy() for n in self.trainable})
+        applied = not grads
         for name, grad in grads.items():
             sparse = hasattr(grad, "rows")
             rows, g = (grad.rows, grad.values) if sparse else (None, grad)
@@ -178,11 +187,13 @@ class ControlledStaleness:
             if adjusted.grad is None:
                 self.dropped += 1
                 continue
+            applied = True
             rate = lr * adjusted.lr_scale
             if sparse:
                 optimizer.apply_sparse(params[name], rows, adjusted.grad, slots[name], rate, step)
             else:
                 optimizer.apply_dense(params[name], adjusted.grad, slots[name], rate, step)
+        return applied
 
     def summary(self) -> dict:
         """The staleness section of report.json: the staleness each gradient really had."""

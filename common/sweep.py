@@ -119,11 +119,12 @@ def setting_name(pairs) -> str:
 
 
 def default_runner(cfg) -> str:
-    """`train` for controlled staleness (the single-process study mode), else `launch`.
+    """`train` for controlled staleness and the simulation (the single-process study modes), else
+    `launch`.
 
     A single-process run is the staleness-0 baseline: add ``runner=train,launch`` to get it.
     """
-    return "train" if cfg.staleness.controlled else "launch"
+    return "train" if cfg.staleness.controlled or cfg.staleness.simulate is not None else "launch"
 
 
 # ----------------------------------------------------------------------------------------------
