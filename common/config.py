@@ -187,9 +187,12 @@ class ClusterConfig:
 
     ps: int = 2
     workers: int = 2
-    mode: Literal["async", "ssp", "sync"] = "async"
+    mode: Literal["async", "ssp", "sync", "softsync"] = "async"
     staleness_bound: int = 2  # ssp: clocks a worker may run ahead of the slowest
     backup_workers: int = 0  # sync: gradients of the first workers - b are averaged
+    # softsync (n-softsync, Zhang et al. 2016): each shard applies the average of every
+    # c = workers // softsync_n gradients it receives, whoever sent them; nobody waits
+    softsync_n: int = 1
     host: str = "127.0.0.1"
     ps_ports: list[int] = field(default_factory=list)  # empty: free ports chosen by the launcher
     chief_port: int = 0  # 0: a free port
@@ -705,6 +708,7 @@ _RANGES = [
     (ClusterConfig, "workers", lambda v: 1 <= v <= MAX_PEERS, f"at least 1 and at most {MAX_PEERS}"),
     (ClusterConfig, "staleness_bound", lambda v: v >= 0, "0 or more"),
     (ClusterConfig, "backup_workers", lambda v: v >= 0, "0 or more"),
+    (ClusterConfig, "softsync_n", lambda v: v >= 1, "at least 1"),
     (ClusterConfig, "ps_ports", lambda v: 1 <= v <= 65535, "a port in [1, 65535]"),
     (ClusterConfig, "chief_port", lambda v: 0 <= v <= 65535, "in [0, 65535] (0: a free port)"),
     (ClusterConfig, "rpc_timeout", lambda v: 0 < v <= MAX_SECONDS, f"in (0, {_SECONDS}] seconds"),
@@ -806,6 +810,13 @@ def _check(obj, prefix: str, source: str) -> None:
         if obj.telemetry.prometheus_port > top:
             raise ConfigError(f"{source}: telemetry.prometheus_port must be at most {top} (the chief, each shard and "
                               f"each worker serve on port, port + 1, ...), got {obj.telemetry.prometheus_port}")
+    if isinstance(obj, ClusterConfig) and obj.mode == "softsync" and obj.softsync_n > obj.workers:
+        raise ConfigError(f"{source}: {prefix}softsync_n must be at most workers ({obj.workers}): c = workers // n "
+                          f"gradients per update, got n = {obj.softsync_n}")
+    if (isinstance(obj, Config) and obj.cluster.mode == "softsync"
+            and obj.optimizer.staleness_policy.name in ("dcasgd", "dcasgd_adaptive")):
+        raise ConfigError(f"{source}: optimizer.staleness_policy {obj.optimizer.staleness_policy.name} needs the "
+                          "weights each gradient was computed on: cluster.mode async or ssp, not softsync")
     if isinstance(obj, ClusterConfig) and obj.backup_workers >= obj.workers:
         raise ConfigError(f"{source}: {prefix}backup_workers must be less than workers ({obj.workers})")
 

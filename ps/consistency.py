@@ -1,6 +1,6 @@
 """Consistency modes of a shard, as objects the shard core is given: `async`, `ssp`, `sync`.
 
-A mode decides two things: whether a worker may pull now (`may_pull`, waited on under the
+Modes: async, ssp, sync and softsync (n-softsync). A mode decides two things: whether a worker may pull now (`may_pull`, waited on under the
 shard's lock) and what a valid push does (`push`: apply now, join a round, drop). Everything
 else (validation, duplicates, the pause and the cap, counters, observers) is the core's. A new
 mode is a new class registered in `MODES`, not a branch in the core.
@@ -137,8 +137,48 @@ class Sync:
         return {"rounds": self.rounds}
 
 
+class SoftSync(Async):
+    """n-softsync (Zhang, Gupta, Lian & Liu, IJCAI 2016): the shard applies ONE update for every
+    c = max(1, workers // n) gradients it receives, from any workers, averaging them; nobody
+    waits (pulls are never held). Each gradient's staleness is the version when its batch is
+    applied minus the version it read, recorded per gradient; `optimizer.staleness_policy:
+    lr_scale` scales each one by 1/tau (alpha/tau; alpha when tau = 0) before the average.
+    n = 1 collects one gradient per worker's worth (hardsync-like, without the barrier); n =
+    workers applies every gradient (async)."""
+
+    name = "softsync"
+
+    def __init__(self, num_workers: int, n: int):
+        self.c = max(1, num_workers // n)
+        self.pending: list[tuple[int, int, int, Mapping]] = []  # (worker, seq, read_version, grads)
+        self.rounds = 0
+
+    def push(self, core: "Shard", w: WorkerCounters, seq: int, read_version: int, grads: Mapping) -> PushResult:
+        w.last_seq, w.clock = seq, w.clock + 1
+        self.pending.append((w.worker, seq, read_version, grads))
+        if len(self.pending) < self.c:
+            return PushResult("ACCUMULATED", core.version, 0)
+        batch, self.pending = self.pending, []
+        staleness = {(worker, s): core.version - read for worker, s, read, _ in batch}
+        core.update_combined([(g, staleness[(worker, s)]) for worker, s, _, g in batch])
+        for worker, s, read, _ in batch:
+            counters = core.workers[worker]
+            counters.applied_seq(s)
+            counters.record_applied(staleness[(worker, s)])
+            core.observers.applied(worker, read)
+        core.advance()
+        self.rounds += 1
+        return PushResult("APPLIED", core.version, staleness[(w.worker, seq)])
+
+    def restored(self) -> None:
+        self.pending.clear()
+
+    def stats(self) -> dict:
+        return {"rounds": self.rounds}
+
+
 MODES = {"async": lambda c: Async(), "ssp": lambda c: SSP(c.staleness_bound),
-         "sync": lambda c: Sync(c.workers, c.backup_workers)}
+         "sync": lambda c: Sync(c.workers, c.backup_workers), "softsync": lambda c: SoftSync(c.workers, c.softsync_n)}
 
 
 def make_consistency(cluster_cfg):

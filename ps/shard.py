@@ -295,6 +295,18 @@ class Shard:
             applied |= self.rule.apply(self._vars[name], grad, lr, staleness, value_read.get(name))
         return applied
 
+    def update_combined(self, grads: list[tuple[Mapping, int]]) -> None:
+        """One update from several pushes (n-softsync): per variable, every (gradients,
+        staleness) pair through the staleness policy, averaged, one optimizer step."""
+        self.observers.updating(self.version, self._vars)
+        lr = self.rule.learning_rate(self.version)
+        by_name: dict[str, list] = {}
+        for g, staleness in grads:
+            for name, grad in g.items():
+                by_name.setdefault(name, []).append((grad, staleness))
+        for name, pairs in by_name.items():
+            self.rule.apply_combined(self._vars[name], pairs, lr)
+
     def advance(self) -> None:
         """One more update applied: the version moves."""
         self.version += 1

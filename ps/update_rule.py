@@ -80,6 +80,27 @@ class UpdateRule:
     def learning_rate(self, version: int) -> float:
         return self.schedule(version)
 
+    def apply_combined(self, var: Variable, grads: list, lr: float) -> int:
+        """n-softsync: each of several gradients goes through the staleness policy with its own
+        staleness (`grads`: (gradient, staleness) pairs), the kept ones are averaged, weighted
+        by their learning-rate scales, and the optimizer takes ONE step; the number kept."""
+        kept = []
+        for grad, staleness in grads:
+            sparse = isinstance(grad, SparseRows)
+            adjusted = self.policy.adjust(grad.values if sparse else grad, staleness, var.value, None,
+                                          var.policy_state, grad.rows if sparse else None)
+            if adjusted.grad is not None:
+                kept.append((adjusted.lr_scale, SparseRows(grad.rows, adjusted.grad) if sparse else adjusted.grad))
+        if not kept:
+            return 0
+        combined = _weighted_mean(kept)
+        if isinstance(combined, SparseRows):
+            self.optimizer.apply_sparse(var.value, combined.rows, combined.values, var.slots, lr, var.updates)
+        else:
+            self.optimizer.apply_dense(var.value, combined, var.slots, lr, var.updates)
+        var.updates += 1
+        return len(kept)
+
     def apply(self, var: Variable, grad, lr: float, staleness: int, value_read) -> bool:
         """One optimizer update of one variable, through the staleness policy; False if dropped."""
         sparse = isinstance(grad, SparseRows)
@@ -94,3 +115,20 @@ class UpdateRule:
             self.optimizer.apply_dense(var.value, adjusted.grad, var.slots, rate, var.updates)
         var.updates += 1
         return True
+
+
+def _weighted_mean(scaled: list):
+    """sum(scale_i * g_i) / len: dense arrays, or sparse rows (summed per row)."""
+    if not isinstance(scaled[0][1], SparseRows):
+        total = scaled[0][1] * np.float32(scaled[0][0])
+        for scale, g in scaled[1:]:
+            total += g * np.float32(scale)
+        total /= len(scaled)
+        return total
+    rows = np.concatenate([g.rows for _, g in scaled])
+    values = np.concatenate([g.values * np.float32(scale) for scale, g in scaled])
+    unique, inverse = np.unique(rows, return_inverse=True)
+    summed = np.zeros((len(unique), *values.shape[1:]), dtype=values.dtype)
+    np.add.at(summed, inverse, values)
+    summed /= len(scaled)
+    return SparseRows(unique, summed)
