@@ -17,17 +17,18 @@ import numpy as np
 
 from asyncps.cluster import ClusterSpec
 from asyncps.config import Config
+from asyncps.worker.ps_client import RETRIED_CODES
 
 REPORT_EVERY_SECONDS = 2.0
 FINAL_REPORT_KEY = "worker/final_report"  # in a worker's last ReportMetrics (chief/main.py waits for it)
 STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
-# Errors after which a worker re-registers and re-pulls instead of exiting (a shard restarted:
-# FAILED_PRECONDITION, UNAVAILABLE, or CANCELLED by its shutdown on SIGTERM; restored to a version
-# older than the one read: OUT_OF_RANGE); MAX_REJOINS in a row without a successful push end the
-# worker. INVALID_ARGUMENT (a NaN gradient, a wrong shape) is never retried: the worker exits 1
+# Errors after which a worker re-registers and re-pulls instead of exiting (worker/ps_client.py
+# RETRIED_CODES: a shard restarted: FAILED_PRECONDITION, UNAVAILABLE, or CANCELLED by its shutdown
+# on SIGTERM; restored to a version older than the one read: OUT_OF_RANGE; too slow, frozen or
+# full: DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED); MAX_REJOINS in a row without a successful push end
+# the worker. INVALID_ARGUMENT (a NaN gradient, a wrong shape) is never retried: the worker exits 1
 # with the shard's message. (The worker's own cancellations happen only once it stops.)
-REJOIN_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAVAILABLE,
-                grpc.StatusCode.CANCELLED)
+REJOIN_CODES = RETRIED_CODES
 MAX_REJOINS = 20
 
 
