@@ -18,6 +18,11 @@ the compose file, as compose resolves it), and the overrides travel on each comm
 few pinned so that file and compose project cannot disagree: the cluster shape (`cluster.ps`,
 `cluster.workers`), `run_dir=/runs/NAME` on the named volume `runs`, and `data.cache_dir=/cache`
 on the named volume `cache` (one MNIST npz built once, under the loader's file lock).
+
+A user's model or data loader (model.name / data.name ``module:attr``) must be importable in the
+chief and worker containers: ``--pythonpath DIR`` bind-mounts DIR read-only at
+/opt/asyncps/code/N in those services and puts it on their PYTHONPATH (or bake the code into an
+image derived from asyncps's; see deploy/README.md).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import yaml
 from asyncps.atomic import atomic_write_bytes
 from asyncps.cli.common_args import add_config_arguments, config_from_args
 from asyncps.cluster import ClusterSpec
-from asyncps.config import Config
+from asyncps.config import Config, is_import_path
 from asyncps.errors import ConfigError
 
 PORT = 2222
@@ -40,6 +45,7 @@ DEFAULT_IMAGE = "asyncps:latest"
 CONFIG_MOUNT = "/etc/asyncps/config.yaml"
 RUNS_VOLUME, RUNS_MOUNT = "runs", "/runs"
 CACHE_VOLUME, CACHE_MOUNT = "cache", "/cache"
+CODE_MOUNT = "/opt/asyncps/code"  # --pythonpath DIR number i is mounted at CODE_MOUNT/i
 HEALTHCHECK = {"interval": "5s", "timeout": "5s", "retries": 5, "start_period": "20s"}
 PINNED_KEYS = ("cluster.ps", "cluster.workers", "run_dir", "data.cache_dir")
 
@@ -51,13 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser, _name: str) -> None:
                              "is made relative to this file's folder")
     parser.add_argument("--image", default=DEFAULT_IMAGE,
                         help=f"the image every service runs (default {DEFAULT_IMAGE}, from deploy/build-image.sh)")
+    parser.add_argument("--pythonpath", action="append", default=[], metavar="DIR",
+                        help="mount DIR read-only in the chief and workers and put it on their PYTHONPATH, for a "
+                             "model.name / data.name given as module:attr (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     output = Path(args.output) if args.output else None
     compose_dir = output.parent if output else Path.cwd()
-    text = render_text(cfg, config_source(args.config, compose_dir), args.overrides, args.image)
+    code = [mount_source(d, compose_dir) for d in getattr(args, "pythonpath", [])]
+    if not code and (is_import_path(cfg.model.name) or is_import_path(cfg.data.name)):
+        print(f"asyncps compose: note: model.name {cfg.model.name} / data.name {cfg.data.name}: the image must hold "
+              "that code; --pythonpath DIR mounts it (deploy/README.md)", file=sys.stderr)
+    text = render_text(cfg, config_source(args.config, compose_dir), args.overrides, args.image, pythonpath=code)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -77,17 +90,26 @@ def config_source(config_path: str | Path, compose_dir: Path) -> str:
     return str(rel) if str(rel).startswith(".") else f"./{rel}"
 
 
+def mount_source(directory: str | Path, compose_dir: Path) -> str:
+    """A --pythonpath folder as the compose file names it (relative, starting with ``.``)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise ConfigError(f"--pythonpath {directory}: no such directory")
+    rel = PurePosixPath(Path(os.path.relpath(path.resolve(), compose_dir.resolve())).as_posix())
+    return str(rel) if str(rel).startswith(".") else f"./{rel}"
+
+
 def render_text(cfg: Config, source: str, overrides: list[str] | tuple[str, ...] = (),
-                image: str = DEFAULT_IMAGE) -> str:
+                image: str = DEFAULT_IMAGE, pythonpath: list[str] | tuple[str, ...] = ()) -> str:
     """The compose file as YAML text, with a header saying where it came from."""
     words = " ".join([source, *overrides])
     header = (f"# Rendered by `asyncps compose` from {words}; edit the config and re-render instead of\n"
               f"# editing this file. Run it with deploy/run-compose.sh FILE (see deploy/README.md).\n")
-    return header + yaml.safe_dump(render(cfg, source, overrides, image), sort_keys=False, width=1000)
+    return header + yaml.safe_dump(render(cfg, source, overrides, image, pythonpath), sort_keys=False, width=1000)
 
 
 def render(cfg: Config, source: str, overrides: list[str] | tuple[str, ...] = (),
-           image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+           image: str = DEFAULT_IMAGE, pythonpath: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The compose document: services ps0..psN-1, chief, worker (scaled), and the named volumes."""
     spec = compose_cluster_spec(cfg)
     args = container_overrides(cfg, overrides)
@@ -96,9 +118,9 @@ def render(cfg: Config, source: str, overrides: list[str] | tuple[str, ...] = ()
     for i, name in enumerate(shards):
         services[name] = _service(cfg, "ps", spec.tf_config("ps", i), source, args, image, healthy=True)
     services["chief"] = _service(cfg, "chief", spec.tf_config("chief", 0), source, args, image, healthy=True,
-                                 after=shards, data=True)
+                                 after=shards, data=True, code=pythonpath)
     worker = _service(cfg, "worker", spec.tf_config("worker", 0), source, args, image, healthy=False,
-                      after=[*shards, "chief"], data=True)
+                      after=[*shards, "chief"], data=True, code=pythonpath)
     worker["deploy"] = {"replicas": cfg.cluster.workers}
     services["worker"] = worker
     return {"services": services, "volumes": {RUNS_VOLUME: {}, CACHE_VOLUME: {}}}
@@ -117,8 +139,7 @@ def container_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> 
         f"cluster.ps={cfg.cluster.ps}",
         f"cluster.workers={cfg.cluster.workers}",
         f"run_dir={RUNS_MOUNT}/{run_name(cfg)}",
-        f"data.cache_dir={CACHE_MOUNT}",
-    ]
+    ] + ([] if is_import_path(cfg.data.name) else [f"data.cache_dir={CACHE_MOUNT}"])  # a user's loader: no cache_dir
 
 
 def run_name(cfg: Config) -> str:
@@ -140,7 +161,7 @@ def restart_policy(cfg: Config, role: str) -> str:
 
 
 def _service(cfg: Config, role: str, tf_config: str, source: str, args: list[str], image: str, *,
-             healthy: bool, after: list[str] = (), data: bool = False) -> dict[str, Any]:
+             healthy: bool, after: list[str] = (), data: bool = False, code=()) -> dict[str, Any]:
     """One service: the image, the role's command, TF_CONFIG, volumes, readiness and restarts."""
     volumes = [f"{source}:{CONFIG_MOUNT}:ro", f"{RUNS_VOLUME}:{RUNS_MOUNT}"]
     if data:
@@ -153,6 +174,9 @@ def _service(cfg: Config, role: str, tf_config: str, source: str, args: list[str
         "init": True,  # a real PID 1 forwards signals and reaps children
         "restart": restart_policy(cfg, role),
     }
+    if code:  # a user's model / data code (--pythonpath), read-only
+        volumes += [f"{src}:{CODE_MOUNT}/{i}:ro" for i, src in enumerate(code)]
+        service["environment"]["PYTHONPATH"] = ":".join(f"{CODE_MOUNT}/{i}" for i in range(len(code)))
     if healthy:
         service["healthcheck"] = {"test": ["CMD", "asyncps", "health", f"127.0.0.1:{PORT}"], **HEALTHCHECK}
     if after:
