@@ -90,7 +90,7 @@ class ByteBudget:
     def limit(self) -> int:
         if self._fixed is not None:
             return self._fixed
-        variables = self._shard._vars
+        variables = self._shard.variables
         if self._sized[0] != id(variables):  # the dict is replaced by init and restore only
             self._sized = (id(variables), sum(v.value.nbytes for v in variables.values()))
         return max(MIN_PUSH_BYTES, 2 * (self._workers + 1) * self._sized[1])
@@ -245,13 +245,10 @@ class ParameterServerServicer:
 
     def _check_pusher(self, worker: int) -> None:
         """An initialized shard and a registered, active worker (as `Shard.push` checks)."""
-        shard = self._shard
-        with shard._cond:
-            shard._require_init()
-            shard._worker(worker)
+        self._shard.check_pusher(worker)
 
     def _push_admission(self, take) -> codec.Admit:
-        variables = self._shard._vars  # fixed once initialized (restore swaps in a new dict)
+        variables = self._shard.variables  # fixed once initialized (restore swaps in a new dict)
         if self._declared[0] is not variables:
             self._declared = (variables, set())
         valid = self._declared[1]  # declarations found valid (the shape includes a sparse row count)
@@ -271,7 +268,7 @@ class ParameterServerServicer:
         """A later Init must match the variables (Shard.init): checked before allocating."""
         if not self._shard.num_variables:
             return None
-        variables = self._shard._vars
+        variables = self._shard.variables
 
         def admit(name, slot, dtype, shape, sparse, nbytes):
             validate.check_declared_value(name, slot, dtype, shape, sparse, variables)

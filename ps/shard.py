@@ -115,6 +115,19 @@ class Shard:
         """Number of variables (or blocks) on the shard."""
         return len(self._vars)
 
+    @property
+    def variables(self) -> Mapping[str, Variable]:
+        """The variables by name, for validation outside the lock: their names, shapes and dtypes
+        never change once initialized (a restore swaps in a new dict, never mutates this one)."""
+        return self._vars
+
+    def check_pusher(self, worker: int) -> None:
+        """Raises unless the shard is initialized and `worker` registered and active (what
+        `push` checks first), so a transport can refuse before reading a payload."""
+        with self._cond:
+            self._require_init()
+            self._worker(worker)
+
     def frozen(self, name: str) -> bool:
         """True when `name` matches a `train.frozen` pattern."""
         return any(fnmatch.fnmatchcase(name, p) for p in self._frozen_patterns)
