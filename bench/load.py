@@ -55,7 +55,7 @@ def make_cfg(n: int, security: dict):
 
 
 def placement(n: int, dim: int):
-    from asyncps.ps.partition import place
+    from asyncps.partition import place
 
     return place({"w": ((dim,), "float32"), "counts": ((n, 1), "float32")}, 1)
 

@@ -106,7 +106,7 @@ def _raw_client_main(conn, ports: list[int], worker: int, calls: int, *_ignored)
 def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None,
                  compression: str = "none") -> None:
     from asyncps.config import Config
-    from asyncps.ps.partition import place
+    from asyncps.partition import place
     from asyncps.worker.ps_client import PSClient
 
     cfg = Config()

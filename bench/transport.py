@@ -145,7 +145,7 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
     import grpc
 
     from asyncps.config import Config
-    from asyncps.ps.partition import place
+    from asyncps.partition import place
     from asyncps.worker.ps_client import PSClient
 
     ctx = mp.get_context("spawn")

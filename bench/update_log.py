@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from asyncps.config import from_dict  # noqa: E402
 from asyncps.ps.shard import Shard  # noqa: E402
-from asyncps.ps.update_log import ShardLog  # noqa: E402
+from asyncps.update_log import ShardLog  # noqa: E402
 
 MODELS = {
     "softmax": {"softmax.w": (784, 10), "softmax.b": (10,)},

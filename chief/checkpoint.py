@@ -42,7 +42,7 @@ import numpy as np
 from asyncps.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json, fsync_dir, jsonable
 from asyncps.errors import UserError
 from asyncps.protos.codec import Snapshot
-from asyncps.ps.partition import Placement
+from asyncps.partition import Placement
 
 FORMAT = 2  # 2: the manifest carries MANIFEST_DIGEST; 1 (still read): without it
 MANIFEST = "manifest.json"

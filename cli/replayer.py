@@ -1,4 +1,4 @@
-"""Recompute a cluster run in one process from its update log (see asyncps.ps.update_log).
+"""Recompute a cluster run in one process from its update log (see asyncps.update_log).
 
 The run is rebuilt with the same code the cluster ran: one `Shard` per shard (optimizer,
 schedule, staleness policy, frozen variables, consistency mode), the worker's model and
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from asyncps.errors import UserError
-from asyncps.ps import update_log as ul
+from asyncps import update_log as ul
 
 SUPPORTED_MODES = ("async", "ssp", "sync")
 
@@ -37,8 +37,8 @@ class RunLog:
 
     run_dir: Path
     cfg: object
-    shards: list[np.ndarray]  # per shard: its log records (ps.update_log.SHARD_FIELDS)
-    steps: dict  # (worker, seq) -> ps.update_log.Step
+    shards: list[np.ndarray]  # per shard: its log records (update_log.SHARD_FIELDS)
+    steps: dict  # (worker, seq) -> update_log.Step
     final_versions: list[int] | None  # report.json's `versions`
 
 

@@ -207,7 +207,7 @@ class ClusterConfig:
     # version older (recorded as staleness like any other); see docs/performance.md
     prefetch: bool = False
     # RUN_DIR/replay/: each shard's order of applied pushes and each worker's steps, what
-    # `asyncps replay` needs to recompute the run (ps/update_log.py); false: not recorded
+    # `asyncps replay` needs to recompute the run (common/update_log.py); false: not recorded
     update_log: bool = True
     # gradients pushed as float16 or bfloat16 with error feedback (the shards widen them back to
     # float32; pulls stay float32); see asyncps.worker.compression and docs/performance.md

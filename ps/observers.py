@@ -78,7 +78,7 @@ class Observers(ShardObserver):
 
 
 class UpdateLogObserver(ShardObserver):
-    """Writes every state change to the shard's update log (ps/update_log.py), for replay."""
+    """Writes every state change to the shard's update log (common/update_log.py), for replay."""
 
     def __init__(self, log):
         self.log = log

@@ -26,7 +26,7 @@ from asyncps.protos.serving import RoleServer, StreamLimits
 from asyncps.ps import counters
 from asyncps.ps.servicer import SERVICE_NAME, ParameterServerServicer
 from asyncps.ps.shard import Shard
-from asyncps.ps.update_log import open_shard_log
+from asyncps.update_log import open_shard_log
 from asyncps.telemetry import FunctionCollector, MetricsServer, metrics_port
 
 DEFAULT_GRACE = 5.0  # seconds in-flight calls get at shutdown

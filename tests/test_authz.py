@@ -27,7 +27,7 @@ from asyncps.protos import chief_pb2, chief_pb2_grpc, ps_pb2, security
 from asyncps.protos.rpc import ps_stub
 from asyncps.protos.security import Security, open_channel
 from asyncps.protos.serving import RoleServer
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.worker.ps_client import PSClient, channel_options
 

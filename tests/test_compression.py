@@ -15,7 +15,7 @@ from asyncps.errors import ConfigError
 from asyncps.protos import codec, ps_pb2
 from asyncps.protos.codec import BFLOAT16, SparseRows
 from asyncps.ps.errors import InvalidArgument
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.ps.shard import Shard
 from asyncps.worker.compression import ErrorFeedback, make_compressor, quantize

@@ -235,7 +235,7 @@ def test_version_history_ring_reuses_its_slots():
 def test_ages_travel_through_grpc_to_every_shard(unary_bytes):
     """PSClient.pull(age=r) and push_pull(pull_age=r), over real gRPC to 2 shards: both shards
     serve r versions ago (w and b live on different shards), and both record the same ages."""
-    from asyncps.ps.partition import place
+    from asyncps.partition import place
     from asyncps.ps.server import ShardServer
     from asyncps.worker.ps_client import PSClient
 
@@ -347,7 +347,7 @@ def test_controlled_staleness_refuses_sync_and_prefetch(override):
 def test_dcasgd_on_the_cluster_compensates_with_the_values_served():
     """DC-ASGD needs what the worker read: through gRPC (the servicer's export path) the shard
     keeps the old version it served, and the push is compensated against it, as in train."""
-    from asyncps.ps.partition import place
+    from asyncps.partition import place
     from asyncps.ps.server import ShardServer
     from asyncps.worker.ps_client import PSClient
 

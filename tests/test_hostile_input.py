@@ -33,7 +33,7 @@ from asyncps.config import Config
 from asyncps.protos import codec, ps_pb2, tensor_pb2
 from asyncps.protos.rpc import PS_METHODS, SERVICE, ps_stub
 from asyncps.protos.serving import MAX_MESSAGE_BYTES
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.worker.ps_client import PSClient, channel_options
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncps.protos.codec import SparseRows
-from asyncps.ps import partition
-from asyncps.ps.partition import Placement, PlacementError, place
+from asyncps import partition
+from asyncps.partition import Placement, PlacementError, place
 
 specs_strategy = st.dictionaries(
     st.text("abcdefgh/", min_size=1, max_size=6),

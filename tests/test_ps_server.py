@@ -12,7 +12,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asyncps.config import Config
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.worker.ps_client import PSClient
 
 

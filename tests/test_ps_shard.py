@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from asyncps.config import Config
 from asyncps.protos import codec, ps_pb2, ps_pb2_grpc, tensor_pb2
 from asyncps.protos.codec import SparseRows
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.worker.ps_client import PSClient, channel_options
 

@@ -7,7 +7,7 @@ import pytest
 from asyncps.config import Config
 from asyncps.protos import codec, ps_pb2
 from asyncps.protos.codec import SparseRows
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.worker.ps_client import PSClient
 

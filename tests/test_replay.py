@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from asyncps.ps import update_log as ul
+from asyncps import update_log as ul
 from asyncps.runs import PARAMS_FILE, load_params
 from cli_runner import CONFIGS, asyncps, run_ok
 

@@ -22,7 +22,7 @@ from asyncps.errors import ConfigError
 from asyncps.protos import ps_pb2, security
 from asyncps.protos.rpc import ps_stub
 from asyncps.protos.security import Security, open_channel
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.worker.ps_client import PSClient, channel_options
 from cli_runner import CONFIGS, report, run_ok

@@ -31,7 +31,7 @@ from asyncps.config import Config
 from asyncps.protos import codec, ps_pb2, tensor_pb2
 from asyncps.protos.rpc import ps_stub
 from asyncps.protos.serving import StreamLimits
-from asyncps.ps.partition import place
+from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.worker import ps_client
 from asyncps.worker.ps_client import PSClient, channel_options

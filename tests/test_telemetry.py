@@ -223,7 +223,7 @@ def test_shard_process_serves_prometheus_metrics_with_staleness_histogram_by_sha
     _needs("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
-    from asyncps.ps.partition import place
+    from asyncps.partition import place
     from asyncps.worker.ps_client import PSClient
 
     base = _free_base_port()

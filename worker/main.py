@@ -162,7 +162,7 @@ class WorkerLoop:
         self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
         self.rejoins = 0  # rejoins in a row without a successful push
         self.reporter: LossReporter | None = None  # set when the loop starts
-        from asyncps.ps.update_log import open_worker_log  # what `asyncps replay` needs of each step
+        from asyncps.update_log import open_worker_log  # what `asyncps replay` needs of each step
         self.update_log = open_worker_log(cfg, self.index, reply.data_shard, reply.num_data_shards, reply.seed,
                                           len(ps_addresses))
         # Controlled staleness: the k-th pull of this process asks for the values of r versions ago,

@@ -98,7 +98,7 @@ def _push_result(reply: ps_pb2.PushReply) -> PushResult:
 class PSClient:
     """Talks to every shard of a cluster; see the module docstring.
 
-    `placement` is an ``asyncps.ps.partition.Placement`` (anything with ``num_shards``,
+    `placement` is an ``asyncps.partition.Placement`` (anything with ``num_shards``,
     ``split(tensors)`` and ``join(pieces, names)``); `cfg` the run's Config.
     """
 

@@ -23,7 +23,7 @@ def initial_params(cfg: Config, model) -> dict[str, np.ndarray]:
 
 
 def placement_for(params: dict[str, np.ndarray], num_shards: int):
-    """Which shard holds which rows of which variable (asyncps.ps.partition.place)."""
-    from asyncps.ps.partition import place  # the one partitioner; pure, no server state
+    """Which shard holds which rows of which variable (asyncps.partition.place)."""
+    from asyncps.partition import place  # the one partitioner; pure, no server state
 
     return place({n: (v.shape, v.dtype) for n, v in params.items()}, num_shards)
