@@ -304,3 +304,64 @@ def test_import_asyncps_stays_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert callable(asyncps.train) and callable(asyncps.launch)
+
+
+# ----------------------------------------------------------------------- under docker-compose
+
+
+def test_compose_mounts_the_users_code_on_pythonpath(tmp_path, capsys):
+    from asyncps.cli.main import main
+
+    out = tmp_path / "docker-compose.yml"
+    assert main(["compose", str(CONFIG), "--pythonpath", str(EXAMPLES), "-o", str(out)]) == 0
+    services = yaml.safe_load(out.read_text())["services"]
+    for name in ("chief", "worker"):
+        assert services[name]["environment"]["PYTHONPATH"] == "/opt/asyncps/code/0"
+        mount = next(v for v in services[name]["volumes"] if v.endswith(":/opt/asyncps/code/0:ro"))
+        assert (out.parent / mount.split(":")[0]).resolve() == EXAMPLES
+        assert not any(a.startswith("data.cache_dir=") for a in services[name]["command"])  # not the loader's
+    assert "PYTHONPATH" not in services["ps0"]["environment"]  # shards never run model code
+    assert main(["compose", str(CONFIG)]) == 0
+    assert "--pythonpath DIR mounts it" in capsys.readouterr().err
+    assert main(["compose", str(CONFIG), "--pythonpath", str(tmp_path / "nope")]) == 2
+
+
+try:  # the Docker helpers and the image fixture of tests/test_compose.py (built from this checkout)
+    from test_compose import compose_tool, docker_test, image, sh  # noqa: F401
+except ImportError:  # pragma: no cover
+    docker_test = pytest.mark.skip(reason="tests/test_compose.py's Docker helpers are not importable")
+
+
+@pytest.fixture
+def user_image(request):
+    """ASYNCPS_PREBUILT_IMAGE (an image already holding this checkout), else test_compose's build."""
+    return os.environ.get("ASYNCPS_PREBUILT_IMAGE") or request.getfixturevalue("image")
+
+
+@docker_test
+def test_the_example_runs_under_compose_with_pythonpath(tmp_path, user_image):
+    import uuid
+
+    project = f"asyncpsuser{uuid.uuid4().hex[:8]}"
+    code = tmp_path / "code"
+    code.mkdir()
+    import shutil
+
+    shutil.copytree(EXAMPLES / "my_model", code / "my_model", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [code, *code.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)  # readable by the image's unprivileged user
+    out = tmp_path / "docker-compose.yml"
+    from asyncps.cli.main import main
+
+    assert main(["compose", str(CONFIG), "--pythonpath", str(code), "--image", user_image, "-o", str(out),
+                 "train.max_steps=200", "train.eval_every=100"]) == 0
+    try:
+        done = sh(str(REPO / "deploy" / "run-compose.sh"), "-p", project, str(out), timeout=600, check=False)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        text = sh("docker", "run", "--rm", "-v", f"{project}_runs:/runs", "--entrypoint", "cat", user_image,
+                  "/runs/my_model/report.json").stdout
+        report = json.loads(text)
+        assert report["steps"] == 200 and report["final"]["accuracy"] > CHANCE
+        assert report["config"]["model"]["name"] == "my_model.model:ResidualMLP"
+    finally:
+        sh(*compose_tool(), "-p", project, "-f", str(out), "down", "-v", "--remove-orphans", "-t", "5", check=False)
