@@ -97,19 +97,25 @@ def launch(config_or_path, *, resume: str | bool | None = None, **overrides) -> 
     from asyncps.runs import resolve_run_dir
 
     cfg = load(config_or_path, **overrides)
-    cfg.run_dir = str(resolve_run_dir(cfg).resolve())  # known here, so the report can be read back
+    owner = cli_launch.run_dir_of(Path(resume).resolve()) if resume and resume is not True else None
+    if owner is not None and cli_launch.is_run_dir(owner):
+        run_dir = str(owner)  # --resume DIR owns the run directory (cli/launch.py prepare_resume)
+    elif resume is True and not cfg.run_dir:
+        raise ConfigError("asyncps.launch: resume=True needs run_dir= (the run to continue)")
+    else:
+        run_dir = cfg.run_dir = str(resolve_run_dir(cfg).resolve())  # known here, so the report can be read back
     with tempfile.TemporaryDirectory(prefix="asyncps-launch-") as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         args = argparse.Namespace(config=str(path), overrides=[], dry_run=False,
                                   resume=None if not resume else ([] if resume is True else [str(resume)]))
         code = cli_launch.run(args)
-    report_path = Path(cfg.run_dir) / "report.json"
+    report_path = Path(run_dir) / "report.json"
     if code != 0:
-        raise LaunchError(f"asyncps.launch: the run exited with status {code}{_first_error(cfg.run_dir)} "
-                          f"(logs: {cfg.run_dir}/*.log)", code, cfg.run_dir)
+        raise LaunchError(f"asyncps.launch: the run exited with status {code}{_first_error(run_dir)} "
+                          f"(logs: {run_dir}/*.log)", code, run_dir)
     if not report_path.exists():
-        raise LaunchError(f"asyncps.launch: the run finished without {report_path}", 1, cfg.run_dir)
+        raise LaunchError(f"asyncps.launch: the run finished without {report_path}", 1, run_dir)
     return json.loads(report_path.read_text())
 
 

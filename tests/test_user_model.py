@@ -46,7 +46,7 @@ def examples_on_path(monkeypatch):
 def test_example_runs_through_asyncps_launch_with_pythonpath(tmp_path):
     run_dir = tmp_path / "run"
     # from another directory: only PYTHONPATH finds my_model (as in a user's project)
-    proc = cli("launch", CONFIG, f"run_dir={run_dir}", *SHORT, cwd=tmp_path)
+    proc = cli("launch", CONFIG, f"run_dir={run_dir}", *SHORT, "checkpoint.every_steps=200", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["steps"] == 200
@@ -55,6 +55,12 @@ def test_example_runs_through_asyncps_launch_with_pythonpath(tmp_path):
     assert saved["model"] == {"name": "my_model.model:ResidualMLP", "width": 64, "blocks": 2}
     assert saved["data"]["name"] == "my_model.data:spirals" and saved["data"]["n_train"] == 3000
     assert "final:" in proc.stdout and "run_dir:" in proc.stdout
+    # the other roles resolve the same import paths from the run's config.yaml
+    replay = cli("replay", run_dir, cwd=tmp_path)
+    assert replay.returncode == 0 and "bit-identical" in replay.stdout, replay.stderr[-2000:]
+    scored = cli("eval", run_dir, "--json", cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "accuracy" in scored.stdout
 
 
 def test_example_without_pythonpath_is_one_line_exit_2(tmp_path):
@@ -79,6 +85,17 @@ def test_python_api_launch_returns_the_report(tmp_path, examples_on_path):
                             **{"train.max_steps": 100, "train.eval_every": 50, "model.blocks": 1})
     assert report["steps"] == 100 and report["final"]["accuracy"] > CHANCE
     assert report["config"]["model"]["blocks"] == 1
+
+
+def test_python_api_launch_resumes_a_run(tmp_path, examples_on_path):
+    run_dir = str(tmp_path / "run")
+    short = {"run_dir": run_dir, "cluster": {"workers": 1}, "checkpoint": {"every_steps": 50}}
+    first = asyncps.launch(CONFIG, **short, **{"train.max_steps": 100, "train.eval_every": 50})
+    assert first["steps"] == 100
+    again = asyncps.launch(CONFIG, resume=True, **short, **{"train.max_steps": 150, "train.eval_every": 50})
+    assert again["steps"] == 150 and again["run_dir"] == run_dir
+    with pytest.raises(ConfigError, match="resume=True needs run_dir="):
+        asyncps.launch(CONFIG, resume=True)
 
 
 def test_python_api_launch_raises_on_a_process_that_fails(tmp_path, examples_on_path):
