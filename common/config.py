@@ -587,8 +587,13 @@ def _build(cls, raw, prefix: str, source: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted((k for k in raw if k not in fields), key=lambda k: (not isinstance(k, str), _key(k)))
     if unknown:
+        expected = sorted(fields)
+        hint = ""
+        if cls in (ModelConfig, DataConfig):  # built-in names: options is not theirs; a user's code takes any key
+            expected.remove("options")
+            hint = f"; other keys need {prefix}name to be an import path module:attr"
         raise ConfigError(
-            f"{source}: unknown key {prefix}{_key(unknown[0])} (expected one of: {', '.join(sorted(fields))})"
+            f"{source}: unknown key {prefix}{_key(unknown[0])} (expected one of: {', '.join(expected)}{hint})"
         )
     kwargs = {name: _coerce(hints[name], raw[name], prefix + name, source) for name in raw}
     obj = cls(**kwargs)
