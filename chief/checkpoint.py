@@ -27,12 +27,12 @@ splits them with the new one, slots included; see `Checkpoint.snapshots_for`.
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ from asyncps.errors import UserError
 from asyncps.protos.codec import Snapshot
 from asyncps.partition import Placement
 
+logger = logging.getLogger(__name__)
 FORMAT = 2  # 2: the manifest carries MANIFEST_DIGEST; 1 (still read): without it
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest_sha256"
@@ -359,7 +360,7 @@ def latest_valid(folder: str | Path, warn=None) -> Checkpoint | None:
     """The newest checkpoint of `folder` that verifies, by step (the pointer file is not
     consulted: a crash between a manifest and the pointer leaves it stale); each refused one is
     reported to `warn` in one line."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    warn = warn or logger.warning
     folder = Path(folder)
     candidates = list(reversed(list_checkpoints(folder)))
     for path in candidates:

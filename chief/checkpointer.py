@@ -14,6 +14,7 @@ are resumed whatever happens between the pause and the snapshot's end.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from asyncps.chief import checkpoint as ckpt
 from asyncps.config import Config
 
 
+logger = logging.getLogger(__name__)
 def checkpoint_dir(cfg: Config, run_dir: Path) -> Path:
     """`checkpoint.dir`, or RUN_DIR/checkpoints."""
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
@@ -43,7 +45,7 @@ class Checkpointer:
             try:
                 ckpt.cleanup(self.folder, cfg.checkpoint.keep)  # leftovers of a crash mid-write
             except OSError as exc:  # e.g. an unreadable folder: the first save says it again
-                print(f"chief: cannot clean up {self.folder}: {exc}", flush=True)
+                logger.warning(f"chief: cannot clean up {self.folder}: {exc}")
 
     @property
     def enabled(self) -> bool:
@@ -91,7 +93,7 @@ class Checkpointer:
         try:
             removed = ckpt.cleanup(self.folder, self.cfg.checkpoint.keep)
         except OSError as exc:
-            print(f"chief: checkpoint at step {step} written; removing older ones failed: {exc}", flush=True)
+            logger.warning(f"chief: checkpoint at step {step} written; removing older ones failed: {exc}")
             removed = []
         write_ms = (time.perf_counter() - written) * 1e3
         self.last, self.pauses_ms = path, self.pauses_ms + [pause_ms]
@@ -106,7 +108,7 @@ class Checkpointer:
         last = self.last or self._newest_on_disk()
         message = (f"checkpoint at step {step} failed: {_cause(exc)}; the last good one is {last or 'none'}; "
                    f"retrying at the next interval")
-        print(f"chief: {message}", flush=True)
+        logger.warning(f"chief: {message}")
         self.restart_from(step)
         return self.log.write("checkpoint_failed", step, message=message, error=_cause(exc),
                               errno=getattr(exc, "errno", None), last_good=str(last) if last else None)

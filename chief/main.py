@@ -18,6 +18,7 @@ to have seen the flag, stop the shards.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -42,6 +43,7 @@ from asyncps.protos.serving import RoleServer
 from asyncps.worker.main import FINAL_REPORT_KEY
 from asyncps.runs import PARAMS_FILE, MetricsLog, Progress, TargetTracker, read_metrics, resolve_run_dir, save_params, write_report
 
+logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.05  # the chief's view of the global step lags by at most this (time to target included)
 STATS_ATTEMPTS = 3  # rpc_timeout-long waits for an unreachable shard before the run is given up
 
@@ -81,7 +83,7 @@ class ChiefRun:
         write_config_once(self.run_dir, cfg)  # compose and TFJob runs: replay, eval and inspect need it
         self.previous = previous_incarnation(self.run_dir / "metrics.jsonl")
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", hold=True)  # times count from step 0 (start())
-        self.telemetry = RunTelemetry(cfg, self.run_dir, self.log, notice=lambda m: print(f"chief: {m}", flush=True))
+        self.telemetry = RunTelemetry(cfg, self.run_dir, self.log, notice=lambda m: logger.info(f"chief: {m}"))
         self.last_stats, self.last_eval = None, {}
         self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
         self.model = build_model(cfg.model, self.data.meta)
@@ -119,7 +121,7 @@ class ChiefRun:
             kind = "worker_exited"  # it was told to stop: an exit, not a death
         row = self.log.write(kind, self.step, worker=member.index, hostname=member.hostname, pid=member.pid)
         self.events.append(row)
-        print(f"chief: {kind} worker {member.index} ({member.hostname}:{member.pid}) at step {self.step}", flush=True)
+        logger.info(f"chief: {kind} worker {member.index} ({member.hostname}:{member.pid}) at step {self.step}")
         if kind == "worker_dead" and not self.stop.is_set():  # its in-flight gradient is lost, nothing else
             self._record_failure("worker", member.index, self.step, self.step)
 
@@ -136,9 +138,9 @@ class ChiefRun:
     def start(self) -> None:
         """Give every shard its variables (init, restore or adopt), then serve the Chief service."""
         self._prepare_shards()
-        self.telemetry.serve_metrics(self, notice=lambda m: print(m, flush=True))
+        self.telemetry.serve_metrics(self, notice=logger.info)
         port = self.server.start()
-        print(f"chief: serving on {self.spec.chief.rsplit(':', 1)[0]}:{port}; run_dir {self.run_dir}", flush=True)
+        logger.info(f"chief: serving on {self.spec.chief.rsplit(':', 1)[0]}:{port}; run_dir {self.run_dir}")
         ready = self._start_barrier()
         self.startup_seconds = time.time() - self.process_start
         self.start_time = time.time() - self.carried_seconds  # the run's one zero point
@@ -164,7 +166,7 @@ class ChiefRun:
             if time.monotonic() >= deadline:
                 message = (f"{ready} of {self.spec.workers} workers ready after {c.start_timeout:g} s "
                            f"(cluster.start_timeout); starting with them")
-                print(f"chief: start barrier: {message}", flush=True)
+                logger.warning(f"chief: start barrier: {message}")
                 self.log.write("start_barrier", self.step, message=message, ready=ready)
                 return ready
             self.membership.reap()
@@ -178,7 +180,7 @@ class ChiefRun:
             self.ps.resume()  # the previous chief may have died with the shards paused (mid-checkpoint)
             self.adopted = True  # the workers are training: no start barrier
             self.carried_seconds = self.previous["time"]
-            print(f"chief: every shard still holds its variables; continuing from step {self.step}", flush=True)
+            logger.info(f"chief: every shard still holds its variables; continuing from step {self.step}")
             self._carry_over_failures(self.step)
         elif resume:
             self._resume(ckpt.resolve(resume, self.checkpoints.folder, warn=self._warn))
@@ -194,7 +196,7 @@ class ChiefRun:
         versions = self.checkpoints.restore(checkpoint)
         self.step, self.resumed_from = global_step(versions), checkpoint.step
         self.carried_seconds = float(checkpoint.manifest.get("seconds", 0.0))  # `time` continues from it
-        print(f"chief: restored {len(versions)} shards from {checkpoint.path} (step {checkpoint.step})", flush=True)
+        logger.info(f"chief: restored {len(versions)} shards from {checkpoint.path} (step {checkpoint.step})")
         self._carry_over_failures(checkpoint.step)
 
     def _carry_over_failures(self, restored_step: int) -> None:
@@ -204,7 +206,7 @@ class ChiefRun:
             self._record_failure("chief", 0, self.previous["at_step"], restored_step)
 
     def _warn(self, message: str) -> None:
-        print(f"chief: {message}", flush=True)
+        logger.warning(f"chief: {message}")
         self.log.write("checkpoint_refused", self.step, message=message)
 
     # ------------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ class ChiefRun:
                 if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       grpc.StatusCode.CANCELLED):
                     raise
-                print(f"chief: a shard does not answer ({err.code().name}); waiting", flush=True)
+                logger.warning(f"chief: a shard does not answer ({err.code().name}); waiting")
         raise RunFailed(f"a parameter-server shard stayed unreachable for {STATS_ATTEMPTS} x "
                         f"{self.cfg.cluster.rpc_timeout:g} s (cluster.rpc_timeout); giving up")
 
@@ -294,15 +296,15 @@ class ChiefRun:
                "steps_lost": max(0, at_step - restored_step), "wall_time": time.time(), **extra}
         self.failures.append(row)
         self.log.write("failure", at_step, **row)
-        print(f"chief: {role} {index} failed at step {at_step}; model at step {restored_step} "
-              f"({row['steps_lost']} steps lost)", flush=True)
+        logger.warning(f"chief: {role} {index} failed at step {at_step}; model at step {restored_step} "
+              f"({row['steps_lost']} steps lost)")
 
     def _guarded(self, action) -> None:
         """Runs `action`; a shard error (one died meanwhile) is logged, the next poll repairs it."""
         try:
             action()
         except grpc.RpcError as err:
-            print(f"chief: {err.code().name} from a shard ({err.details()}); retrying later", flush=True)
+            logger.warning(f"chief: {err.code().name} from a shard ({err.details()}); retrying later")
             self.log.write("rpc_error", self.step, code=err.code().name, details=err.details())
 
     def elapsed(self) -> float:
@@ -336,7 +338,7 @@ class ChiefRun:
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            print(f"chief: evaluation at step {version} skipped: {err.details()}", flush=True)
+            logger.warning(f"chief: evaluation at step {version} skipped: {err.details()}")
             self.log.write("eval_skipped", version, message=err.details())
             return
         self.evaluate(params, versions, seconds)
@@ -369,7 +371,7 @@ class ChiefRun:
         self.log.write("final", global_step(versions), evaluation="at stop", **final)
         save_params(Path(self.run_dir) / PARAMS_FILE, params)
         write_report(self.run_dir, report)
-        print(f"chief: final {final} at step {global_step(versions)}; report {self.run_dir / 'report.json'}", flush=True)
+        logger.info(f"chief: final {final} at step {global_step(versions)}; report {self.run_dir / 'report.json'}")
         self.ps.stop()
 
     def _wait_for_workers_to_see_stop(self, timeout: float | None = None) -> None:

@@ -11,6 +11,7 @@ import os
 import sys
 
 from asyncps.errors import UserError
+from asyncps.logs import configure as configure_logging
 
 # subcommand -> (module under asyncps.cli, one-line help)
 COMMANDS = {
@@ -71,9 +72,13 @@ def pin_blas_threads() -> None:
         os.environ.setdefault(var, "1")
 
 
+ROLE_COMMANDS = ("ps", "worker", "chief")
+
+
 def main(argv: list[str] | None = None) -> int:
     pin_blas_threads()
     args = parse(sys.argv[1:] if argv is None else list(argv))
+    configure_logging(args.command in ROLE_COMMANDS)
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

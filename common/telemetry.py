@@ -7,14 +7,15 @@ staleness counters (ps/counters.py) are read at scrape or report time.
 """
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 # Upper bounds (ms) of the pull-to-push duration buckets: 20 per decade from 0.1 ms to 100 s,
 # so a quantile read from merged buckets is at most 12.2% above the exact one. The last bucket
 # (index len) counts everything above. A window sends only its non-empty buckets.
+logger = logging.getLogger(__name__)
 PER_DECADE = 20
 DURATION_BUCKETS_MS = tuple(round(0.1 * 10 ** (i / PER_DECADE), 6) for i in range(6 * PER_DECADE + 1))
 MAX_WINDOW_COUNT = 10**9  # more durations than any worker can time between two reports: malformed
@@ -216,7 +217,7 @@ class TensorBoard:
 
 
 def _stderr(message: str) -> None:
-    print(f"asyncps: {message}", file=sys.stderr, flush=True)
+    logger.warning(f"asyncps: {message}")
 
 
 # ----------------------------------------------------------------------------------------------

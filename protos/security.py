@@ -48,10 +48,10 @@ A caller without a valid certificate under mTLS never makes a call: its handshak
 """
 from __future__ import annotations
 
+import logging
 import hmac
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -63,6 +63,7 @@ import grpc
 
 from asyncps.errors import ConfigError
 
+logger = logging.getLogger(__name__)
 ROLES = ("ps", "worker", "chief", "client")
 ENV_ROLE = "ASYNCPS_ROLE"  # picks the certificate of a process that TF_CONFIG does not name (tools, benchmarks)
 TOKEN_KEY = "authorization"
@@ -319,8 +320,11 @@ class Refusals:
                     entry[0], entry[1] = now, 0
         if line:
             more = f" ({since} refused like it since the last such line)" if since else ""
-            print(f"asyncps {self.who}: refused {method} ({code.name}): {detail}, peer {peer}{more}",
-                  file=self._stream or sys.stderr, flush=True)
+            message = f"asyncps {self.who}: refused {method} ({code.name}): {detail}, peer {peer}{more}"
+            if self._stream is not None:  # a test's or tool's own stream
+                print(message, file=self._stream, flush=True)
+            else:
+                logger.warning(message)
 
     def counts(self) -> dict[str, int]:
         with self._lock:

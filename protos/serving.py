@@ -25,7 +25,7 @@ chunks, so the limit never bites a well-formed stream.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 import time
 from collections import Counter
@@ -38,6 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from asyncps.errors import UserError
 from asyncps.protos import security as _security
 
+logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 << 20  # one received message; 64x the codec's chunk (protos/codec.py)
 # Tensors are streamed in ~1 MiB messages, but never let gRPC's 4 MiB default bite.
 MESSAGE_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -346,4 +347,4 @@ class StreamGuard(grpc.ServerInterceptor):
                 return
             self._logged[kind] = (now, count)
         since = f" ({count - logged} {kind} since the last line, {count} in all)" if last is not None else ""
-        print(f"asyncps {self.role}: {line}{since}", file=sys.stderr, flush=True)
+        logger.warning(f"asyncps {self.role}: {line}{since}")

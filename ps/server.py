@@ -13,6 +13,7 @@ process has started, never before a fork.
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import signal
 import sys
@@ -21,6 +22,7 @@ import threading
 
 from asyncps.config import Config, load_config
 from asyncps.errors import UserError
+from asyncps.logs import configure as configure_logging
 from asyncps.protos.rpc import ps_handler
 from asyncps.protos.serving import RoleServer, StreamLimits
 from asyncps.ps import counters
@@ -29,6 +31,7 @@ from asyncps.ps.shard import Shard
 from asyncps.update_log import open_shard_log
 from asyncps.telemetry import FunctionCollector, MetricsServer, metrics_port
 
+logger = logging.getLogger(__name__)
 DEFAULT_GRACE = 5.0  # seconds in-flight calls get at shutdown
 STREAM_IDLE_TIMEOUT = 10.0  # seconds a push/init/restore stream may wait for its next message
 STREAMS_PER_PEER = 4  # request streams open at once on one connection
@@ -109,7 +112,7 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     signals = []  # a signal, not the chief's Stop RPC: exit 128 + signal, so a launcher restarts it
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: signals.append(signum) or server.request_stop())
-    print(f"asyncps ps {index}: serving on {host}:{bound} (mode {cfg.cluster.mode})", flush=True)
+    logger.info(f"asyncps ps {index}: serving on {host}:{bound} (mode {cfg.cluster.mode})")
     if port_file:
         from asyncps.atomic import atomic_write_bytes
 
@@ -117,7 +120,7 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     server.wait()
     if metrics is not None:
         metrics.stop()
-    print(f"asyncps ps {index}: stopped at version {server.shard.version}", flush=True)
+    logger.info(f"asyncps ps {index}: stopped at version {server.shard.version}")
     return 128 + signals[0] if signals else 0
 
 
@@ -137,7 +140,7 @@ def start_metrics(shard: Shard, cfg: Config, index: int, refusals=None) -> Metri
     server = MetricsServer.start(collectors, port,
                                  t.prometheus_host, who=f"ps {index}")
     if server is not None:
-        print(f"asyncps ps {index}: metrics on http://{t.prometheus_host}:{server.port}/metrics", flush=True)
+        logger.info(f"asyncps ps {index}: metrics on http://{t.prometheus_host}:{server.port}/metrics")
     return server
 
 
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port-file", default=None, help="write the bound port to this file")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    configure_logging(role_process=True)
     try:
         cfg = load_config(args.config, args.overrides)
         if not 0 <= args.index < cfg.cluster.ps:

@@ -156,5 +156,5 @@ def test_mnist_survives_random_kills_of_workers_and_shards_with_sigkill_and_sigt
     pids = json.loads((tmp_path / "pids.json").read_text())
     assert sum(p["restarts"] for p in pids.values()) == len(KILLS), pids
     for i in range(3):  # worker<i>.log is the log of the processes that held worker index i
-        indices = re.findall(r"^worker (\d+): registered", (tmp_path / f"worker{i}.log").read_text(), re.M)
+        indices = re.findall(r"\bworker (\d+): registered", (tmp_path / f"worker{i}.log").read_text(), re.M)
         assert indices and set(indices) == {str(i)}, (i, indices)

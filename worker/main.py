@@ -7,8 +7,8 @@ the chief assigned, so a restarted worker that gets the same index reads the sam
 """
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import threading
 import time
 
@@ -19,6 +19,7 @@ from asyncps.cluster import ClusterSpec
 from asyncps.config import Config
 from asyncps.worker.ps_client import RETRIED_CODES
 
+logger = logging.getLogger(__name__)
 REPORT_EVERY_SECONDS = 2.0
 FINAL_REPORT_KEY = "worker/final_report"  # in a worker's last ReportMetrics (chief/main.py waits for it)
 STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
@@ -39,7 +40,7 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
     chief = ChiefClient(spec.chief, cfg.cluster.rpc_timeout, security=cfg.cluster.security)
     reply = chief.register(preferred=spec.task_index)  # launch: the slot naming this worker's log
     index = reply.worker_index
-    print(f"worker {index}: registered ({reply.num_workers} workers, data shard {reply.data_shard})", flush=True)
+    logger.info(f"worker {index}: registered ({reply.num_workers} workers, data shard {reply.data_shard})")
     # Heartbeats start before the data loads: on a busy machine loading MNIST can outlast the
     # chief's heartbeat timeout, and a worker declared dead at step 0 would stop training.
     progress = {"loop": None}
@@ -50,7 +51,7 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
     beat.start()
     signal.signal(signal.SIGTERM, lambda *_: beat.finish("SIGTERM"))
     loop = progress["loop"] = WorkerLoop(cfg, reply, list(reply.ps_addresses) or list(spec.ps))
-    print(f"worker {index}: data loaded; waiting for the start barrier", flush=True)
+    logger.info(f"worker {index}: data loaded; waiting for the start barrier")
     try:
         error = run_until_stopped(loop, beat, chief) if beat.wait_for_start() else None
     finally:
@@ -58,9 +59,9 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
         chief.close()
         loop.close()  # ends a push left waiting at a frozen shard, so the process exits now
     if error is not None and not beat.reason:
-        print(f"worker {index}: {describe(error)}", file=sys.stderr, flush=True)
+        logger.warning(f"worker {index}: {describe(error)}")
         return 1
-    print(f"worker {index}: stopped after {loop.seq} pushes ({beat.reason or 'run over'})", flush=True)
+    logger.info(f"worker {index}: stopped after {loop.seq} pushes ({beat.reason or 'run over'})")
     if beat.declared_dead:  # still able to train: exit non-zero so the restart policy brings a new one
         return 1
     return 128 + signal.SIGTERM if beat.reason == "SIGTERM" else 0  # not the chief's stop: restartable
@@ -235,7 +236,7 @@ class WorkerLoop:
         self.rejoins += 1
         if stop.is_set() or err.code() not in REJOIN_CODES or self.rejoins > MAX_REJOINS:
             raise err
-        print(f"worker {self.index}: {describe(err)}; registering again and re-pulling", flush=True)
+        logger.warning(f"worker {self.index}: {describe(err)}; registering again and re-pulling")
 
     def push_or_rejoin(self, grads, versions, stop):
         """push_pull, then the next seq; when the shards lost this worker's view (a shard was
