@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 
 import grpc
 import numpy as np

@@ -1,6 +1,5 @@
 """A shard as a real OS process: started from the command line on port 0, found through its port
 file, healthy, and gone with exit code 0 after SIGTERM."""
-import os
 import signal
 import subprocess
 import sys

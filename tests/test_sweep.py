@@ -60,7 +60,7 @@ def test_summary_medians_budget_and_ratios_to_the_matching_staleness_zero_settin
     base = baselines(s, {x.name: [r for r in rows if r["setting"] == x.name] for x in s})
     assert base == {s[0].name: s[0].name, s[1].name: s[0].name, s[2].name: s[2].name, s[3].name: s[2].name}
     md = summary_markdown(s, rows, "t", "cmd")
-    line = {l.split(" | ")[0].lstrip("| "): l for l in md.splitlines() if l.startswith("| opt=")}
+    line = {row.split(" | ")[0].lstrip("| "): row for row in md.splitlines() if row.startswith("| opt=")}
     assert "| 110 [100–120] |" in line[s[0].name] and "*baseline*" in line[s[0].name]
     assert "| 280 [200–360] |" in line[s[1].name] and "| 2.50x |" in line[s[1].name]  # median of 2.0, 3.0
     assert "> budget" in line[s[3].name]
