@@ -12,7 +12,8 @@ They do what ``asyncps train`` / ``asyncps launch`` do, with the same validation
 directory (``run_dir=`` or runs/<name>-<timestamp>) and the same report.json, which they return
 as a dict. A mistake in the input raises a `UserError` (a `ConfigError` for the config, a
 `DataError` for data files) with the CLI's one-line message instead of exiting 2; a launched run
-that fails raises `LaunchError` (its `exit_code` is the CLI's). Progress goes to stderr.
+that fails raises `LaunchError` (its `exit_code` is the CLI's). Progress goes to stderr; `launch`
+also prints the command's closing summary (run_dir, final, target) to stdout.
 
 `config_or_path`: a YAML path, a dict shaped like the YAML, or a `Config`. Overrides are keyword
 arguments: dotted names (``**{"train.max_steps": 500}``), top-level keys (``seed=3``) or nested
