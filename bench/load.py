@@ -64,7 +64,7 @@ def pusher_process(address, n, dim, security, indices, seconds, start_at, out_qu
     """Runs one thread per pusher index; puts one result dict per pusher on the queue."""
     import grpc
 
-    from asyncps.protos.codec import SparseRows
+    from asyncps.sparse import SparseRows
     from asyncps.worker.ps_client import PSClient
 
     os.environ["ASYNCPS_ROLE"] = "worker"  # mtls: the worker certificate (pushes are data RPCs)

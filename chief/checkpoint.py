@@ -41,7 +41,7 @@ import numpy as np
 
 from asyncps.atomic import atomic_save_npz, atomic_write_bytes, atomic_write_json, fsync_dir, jsonable
 from asyncps.errors import UserError
-from asyncps.protos.codec import Snapshot
+from asyncps.shard_types import Snapshot
 from asyncps.partition import Placement
 
 logger = logging.getLogger(__name__)

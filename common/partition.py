@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncps.protos.codec import SparseRows
+from asyncps.sparse import SparseRows
 
 SPLIT_BYTES = 1 << 20  # variables larger than this are split by rows across the shards
 

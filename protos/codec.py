@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from asyncps.shard_types import Snapshot  # noqa: F401  (re-exported for the codec's callers)
 from asyncps.sparse import SparseRows
 
 CHUNK_BYTES = 1 << 20  # bytes of tensor data per stream message (see bench/transport.py)
@@ -753,19 +753,6 @@ def _remember_tensor(view: memoryview, a: int, b: int, piece: _WirePiece) -> Non
 
 # ----------------------------------------------------------------------------------------------
 # Snapshots: a shard's whole state, as streamed by Snapshot and Restore
-
-
-@dataclass
-class Snapshot:
-    """A shard's state at one version: values, optimizer slots and per-worker counters."""
-
-    version: int
-    values: dict[str, np.ndarray]
-    slots: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> slot -> array
-    updates: dict[str, int] = field(default_factory=dict)  # name -> updates applied to it
-    last_seq: dict[int, int] = field(default_factory=dict)  # worker -> highest push seq seen
-    clocks: dict[int, int] = field(default_factory=dict)  # worker -> pushes applied
-    optimizer: str = ""
 
 
 def encode_snapshot(snap: Snapshot, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:

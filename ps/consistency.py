@@ -19,24 +19,17 @@ Clocks: a worker's clock is the number of its pushes the shard has processed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from asyncps.protos.codec import SparseRows
+from asyncps.shard_types import PushResult
+from asyncps.sparse import SparseRows
 from asyncps.ps.counters import WorkerCounters
 from asyncps.ps.errors import FailedPrecondition
 
 if TYPE_CHECKING:  # the core hands itself to the mode; no import cycle at run time
     from asyncps.ps.shard import Shard
-
-
-class PushResult(NamedTuple):
-    """What the shard did with a push: APPLIED, ACCUMULATED, DROPPED or DUPLICATE."""
-
-    result: str
-    version: int
-    staleness: int
 
 
 class Async:

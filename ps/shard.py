@@ -43,9 +43,8 @@ from collections.abc import Callable, Iterable, Mapping
 import numpy as np
 
 from asyncps.config import Config
-from asyncps.protos.codec import Snapshot
 from asyncps.ps import validate
-from asyncps.ps.consistency import PushResult, make_consistency
+from asyncps.ps.consistency import make_consistency
 from asyncps.ps.counters import WorkerCounters, total_histogram
 from asyncps.ps.errors import (
     DeadlineExceeded,
@@ -57,6 +56,7 @@ from asyncps.ps.errors import (
     Unavailable,
 )
 from asyncps.ps.history import history_depth
+from asyncps.shard_types import PushResult, Snapshot
 from asyncps.ps.observers import AgeObserver, ClockGap, Observers, UpdateLogObserver
 from asyncps.ps.update_rule import POLICY_SLOT, UpdateRule, Variable
 from asyncps.ps.views import Milestones, PastVersions, ValuesRead, current_values

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asyncps.protos.codec import SparseRows
+from asyncps.sparse import SparseRows
 from asyncps.ps.errors import FailedPrecondition
 
 POLICY_SLOT = "policy:"  # prefix of staleness-policy state in snapshots

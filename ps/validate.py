@@ -21,7 +21,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from asyncps.protos.codec import SparseRows, dtype_name, is_reduced_float, widen
+from asyncps.protos.codec import dtype_name, is_reduced_float, widen
+from asyncps.sparse import SparseRows
 from asyncps.ps.errors import FailedPrecondition, InvalidArgument, NotFound, ShardError
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from asyncps.chief import checkpoint as ckpt
 from asyncps.config import from_dict
-from asyncps.protos.codec import Snapshot
+from asyncps.shard_types import Snapshot
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.worker.ps_client import PSClient

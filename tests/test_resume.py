@@ -31,7 +31,7 @@ from asyncps.chief.checkpointer import Checkpointer
 from asyncps.cli import launch
 from asyncps.config import load_config
 from asyncps.errors import UserError
-from asyncps.protos.codec import Snapshot
+from asyncps.shard_types import Snapshot
 from asyncps.ps.optim import make_optimizer
 from asyncps.ps.server import ShardServer
 from asyncps.runs import MetricsLog
@@ -317,7 +317,7 @@ def enospc(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_checkpoint_that_cannot_be_written_is_logged_counted_and_retried(tmp_path, shards, monkeypatch, capsys):
+def test_a_checkpoint_that_cannot_be_written_is_logged_counted_and_retried(tmp_path, shards, monkeypatch, caplog):
     cluster = shards()
     log = MetricsLog(tmp_path / "metrics.jsonl")
     saver = Checkpointer(cluster.cfg, tmp_path, cluster.client, cluster.placement, log)
@@ -332,7 +332,7 @@ def test_a_checkpoint_that_cannot_be_written_is_logged_counted_and_retried(tmp_p
         assert "\n" not in row["message"] and "ckpt-000000003" in row["message"]  # what `launch` shows
         final = saver.save(3.0, already_paused=False)
         assert final["kind"] == "checkpoint_failed"
-    out = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line]
+    out = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
     assert len(out) == 2 and all("No space left on device" in line for line in out), out
     assert cluster.push(1) == [6, 6]  # the shards were resumed: a push goes through
     assert not saver.due(6) and saver.due(100)  # retried at the next interval, not at every poll

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from asyncps.protos import codec
-from asyncps.protos.codec import SparseRows
+from asyncps.sparse import SparseRows
 
 KINDS = ("none", "fp16", "bf16")
 BFLOAT16_MAX = float(np.uint32(0x7F7F0000).view(np.float32))  # about 3.39e38

@@ -31,13 +31,14 @@ import json
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 
 from asyncps.protos import codec, ps_pb2
 from asyncps.protos.rpc import ps_stub
-from asyncps.protos.codec import Snapshot, SparseRows
+from asyncps.shard_types import PushResult, Snapshot
+from asyncps.sparse import SparseRows
 
 __all__ = ["PSClient", "PushResult", "SparseRows", "Snapshot", "channel_options"]
 
@@ -81,14 +82,6 @@ UNARY_BYTES = 4 << 20  # at most this many bytes each way: one unary message ins
 
 def _nbytes(tensors: Mapping[str, Any]) -> int:
     return sum(v.values.nbytes + v.rows.nbytes if isinstance(v, SparseRows) else v.nbytes for v in tensors.values())
-
-
-class PushResult(NamedTuple):
-    """One shard's answer to a push: APPLIED, ACCUMULATED, DROPPED or DUPLICATE."""
-
-    result: str
-    version: int
-    staleness: int
 
 
 def _push_result(reply: ps_pb2.PushReply) -> PushResult:
