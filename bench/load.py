@@ -65,7 +65,7 @@ def pusher_process(address, n, dim, security, indices, seconds, start_at, out_qu
     import grpc
 
     from asyncps.sparse import SparseRows
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
 
     os.environ["ASYNCPS_ROLE"] = "worker"  # mtls: the worker certificate (pushes are data RPCs)
     cfg = make_cfg(n, security)
@@ -137,7 +137,7 @@ def start_shard(tmp: Path, n: int, security: dict) -> tuple[subprocess.Popen, st
 
 
 def one_level(n: int, args, tmp: Path, security: dict) -> dict:
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
 
     proc, address = start_shard(tmp, n, security)
     os.environ["ASYNCPS_ROLE"] = "chief"  # mtls: Init is a control RPC, the chief certificate's (README Security)

@@ -107,7 +107,7 @@ def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str |
                  compression: str = "none") -> None:
     from asyncps.config import Config
     from asyncps.partition import place
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
 
     cfg = Config()
     cfg.cluster.ps, cfg.cluster.workers = len(ports), 2
@@ -199,7 +199,7 @@ def step_costs(steps: int = 300, batch: int = 128) -> dict[str, float]:
     """CPU ms per step, in this process (one BLAS thread), of what a cluster step does besides the
     round trip: the MLP's gradient on real MNIST batches, and compressing it (fp16, bf16)."""
     from asyncps.config import load_config
-    from asyncps.worker.compression import ErrorFeedback
+    from asyncps.compression import ErrorFeedback
     from asyncps.worker.data import load_dataset
     from asyncps.worker.models import build_model
     from asyncps.worker.step import GradientComputer, limit_blas_threads

@@ -122,7 +122,7 @@ def round_trips(cfg, params, grads, args) -> None:
     off every block of calls: load drift hits both alike, so small differences show."""
     from asyncps.ps import counters
     from asyncps.ps.server import ShardServer
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
     from asyncps.worker.variables import placement_for
 
     cfg.cluster.ps = 1

@@ -146,7 +146,7 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
 
     from asyncps.config import Config
     from asyncps.partition import place
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -75,7 +75,7 @@ class ChiefRun:
     def __init__(self, cfg: Config, spec: ClusterSpec):
         from asyncps.worker.data import load_dataset
         from asyncps.worker.models import build_model
-        from asyncps.worker.ps_client import PSClient
+        from asyncps.ps_client import PSClient
         from asyncps.worker.variables import initial_params, placement_for
 
         self.cfg, self.spec = cfg, spec

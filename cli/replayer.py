@@ -127,7 +127,7 @@ class Replayer:
     def _compress(self, step: ul.Step, grads: dict) -> dict:
         """cluster.compression: the worker's error feedback, whose residual carries over from the
         worker's previous gradient, so a worker's gradients must come in the order it pushed them."""
-        from asyncps.worker.compression import make_compressor
+        from asyncps.compression import make_compressor
 
         last, compressor = self._compressors.get(step.worker, (None, None))
         previous = self._previous.get((step.worker, step.seq))

@@ -210,7 +210,7 @@ class ClusterConfig:
     # `asyncps replay` needs to recompute the run (common/update_log.py); false: not recorded
     update_log: bool = True
     # gradients pushed as float16 or bfloat16 with error feedback (the shards widen them back to
-    # float32; pulls stay float32); see asyncps.worker.compression and docs/performance.md
+    # float32; pulls stay float32); see asyncps.compression and docs/performance.md
     compression: Literal["none", "fp16", "bf16"] = "none"
     security: SecurityConfig = field(default_factory=SecurityConfig)
     restart_policy: RestartPolicyConfig = field(default_factory=lambda: RestartPolicyConfig())

@@ -68,7 +68,7 @@ def dtype_name(dtype: np.dtype) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reduced-precision floats (gradient compression, asyncps.worker.compression)
+# Reduced-precision floats (gradient compression, asyncps.compression)
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -105,7 +105,7 @@ def float16_from_float32(x: np.ndarray) -> np.ndarray:
     float16 subnormals, as small gradients are); this is ten vectorized integer passes. Values
     below 2^-14 (float16 subnormals) come from adding 0.5 in float32, which rounds them to a
     multiple of 2^-24; `minimum` picks that result where the normal-range formula wrapped.
-    Callers saturate first (asyncps.worker.compression); NaN, Inf and larger values give garbage.
+    Callers saturate first (asyncps.compression); NaN, Inf and larger values give garbage.
     """
     x = np.asarray(x, dtype="<f4", order="C")
     shape, u = x.shape, x.reshape(-1).view("<u4")  # 1-d: numpy gives scalars for 0-d operands

@@ -13,7 +13,7 @@ bfloat16 gradient. It is widened to float32 here (exactly: every 16-bit value is
 checked for NaN/Inf after widening, so a float16 value that overflowed to Inf on the way is
 rejected with an error naming the variable. The worker's compressor never produces one from a
 finite gradient: it saturates at float16's largest value and keeps the excess in its residual
-(asyncps.worker.compression).
+(asyncps.compression).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from asyncps.protos.security import Security, open_channel
 from asyncps.protos.serving import RoleServer
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
-from asyncps.worker.ps_client import PSClient, channel_options
+from asyncps.ps_client import PSClient, channel_options
 
 TOKEN = "authz-job-token"
 PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}

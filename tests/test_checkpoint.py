@@ -9,7 +9,7 @@ from asyncps.config import from_dict
 from asyncps.shard_types import Snapshot
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
-from asyncps.worker.ps_client import PSClient
+from asyncps.ps_client import PSClient
 
 SPECS = {"emb": ((600, 512), "float32"), "w": ((512, 10), "float32"), "b": ((10,), "float32")}  # emb: split
 

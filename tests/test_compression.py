@@ -18,8 +18,8 @@ from asyncps.ps.errors import InvalidArgument
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.ps.shard import Shard
-from asyncps.worker.compression import ErrorFeedback, make_compressor, quantize
-from asyncps.worker.ps_client import PSClient
+from asyncps.compression import ErrorFeedback, make_compressor, quantize
+from asyncps.ps_client import PSClient
 
 KINDS = ["fp16", "bf16"]
 

@@ -237,7 +237,7 @@ def test_ages_travel_through_grpc_to_every_shard(unary_bytes):
     serve r versions ago (w and b live on different shards), and both record the same ages."""
     from asyncps.partition import place
     from asyncps.ps.server import ShardServer
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
 
     cfg = load_config(LINEAR, ["staleness.controlled=true", "staleness.distribution=uniform", "staleness.s=4",
                                "optimizer.learning_rate=1.0", "cluster.ps=2", "cluster.workers=1"])
@@ -349,7 +349,7 @@ def test_dcasgd_on_the_cluster_compensates_with_the_values_served():
     keeps the old version it served, and the push is compensated against it, as in train."""
     from asyncps.partition import place
     from asyncps.ps.server import ShardServer
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
 
     cfg = load_config(LINEAR, ["staleness.controlled=true", "staleness.s=2", "optimizer.learning_rate=1.0",
                                "optimizer.staleness_policy.name=dcasgd", "cluster.ps=1", "cluster.workers=1"])

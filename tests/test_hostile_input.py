@@ -34,7 +34,7 @@ from asyncps.protos.rpc import PS_METHODS, SERVICE, ps_stub
 from asyncps.protos.serving import MAX_MESSAGE_BYTES
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
-from asyncps.worker.ps_client import PSClient, channel_options
+from asyncps.ps_client import PSClient, channel_options
 
 EXAMPLES = int(os.environ.get("ASYNCPS_FUZZ_EXAMPLES", "120"))
 SLOW_EXAMPLES = 10 * EXAMPLES

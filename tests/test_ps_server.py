@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asyncps.config import Config
 from asyncps.partition import place
-from asyncps.worker.ps_client import PSClient
+from asyncps.ps_client import PSClient
 
 
 def _wait_for(path: Path, proc, deadline_s=20.0) -> str:

@@ -18,7 +18,7 @@ from asyncps.protos import codec, ps_pb2, ps_pb2_grpc, tensor_pb2
 from asyncps.protos.codec import SparseRows
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
-from asyncps.worker.ps_client import PSClient, channel_options
+from asyncps.ps_client import PSClient, channel_options
 
 
 def make_cfg(shards=2, workers=2, mode="async", **cluster):

@@ -9,7 +9,7 @@ from asyncps.protos import codec, ps_pb2
 from asyncps.protos.codec import SparseRows
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
-from asyncps.worker.ps_client import PSClient
+from asyncps.ps_client import PSClient
 
 
 def _cfg(shards: int) -> Config:

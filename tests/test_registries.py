@@ -14,7 +14,7 @@ from asyncps.ps.consistency import MODES
 from asyncps.ps.optim.optimizers import OPTIMIZERS
 from asyncps.ps.optim.schedules import SCHEDULES
 from asyncps.ps.optim.staleness import POLICIES
-from asyncps.worker.compression import KINDS
+from asyncps.compression import KINDS
 from asyncps.worker.models import MODELS
 
 

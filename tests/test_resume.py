@@ -37,7 +37,7 @@ from asyncps.ps.server import ShardServer
 from asyncps.runs import MetricsLog
 from asyncps.worker.data import load_dataset
 from asyncps.worker.models import build_model
-from asyncps.worker.ps_client import PSClient
+from asyncps.ps_client import PSClient
 from asyncps.worker.variables import initial_params, placement_for
 
 LINEAR = CONFIGS / "linear_regression.yaml"

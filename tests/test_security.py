@@ -24,7 +24,7 @@ from asyncps.protos.rpc import ps_stub
 from asyncps.protos.security import Security, open_channel
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
-from asyncps.worker.ps_client import PSClient, channel_options
+from asyncps.ps_client import PSClient, channel_options
 from cli_runner import CONFIGS, report, run_ok
 
 TOKEN = "s3cret-job-token"

@@ -33,8 +33,8 @@ from asyncps.protos.rpc import ps_stub
 from asyncps.protos.serving import StreamLimits
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
-from asyncps.worker import ps_client
-from asyncps.worker.ps_client import PSClient, channel_options
+from asyncps import ps_client
+from asyncps.ps_client import PSClient, channel_options
 
 C = grpc.StatusCode
 VARS = {"w": ((256, 256), np.float32), "emb": ((64, 8), np.float32)}

@@ -224,7 +224,7 @@ def test_shard_process_serves_prometheus_metrics_with_staleness_histogram_by_sha
     from prometheus_client.parser import text_string_to_metric_families
 
     from asyncps.partition import place
-    from asyncps.worker.ps_client import PSClient
+    from asyncps.ps_client import PSClient
 
     base = _free_base_port()
     config = tmp_path / "run.yaml"

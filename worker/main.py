@@ -17,13 +17,13 @@ import numpy as np
 
 from asyncps.cluster import ClusterSpec
 from asyncps.config import Config
-from asyncps.worker.ps_client import RETRIED_CODES
+from asyncps.ps_client import RETRIED_CODES
 
 logger = logging.getLogger(__name__)
 REPORT_EVERY_SECONDS = 2.0
 FINAL_REPORT_KEY = "worker/final_report"  # in a worker's last ReportMetrics (chief/main.py waits for it)
 STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
-# Errors after which a worker re-registers and re-pulls instead of exiting (worker/ps_client.py
+# Errors after which a worker re-registers and re-pulls instead of exiting (common/ps_client.py
 # RETRIED_CODES: a shard restarted: FAILED_PRECONDITION, UNAVAILABLE, or CANCELLED by its shutdown
 # on SIGTERM; restored to a version older than the one read: OUT_OF_RANGE; too slow, frozen or
 # full: DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED); MAX_REJOINS in a row without a successful push end
@@ -143,7 +143,7 @@ class WorkerLoop:
         from asyncps.worker.data import BatchStream, load_dataset
         from asyncps.worker.delays import DelayModel, StalenessSampler
         from asyncps.worker.models import build_model
-        from asyncps.worker.ps_client import PSClient
+        from asyncps.ps_client import PSClient
         from asyncps.worker.step import GradientComputer, limit_blas_threads
         from asyncps.worker.variables import initial_params, placement_for, trainable_names
 

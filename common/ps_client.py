@@ -116,7 +116,7 @@ class PSClient:
         self._pools: list[ThreadPoolExecutor] = []
         self._pools_lock = threading.Lock()
         self._background: ThreadPoolExecutor | None = None  # push_pull_async
-        from asyncps.worker.compression import make_compressor  # cluster.compression: 16-bit pushes
+        from asyncps.compression import make_compressor  # cluster.compression: 16-bit pushes
         self._compress = make_compressor(getattr(cfg.cluster, "compression", "none"))
 
     # ------------------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ class PSClient:
                             pull_age: int = 0) -> list:
         """Per shard (unary?, request): one message, or the stream's messages (a list if `eager`)."""
         requests = []
-        if self._compress is not None:  # error feedback: see asyncps.worker.compression
+        if self._compress is not None:  # error feedback: see asyncps.compression
             grads = self._compress(grads)
         for i, part in enumerate(self.placement.split(grads)):
             if self._pull_bytes[i] <= self._unary and _nbytes(part) <= self._unary:
