@@ -40,8 +40,21 @@ from asyncps.errors import UserError
 from asyncps.histogram import summarize
 from asyncps.protos import chief_pb2_grpc
 from asyncps.protos.serving import RoleServer
+from asyncps.ps_client import PSClient
+from asyncps.runs import (
+    PARAMS_FILE,
+    MetricsLog,
+    Progress,
+    TargetTracker,
+    read_metrics,
+    resolve_run_dir,
+    save_params,
+    write_report,
+)
+from asyncps.worker.data import load_dataset
 from asyncps.worker.main import FINAL_REPORT_KEY
-from asyncps.runs import PARAMS_FILE, MetricsLog, Progress, TargetTracker, read_metrics, resolve_run_dir, save_params, write_report
+from asyncps.worker.models import build_model
+from asyncps.worker.variables import initial_params, placement_for
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.05  # the chief's view of the global step lags by at most this (time to target included)
@@ -73,10 +86,6 @@ class ChiefRun:
     """One run as the chief sees it; see the module docstring for the order of events."""
 
     def __init__(self, cfg: Config, spec: ClusterSpec):
-        from asyncps.worker.data import load_dataset
-        from asyncps.worker.models import build_model
-        from asyncps.ps_client import PSClient
-        from asyncps.worker.variables import initial_params, placement_for
 
         self.cfg, self.spec = cfg, spec
         self.run_dir = resolve_run_dir(cfg)

@@ -17,9 +17,18 @@ import numpy as np
 
 from asyncps.cluster import ClusterSpec
 from asyncps.config import Config
-from asyncps.ps_client import RETRIED_CODES
+from asyncps.ps_client import RETRIED_CODES, PSClient
+from asyncps.telemetry import DurationWindow
+from asyncps.update_log import open_worker_log
+from asyncps.worker.chief_client import ChiefClient, Heartbeat
+from asyncps.worker.data import BatchStream, load_dataset
+from asyncps.worker.delays import DelayModel, StalenessSampler
+from asyncps.worker.models import build_model
+from asyncps.worker.step import GradientComputer, limit_blas_threads
+from asyncps.worker.variables import initial_params, placement_for, trainable_names
 
 logger = logging.getLogger(__name__)
+
 REPORT_EVERY_SECONDS = 2.0
 FINAL_REPORT_KEY = "worker/final_report"  # in a worker's last ReportMetrics (chief/main.py waits for it)
 STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
@@ -35,7 +44,6 @@ MAX_REJOINS = 20
 
 def run_worker(cfg: Config, spec: ClusterSpec) -> int:
     """Trains until the chief says stop; returns the process exit code."""
-    from asyncps.worker.chief_client import ChiefClient, Heartbeat
 
     chief = ChiefClient(spec.chief, cfg.cluster.rpc_timeout, security=cfg.cluster.security)
     reply = chief.register(preferred=spec.task_index)  # launch: the slot naming this worker's log
@@ -112,7 +120,6 @@ class LossReporter:
     every REPORT_EVERY_SECONDS."""
 
     def __init__(self, chief, index: int):
-        from asyncps.telemetry import DurationWindow
 
         self.chief, self.index = chief, index
         self.last, self.losses = time.monotonic(), []
@@ -140,12 +147,6 @@ class WorkerLoop:
     """The pull-compute-push loop of one worker."""
 
     def __init__(self, cfg: Config, reply, ps_addresses: list[str]):
-        from asyncps.worker.data import BatchStream, load_dataset
-        from asyncps.worker.delays import DelayModel, StalenessSampler
-        from asyncps.worker.models import build_model
-        from asyncps.ps_client import PSClient
-        from asyncps.worker.step import GradientComputer, limit_blas_threads
-        from asyncps.worker.variables import initial_params, placement_for, trainable_names
 
         limit_blas_threads(1)  # workers are the parallelism: a BLAS pool each oversubscribes the cores
         self.cfg, self.index = cfg, reply.worker_index
@@ -163,7 +164,6 @@ class WorkerLoop:
         self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
         self.rejoins = 0  # rejoins in a row without a successful push
         self.reporter: LossReporter | None = None  # set when the loop starts
-        from asyncps.update_log import open_worker_log  # what `asyncps replay` needs of each step
         self.update_log = open_worker_log(cfg, self.index, reply.data_shard, reply.num_data_shards, reply.seed,
                                           len(ps_addresses))
         # Controlled staleness: the k-th pull of this process asks for the values of r versions ago,
