@@ -42,7 +42,7 @@ def test_worker_pushing_nan_exits_at_once_naming_the_variable(tmp_path, launch):
     log = (tmp_path / "worker0.log").read_text()
     assert "registering again" not in log, log
     (line,) = [x for x in log.splitlines() if "INVALID_ARGUMENT" in x]
-    assert line.startswith("worker 0: INVALID_ARGUMENT: variable 'linear.") and "non-finite" in line, line
+    assert "worker 0: INVALID_ARGUMENT: variable 'linear." in line and "non-finite" in line, line
     assert run.wait(60) == 1
     assert "every worker exited with an error and none will be restarted" in launcher_output(run)
 
