@@ -6,10 +6,12 @@ a fresh render, and `asyncps health` is run against a gRPC health server started
 compose tool is installed, `compose config` validates the file too.
 
 With a Docker engine (marked slow; ASYNCPS_DOCKER_TESTS=0 skips them): the image is built by
-deploy/build-image.sh (the base image only when missing), then real containers run: the image's
-entrypoint, shards becoming healthy and coming back after a crash, the MNIST cache built once on a
-shared volume with no network, and a whole cluster training MNIST while a worker and a shard are
-killed (skipped, saying why, until the image holds the chief and worker entry points).
+deploy/build-image.sh (the base image only when missing, from Debian packages with debootstrap:
+no registry needed; `apt-get install debootstrap` first, as the README says), then real
+containers run: the image's entrypoint, shards becoming healthy and coming back after a crash,
+the MNIST cache built once on a shared volume with no network, and a whole cluster training MNIST
+while a worker and a shard are killed. Where they cannot run, they are skipped with one line
+(`pytest -ra`, the default here) saying why: no engine, no compose tool, no debootstrap.
 """
 from __future__ import annotations
 
@@ -224,16 +226,27 @@ def docker_unavailable() -> str | None:
     if compose_tool() is None:
         return "neither `docker compose` nor `docker-compose` is installed"
     if not _ok(["docker", "image", "inspect", BASE_IMAGE]):
-        if os.geteuid() != 0 or shutil.which("debootstrap") is None:
-            return (f"base image {BASE_IMAGE} is missing and cannot be built here "
-                    "(deploy/base/build-base.sh needs root and debootstrap)")
+        if shutil.which("debootstrap") is None:
+            return (f"base image {BASE_IMAGE} is missing and debootstrap is not installed to build it "
+                    "(apt-get install debootstrap)")
+        if os.geteuid() != 0:
+            return f"base image {BASE_IMAGE} is missing and building it with debootstrap needs root"
     return None
 
 
 def docker_test(test):
-    """Slow, skipped (saying why) without Docker, and allowed the time an image build takes."""
-    skip = pytest.mark.skipif(docker_unavailable() is not None, reason=f"Docker tests skipped: {docker_unavailable()}")
-    return pytest.mark.slow(pytest.mark.timeout(DOCKER_TEST_TIMEOUT_S)(skip(test)))
+    """Slow, and allowed the time an image build takes; skipped (saying why) by `docker`."""
+    return pytest.mark.slow(pytest.mark.timeout(DOCKER_TEST_TIMEOUT_S)(test))
+
+
+@pytest.fixture(scope="module")
+def docker() -> None:
+    """Skips every Docker test where they cannot run, with one line (one place: pytest -ra
+    folds the four into one) saying why. Asked once, when a Docker test is about to run (not
+    at collection, so `-m "not slow"` never calls docker)."""
+    why = docker_unavailable()
+    if why is not None:
+        pytest.skip(f"Docker tests skipped: {why}")
 
 
 def sh(*argv: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -244,7 +257,7 @@ def sh(*argv: str, timeout: float = 300, check: bool = True) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(docker) -> str:
     """The image, built from this checkout (base image built only if missing)."""
     sh(str(REPO / "deploy" / "build-image.sh"), IMAGE, timeout=1200)
     return IMAGE

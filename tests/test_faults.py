@@ -1,12 +1,17 @@
-"""Fault tests: real `asyncps launch` clusters whose processes are SIGKILLed mid-run.
+"""Fault tests: real `asyncps launch` clusters whose processes are killed or frozen mid-run.
 
 Each test starts the launcher as a child process, waits (polling with a deadline, never a bare
-sleep) for the run to reach a point, kills one process found in the run's pids.json, and checks
-what the run recorded. Every process is reaped: the launcher reaps its children, the test reaps
-the launcher and checks that no process of the run is left.
+sleep) for an event of the run (a metrics.jsonl row, a record in a worker's update log, a new
+pid in pids.json), hurts one process found in pids.json, and checks what the run recorded.
+No test relies on a race going one way: where the run must not end while a fault is being put
+in place, the workers are frozen (SIGSTOP) until it is, or every worker step sleeps a few
+milliseconds (`delay:`), which bounds from below the time the run has left (`PACED`). Every
+process is reaped: the launcher reaps its children, the test reaps the launcher and checks
+that no process of the run is left.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,10 +23,18 @@ from pathlib import Path
 
 import pytest
 
+from asyncps import update_log as ul
 from cli_runner import CONFIGS, REPO, report, run_ok
 
 LINEAR = CONFIGS / "linear_regression.yaml"
 FAST = ["cluster.heartbeat_interval=0.5", "cluster.heartbeat_timeout=5", "train.log_every=20", "train.eval_every=200"]
+# For tests that freeze workers while a fault is put in place: the chief must not declare a
+# frozen worker dead, nor may a worker give up on a chief being restarted (a worker waits
+# heartbeat_timeout seconds for an unreachable chief).
+PATIENT = ["cluster.heartbeat_interval=0.5", "cluster.heartbeat_timeout=60", "train.log_every=20", "train.eval_every=200"]
+# Every worker step sleeps 5 ms: two workers apply at most 400 updates a second however idle the
+# machine, so a run of max_steps N past step k has at least (N - k) / 400 s left.
+PACED = ["delay.kind=constant", "delay.mean_ms=5"]
 
 
 class Launch:
@@ -34,6 +47,7 @@ class Launch:
         self.proc = subprocess.Popen([sys.executable, "-m", "asyncps.cli", "launch", *map(str, args), f"run_dir={run_dir}"],
                                      stdout=self.out, stderr=subprocess.STDOUT, cwd=REPO)
         self.seen_pids: set[int] = set()
+        self.stopped: set[int] = set()  # frozen with SIGSTOP, to be woken whatever happens
 
     def rows(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
@@ -47,10 +61,13 @@ class Launch:
                 pass
         return rows
 
+    def count(self, kind: str, **match) -> int:
+        return sum(r["kind"] == kind and all(r.get(k) == v for k, v in match.items()) for r in self.rows())
+
     def step(self) -> int:
         return max((r["step"] for r in self.rows() if r["kind"] in ("progress", "checkpoint", "eval")), default=0)
 
-    def wait_until(self, what: str, predicate, timeout: float = 30.0):
+    def wait_until(self, what: str, predicate, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
@@ -62,22 +79,57 @@ class Launch:
 
     def training(self, step: int) -> bool:
         """Past `step`, with every worker registered (so a kill hits a member of the run)."""
-        return self.step() >= step and sum(r["kind"] == "worker_joined" for r in self.rows()) >= 2
+        return self.step() >= step and self.count("worker_joined") >= 2
 
     def checkpoint_at_least(self, step: int) -> dict | None:
         return next((r for r in self.rows() if r["kind"] == "checkpoint" and r["step"] >= step), None)
+
+    def steps_logged(self, worker: int) -> list[int]:
+        """Steps each process that held worker index `worker` began, oldest process first (its
+        update log: one record per gradient, written before the gradient is computed)."""
+        logs = []
+        for path in (self.run_dir / ul.LOG_DIR).glob(f"worker{worker}.*.log"):
+            try:
+                header, records = ul.read_log(path)
+            except (OSError, ul.LogError):  # a header being written
+                continue
+            logs.append((header["started"], len(records)))
+        return [n for _, n in sorted(logs)]
+
+    def pushing(self, worker: int, process: int = 0) -> bool:
+        """The `process`-th process of worker index `worker` has pushed (it began a second step)."""
+        logged = self.steps_logged(worker)
+        return len(logged) > process and logged[process] >= 2
 
     def pids(self) -> dict[str, int]:
         pids = {name: v["pid"] for name, v in json.loads((self.run_dir / "pids.json").read_text()).items()}
         self.seen_pids |= set(pids.values())
         return pids
 
-    def kill(self, name: str) -> int:
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         pid = self.pids()[name]
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
         return pid
 
-    def wait(self, timeout: float = 60.0) -> int:
+    @contextlib.contextmanager
+    def frozen(self, *names: str):
+        """SIGSTOP the named processes for the block, SIGCONT at its end (however it ends)."""
+        pids = [self.pids()[name] for name in names]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+            self.stopped.add(pid)
+        try:
+            yield pids
+        finally:
+            self.wake()
+
+    def wake(self) -> None:
+        for pid in self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self.stopped.clear()
+
+    def wait(self, timeout: float = 120.0) -> int:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -87,6 +139,7 @@ class Launch:
         return "".join((self.run_dir / f).read_text()[-1500:] for f in ("launch.out", "chief.log") if (self.run_dir / f).exists())
 
     def close(self) -> None:
+        self.wake()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -129,69 +182,96 @@ def launch():
         run.close()
 
 
-def test_worker_killed_mid_step_training_continues(tmp_path, launch):
-    # 5 ms a step leaves the chief seconds to see the death and the restarted worker time to
-    # join before the run ends (900 bare steps once finished before either, on a busy machine).
-    run = launch(tmp_path, LINEAR, "train.max_steps=2000", "delay.kind=constant", "delay.mean_ms=5", *FAST)
-    run.wait_until("step 150", lambda: run.training(150))
-    killed = run.kill("worker1")
+# ----------------------------------------------------------------------------------------------
+# A worker dies
+
+
+def test_worker_killed_mid_step_training_continues_and_the_run_replays_bit_for_bit(tmp_path, launch):
+    """docs/failures.md, "A worker dies": the others train on, the chief records the failure
+    (no step lost), the launcher restarts the worker, which takes its own index back and
+    continues its push sequence (no push applied twice), and the run still replays bit for bit
+    (the killed process's last gradient may have reached the shard: its record was flushed)."""
+    run = launch(tmp_path, LINEAR, "train.max_steps=1000", *PACED, *PATIENT)
+    run.wait_until("both workers pushing", lambda: run.pushing(0) and run.pushing(1))
+    with run.frozen("worker0"):  # no update applies until the new worker 1 trains: the run cannot end first
+        killed = run.kill("worker1")
+        run.wait_until("the restarted worker 1 pushing", lambda: run.pushing(1, process=1), timeout=120)
     assert run.wait() == 0, run.tail()
     r = report(tmp_path)
-    assert r["steps"] >= 2000 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
+    assert r["steps"] >= 1000 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
     worker_failures = [f for f in r["failures"] if f["role"] == "worker"]
-    assert len(worker_failures) == 1 and worker_failures[0]["steps_lost"] == 0
+    assert len(worker_failures) == 1 and worker_failures[0]["index"] == 1 and worker_failures[0]["steps_lost"] == 0
     assert r["membership"]["joins"] == 3  # two workers, then the restarted one took the free index
-    assert r["pushes"]["rejected"] == 0 and r["pushes"]["applied"] == r["versions"][0]
+    assert r["pushes"]["rejected"] == 0 and r["pushes"]["reapplied"] == 0 and r["pushes"]["applied"] == r["versions"][0]
     assert json.loads((tmp_path / "pids.json").read_text())["worker1"]["restarts"] == 1
     assert killed != run.pids()["worker1"]
+    assert len(run.steps_logged(1)) == 2 and len(run.steps_logged(0)) == 1  # worker1.log: index 1 only
+    assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
 
 
+@pytest.mark.slow
 def test_worker_declared_dead_while_alive_is_replaced_and_the_run_finishes(tmp_path, launch):
     """A worker frozen (SIGSTOP) past the heartbeat timeout is declared dead; when it wakes, the
     chief answers NOT_FOUND and the worker exits 1 so the restart policy replaces it (it used to
-    exit 0, which nobody restarts: with every worker gone that way the run waited forever)."""
-    run = launch(tmp_path, LINEAR, "train.max_steps=3000", "delay.kind=constant", "delay.mean_ms=5",
-                 "cluster.heartbeat_interval=0.3",
-                 "cluster.heartbeat_timeout=2", "train.log_every=20", "train.eval_every=200")
-    run.wait_until("step 100", lambda: run.training(100))
-    frozen = run.pids()["worker0"]
-    os.kill(frozen, signal.SIGSTOP)
-    try:
-        run.wait_until("worker 0 declared dead", lambda: any(r["kind"] == "worker_dead" for r in run.rows()))
-    finally:
-        os.kill(frozen, signal.SIGCONT)
+    exit 0, which nobody restarts: with every worker gone that way the run waited forever).
+
+    Worker 1 trains on meanwhile (it must, or it would be declared dead too), at most 100 steps a
+    second (10 ms each): the 1400 steps left after the freeze last at least 14 s, against about
+    5 s for the timeout, the wake-up and the restart."""
+    run = launch(tmp_path, LINEAR, "train.max_steps=1500", "delay.kind=constant", "delay.mean_ms=10",
+                 "cluster.heartbeat_interval=0.3", "cluster.heartbeat_timeout=2", "train.log_every=20",
+                 "train.eval_every=200")
+    run.wait_until("both workers pushing", lambda: run.pushing(0) and run.pushing(1))
+    with run.frozen("worker0") as (frozen,):
+        run.wait_until("worker 0 declared dead", lambda: run.count("worker_dead", worker=0))
     run.wait_until("worker0's restart", lambda: run.pids()["worker0"] != frozen, timeout=60)
     assert run.wait() == 0, run.tail()
     r = report(tmp_path)
-    assert r["steps"] >= 3000 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
+    assert r["steps"] >= 1500 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
     assert r["membership"]["deaths"] >= 1 and r["pushes"]["reapplied"] == 0
     assert "declared dead by the chief" in (tmp_path / "worker0.log").read_text()
 
 
-def test_shard_killed_restores_from_checkpoint(tmp_path, launch):
-    run = launch(tmp_path, LINEAR, "cluster.ps=2", "checkpoint.every_steps=100", "train.max_steps=1000", *FAST)
-    run.wait_until("a checkpoint at step >= 200", lambda: run.checkpoint_at_least(200))
-    run.kill("ps1")
-    run.wait_until("the restore", lambda: any(r["kind"] == "failure" and r["role"] == "ps" for r in run.rows()))
+# ----------------------------------------------------------------------------------------------
+# A shard dies
+
+
+def test_shard_killed_restores_every_shard_from_the_checkpoint(tmp_path, launch):
+    """docs/failures.md, "A shard dies": restarted empty, every shard restored from the latest
+    valid checkpoint, the failure's steps lost are what the versions show, the run finishes."""
+    run = launch(tmp_path, LINEAR, "cluster.ps=2", "checkpoint.every_steps=100", "train.max_steps=800", *PACED, *FAST)
+    run.wait_until("a checkpoint at step >= 100", lambda: run.checkpoint_at_least(100))
+    run.kill("ps1")  # >= 1.7 s before the end (PACED); no update applies on both shards until the restore
+    run.wait_until("the restore", lambda: run.count("failure", role="ps"))
     assert run.wait() == 0, run.tail()
     r = report(tmp_path)
     (failure,) = [f for f in r["failures"] if f["role"] == "ps"]
-    assert failure["index"] == 1 and 200 <= failure["restored_step"] <= failure["at_step"]
+    assert failure["index"] == 1 and 100 <= failure["restored_step"] <= failure["at_step"]
     assert failure["steps_lost"] == failure["at_step"] - failure["restored_step"]
-    assert r["steps"] >= 1000 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
+    assert failure["fresh"] == [1] and failure["versions_before"][1] == 0
+    assert min(failure["versions_after"]) == failure["restored_step"]
+    assert r["steps"] >= 800 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
     assert r["checkpoints"]["count"] >= 3 and r["checkpoints"]["pause_ms_max"] > 0
+    assert r["pushes"]["reapplied"] == 0
 
 
-def test_chief_killed_resume_continues(tmp_path, launch):
-    run = launch(tmp_path, LINEAR, "checkpoint.every_steps=100", "train.max_steps=1200", *FAST)
+# ----------------------------------------------------------------------------------------------
+# The chief dies
+
+
+@pytest.mark.slow
+def test_chief_killed_then_resume_continues_from_the_checkpoint(tmp_path, launch):
+    """restart_policy.chief `never`: the launcher stops the run (no report); `--resume` restores
+    the shards from the latest checkpoint and the run continues and records the chief's failure."""
+    args = [LINEAR, "checkpoint.every_steps=100", "train.max_steps=1500", *PACED, *FAST]
+    run = launch(tmp_path, *args)
     saved = run.wait_until("a checkpoint at step >= 200", lambda: run.checkpoint_at_least(200))
-    run.kill("chief")
+    run.kill("chief")  # >= 1300 steps (3 s) before the end
     assert run.wait() != 0  # restart_policy.chief is `never`: the launcher stops the run
     assert not (tmp_path / "report.json").exists()
-    run_ok("launch", LINEAR, "--resume", f"run_dir={tmp_path}", "checkpoint.every_steps=100", "train.max_steps=1200",
-           *FAST, timeout=120)
+    run_ok("launch", *args, "--resume", f"run_dir={tmp_path}", timeout=180)
     r = report(tmp_path)
-    assert r["resumed_from"] >= saved["step"] and r["steps"] >= 1200
+    assert r["resumed_from"] >= saved["step"] and r["steps"] >= 1500
     (failure,) = [f for f in r["failures"] if f["role"] == "chief"]
     assert failure["restored_step"] == r["resumed_from"] and failure["at_step"] >= failure["restored_step"]
     assert abs(r["variables"]["linear.w"][0] - 2) < 0.02
@@ -199,45 +279,65 @@ def test_chief_killed_resume_continues(tmp_path, launch):
     assert len(starts) == 2 and starts[1]["resumed_from"] == r["resumed_from"]
 
 
+@pytest.mark.slow
 def test_chief_killed_and_restarted_by_the_launcher_adopts_the_live_shards(tmp_path, launch):
-    run = launch(tmp_path, LINEAR, "cluster.restart_policy.chief=on_failure", "train.max_steps=2500", *FAST)
-    run.wait_until("step 200", lambda: run.training(200))
-    run.kill("chief")
+    """restart_policy.chief `on_failure`: the new chief adopts the shards' live state (no step
+    lost) and the live workers' heartbeats. The workers are frozen from just before the kill
+    until the new chief serves: the run cannot reach max_steps while no chief watches it (it
+    did on a busy machine, leaving nothing to adopt), and no heartbeat is missed meanwhile."""
+    run = launch(tmp_path, LINEAR, "cluster.restart_policy.chief=on_failure", "train.max_steps=1500", *PACED, *PATIENT)
+    run.wait_until("both workers pushing", lambda: run.pushing(0) and run.pushing(1))
+    with run.frozen("worker0", "worker1"):
+        killed = run.kill("chief")
+        run.wait_until("the new chief serving", lambda: run.pids()["chief"] != killed and run.count("start") == 2,
+                       timeout=120)
+    run.wait_until("both workers adopted", lambda: {r["worker"] for r in run.rows() if r["kind"] == "worker_adopted"} == {0, 1})
     assert run.wait() == 0, run.tail()
     r = report(tmp_path)
     (failure,) = r["failures"]
     assert failure["role"] == "chief" and failure["steps_lost"] == 0  # the shards kept their state
-    assert r["steps"] >= 2500 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
-    adopted = {row["worker"] for row in run.rows() if row["kind"] == "worker_adopted"}
-    assert adopted == {0, 1}  # the live workers' heartbeats were adopted by the new chief
+    assert r["steps"] >= 1500 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
+    assert r["pushes"]["reapplied"] == 0
     assert all("the chief asked to stop" in (tmp_path / f"worker{i}.log").read_text() for i in (0, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# All of it on the real model
 
 
 @pytest.mark.slow
 def test_mnist_mlp_survives_worker_shard_and_chief_kills_and_reaches_97_percent(tmp_path, launch):
-    """The issue's drill: kill a worker, then a shard, then the chief at random moments; resume."""
+    """The drill on configs/mnist_mlp.yaml as shipped (the README's first command, 2 shards, 2
+    async workers): kill a worker, then a shard, then the chief at random moments; resume. The
+    run reaches 97%, async staleness is real, and every failure is recorded. (This is the one
+    end-to-end MLP run through the cluster in the suite.)"""
     seed = int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    args = [CONFIGS / "mnist_mlp.yaml", "checkpoint.every_steps=250", "train.log_every=50", "cluster.heartbeat_timeout=5"]
+    args = [CONFIGS / "mnist_mlp.yaml", "checkpoint.every_steps=250", "train.log_every=50",
+            "cluster.heartbeat_timeout=15"]  # generous: a loaded 2-core machine delays heartbeats
     run = launch(tmp_path / "run", *args)
+    # MLP steps take milliseconds of compute each: the 3000 steps leave seconds between the
+    # triggers below and the end of the run even on an idle machine
     at = rng.randint(200, 700)
-    run.wait_until("the worker kill", lambda: run.step() >= at, timeout=240)
+    run.wait_until("the worker kill", lambda: run.training(at), timeout=300)
     run.kill(f"worker{rng.randint(0, 1)}")
     at = rng.randint(900, 1400)
-    run.wait_until("the shard kill", lambda: run.step() >= at and run.checkpoint_at_least(500), timeout=240)
+    run.wait_until("the shard kill", lambda: run.step() >= at and run.checkpoint_at_least(500), timeout=300)
     run.kill(f"ps{rng.randint(0, 1)}")
-    run.wait_until("the shard restore", lambda: any(r["kind"] == "failure" and r["role"] == "ps" for r in run.rows()),
-                   timeout=120)
+    run.wait_until("the shard restore", lambda: run.count("failure", role="ps"), timeout=120)
     at = rng.randint(1700, 2300)
-    run.wait_until("the chief kill", lambda: run.step() >= at, timeout=240)
+    run.wait_until("the chief kill", lambda: run.step() >= at, timeout=300)
     run.kill("chief")
     assert run.wait(120) != 0
     run_ok("launch", *args, "--resume", f"run_dir={tmp_path / 'run'}", timeout=400)
     r = report(tmp_path / "run")
-    print(f"FAULT_SEED={seed} final={r['final']} failures={r['failures']} checkpoints={r['checkpoints']}")
     # Reached 97% at an evaluation (async SGD at lr 0.1 swings a point between evaluations, so
     # the last one alone once read 95.9% after 97% had been reached), and no collapse at the end.
-    assert r["target"]["reached"] or r["final"]["accuracy"] >= 0.97, (r["target"], r["final"])
-    assert r["final"]["accuracy"] >= 0.95
-    assert [f["role"] for f in r["failures"]] == ["worker", "ps", "chief"]
+    assert r["target"]["reached"] or r["final"]["accuracy"] >= 0.97, (seed, r["target"], r["final"])
+    assert r["final"]["accuracy"] >= 0.95, (seed, r["final"])
+    assert [f["role"] for f in r["failures"]] == ["worker", "ps", "chief"], (seed, r["failures"])
     assert all(f["steps_lost"] >= 0 for f in r["failures"])
+    assert r["pushes"]["reapplied"] == 0
+    # two async workers: pushes computed on weights others had updated since (staleness > 0)
+    assert r["staleness"]["max"] > 0 and sum(v for k, v in r["staleness"]["histogram"].items() if k != "0") > 0
+    assert run.count("eval") > 0

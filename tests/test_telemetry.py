@@ -292,13 +292,21 @@ def test_chief_metrics_endpoint(tmp_path):
 # A whole cluster
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("prefetch", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["async", "prefetch"])
 def test_cluster_telemetry_rows_add_up_to_the_report(tmp_path, prefetch):
-    run_ok("launch", CONFIGS / "linear_regression.yaml", f"run_dir={tmp_path}", "train.max_steps=2500",
-           "telemetry.every_seconds=0.5", "delay.kind=constant", "delay.mean_ms=4", f"cluster.prefetch={prefetch}",
+    """Also the suite's plain async run of two workers through `asyncps launch` (y = 2x): both
+    workers push, every push is counted once, the model is learned, every process logs. Each
+    step sleeps 4 ms, so the run's 1200 steps last at least 1.2 s: several telemetry rows."""
+    run_ok("launch", CONFIGS / "linear_regression.yaml", f"run_dir={tmp_path}", "train.max_steps=1200",
+           "telemetry.every_seconds=0.3", "delay.kind=constant", "delay.mean_ms=4", f"cluster.prefetch={prefetch}",
            timeout=300)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "telemetry"]
     rep = report(tmp_path)
+    assert abs(rep["variables"]["linear.w"][0] - 2) < 0.02 and abs(rep["variables"]["linear.b"][0]) < 0.05
+    assert rep["pushes"]["applied"] == rep["staleness"]["count"] >= rep["config"]["train"]["max_steps"]
+    assert set(rep["staleness_per_worker"]) == {"0", "1"}
+    for role in ("ps0", "worker0", "worker1", "chief"):
+        assert (tmp_path / f"{role}.log").exists()
     assert len(rows) >= 2 and rows[-1]["final"] and not any(r["final"] for r in rows[:-1])
     assert sum(r["staleness"]["count"] for r in rows) == rep["staleness"]["count"]  # exact, nothing lost
     assert sum(r["pushes"]["applied"] for r in rows) == rep["pushes"]["applied"]
