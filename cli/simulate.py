@@ -95,19 +95,19 @@ class _Updater:
         self.dropped += not applied
         return applied
 
-    def apply_many(self, params, items, version: int, mean: bool = True, adjust_first: bool = True) -> int:
+    def apply_many(self, params, items, version: int, mean: bool = True, adjust_first: bool = True) -> list[bool]:
         """One update from several gradients: `items` are (grads, staleness, read weights or None).
 
         adjust_first: each gradient goes through the policy with its own staleness, then they
         are combined (summed or averaged over the gradients kept); else they are averaged first
         and the average goes through the policy at staleness 0 (a sync round, as the shard).
-        Returns how many gradients the update holds."""
+        Returns, per item, whether the update holds (some of) it."""
         lr = self.schedule(version)
-        kept = None
+        kept = [False] * len(items)
         for name in self.trainable:
             total, count = None, 0
             if adjust_first:
-                for grads, staleness, read in items:
+                for i, (grads, staleness, read) in enumerate(items):
                     if name not in grads:
                         continue
                     g = _dense(grads[name], params[name])
@@ -115,6 +115,7 @@ class _Updater:
                                                   None if read is None else read[name], self.policy_state[name])
                     if adjusted.grad is None:
                         continue
+                    kept[i] = True
                     part = adjusted.grad if adjusted.lr_scale == 1.0 else adjusted.grad * np.float32(adjusted.lr_scale)
                     total = part.astype(np.float32, copy=True) if total is None else np.add(total, part, out=total)
                     count += 1
@@ -126,6 +127,7 @@ class _Updater:
                 parts = [_dense(grads[name], params[name]) for grads, _, _ in items if name in grads]
                 if not parts:
                     continue
+                kept = [kept[i] or name in grads for i, (grads, _, _) in enumerate(items)]
                 total = parts[0].astype(np.float32, copy=True)
                 for part in parts[1:]:
                     total += part
@@ -137,10 +139,8 @@ class _Updater:
                     continue
                 total = adjusted.grad
             self.optimizer.apply_dense(params[name], total, self.slots[name], lr, version)
-            kept = count if kept is None else max(kept, count)
-        n = kept or 0
-        self.dropped += len(items) - n
-        return n
+        self.dropped += kept.count(False)
+        return kept
 
 
 def _dense(grad, value: np.ndarray) -> np.ndarray:
@@ -320,9 +320,11 @@ class Simulation:
             self._read(i)
             return loss
         items = [(g, self.version - rv, r) for _, g, r, rv, _ in group]
-        if self.update.apply_many(params, items, self.version, mean=True, adjust_first=True):
-            for j, _, _, rv, _ in group:
-                self._record(j, self.version - rv)
+        kept = self.update.apply_many(params, items, self.version, mean=True, adjust_first=True)
+        if any(kept):
+            for (j, _, _, rv, _), ok in zip(group, kept):
+                if ok:
+                    self._record(j, self.version - rv)
             self.version += 1
         self._read(i)
         return float(np.mean([x[4] for x in group]))

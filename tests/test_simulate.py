@@ -233,3 +233,15 @@ def test_sweep_takes_the_new_keys_as_axes():
         assert default_runner(cfg) == "train"
     cfg = load(CONFIGS / "linear_regression.yaml", ["staleness.controlled=true", "staleness.workers=4"])
     assert default_runner(cfg) == "train"
+
+
+@pytest.mark.parametrize("mode", ["async", "softsync"])
+def test_dropped_gradients_are_counted_not_recorded(tmp_path, mode):
+    r, _ = run(tmp_path, mode, sim(4, mode, "{kind: exponential, mean_ms: 10}", n=2), "train.max_steps=100",
+               "optimizer.staleness_policy={name: drop, max_staleness: 1}")
+    st = r["staleness"]
+    assert max(hist(r)) <= 1 and st["dropped"] > 0
+    # every gradient computed is applied, dropped, or still held: one per worker, plus (softsync)
+    # up to c - 1 = 1 waiting for its group
+    held = st["simulation"]["gradients_computed"] - st["count"] - st["dropped"]
+    assert held == 4 if mode == "async" else 4 <= held <= 5
