@@ -279,6 +279,10 @@ def supervise(children: list[Child], cfg: Config | None = None, stream=None) -> 
         return code
     finally:
         stop_all(children)
+        if cfg is not None and cfg.run_dir:  # segments of a SIGKILLed shard or worker (asyncps.shm)
+            from asyncps.shm import prefix_for, remove_segments
+
+            remove_segments(prefix_for(cfg.run_dir))
 
 
 def config_error(children: list[Child]) -> Child | None:

@@ -212,6 +212,10 @@ class ClusterConfig:
     # gradients pushed as float16 or bfloat16 with error feedback (the shards widen them back to
     # float32; pulls stay float32); see asyncps.compression and docs/performance.md
     compression: Literal["none", "fp16", "bf16"] = "none"
+    # how tensors travel between a worker and a shard: shm through shared-memory segments when
+    # a handshake proves they share a host (gRPC carries a small control message), grpc always
+    # over gRPC, auto shm where the handshake succeeds and grpc elsewhere (asyncps.shm)
+    transport: Literal["auto", "grpc", "shm"] = "auto"
     security: SecurityConfig = field(default_factory=SecurityConfig)
     restart_policy: RestartPolicyConfig = field(default_factory=lambda: RestartPolicyConfig())
 

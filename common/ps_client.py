@@ -24,10 +24,21 @@ shard to become ready; the channel's service config retries UNAVAILABLE and RESO
 (a shard's stream limits or byte budget; all shard calls are idempotent: pushes by (worker, seq),
 Init by first-wins). Errors surface as grpc.RpcError with the shard's status code and message;
 `RETRIED_CODES` are those a worker recovers from by rejoining.
+
+Shared memory (``cluster.transport``: auto, the default, or shm; common/shm.py): after
+`register(worker)` the client proves to each shard, by the handshake of ps.proto's ShmOpen, that
+they share a host; a worker's pulls, pushes and push-pulls to that shard then carry their
+tensors in the segment and only a small control message (ShmPushPull) on gRPC. Everything else
+(the chief's pulls at_version, Init, snapshots, sparse-row pushes, pushes of a client that
+registered no worker) stays on gRPC. With auto, a failed handshake (another host, no
+/dev/shm, a shard with transport grpc, a wrong proof) is logged once and the shard is used
+over gRPC; with shm it raises `ShmUnavailable` (one line). An error of a shared-memory call
+drops the segment: the next call after `register` opens a new one.
 """
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,10 +46,14 @@ from typing import Any
 
 import grpc
 
+from asyncps import shm
+from asyncps.errors import UserError
 from asyncps.protos import codec, ps_pb2
 from asyncps.protos.rpc import ps_stub
 from asyncps.shard_types import PushResult, Snapshot
 from asyncps.sparse import SparseRows
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PSClient", "PushResult", "SparseRows", "Snapshot", "channel_options"]
 
@@ -78,6 +93,45 @@ def channel_options() -> list[tuple[str, Any]]:
 
 
 UNARY_BYTES = 4 << 20  # at most this many bytes each way: one unary message instead of a stream
+# ShmOpen answers after which `auto` uses gRPC (the shard cannot or will not share memory);
+# other errors (a shard restarting, not initialized yet) propagate like any call's
+_SHM_REFUSALS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class ShmUnavailable(UserError):
+    """cluster.transport shm, and a shard's shared-memory handshake failed (the message says why)."""
+
+
+class _ShmPeer:
+    """This client's confirmed segment with one shard: the layout, and a lock held from writing
+    a push until its pulled values are read (one call per segment at a time)."""
+
+    def __init__(self, segment: shm.Segment, reply: ps_pb2.ShmOpenReply, worker: int):
+        self.segment, self.generation, self.worker = segment, reply.generation, worker
+        self.push = (reply.push_offset, reply.push_offset + reply.push_bytes)
+        self.pull = (reply.pull_offset, reply.pull_offset + reply.pull_bytes)
+        self.lock = threading.Lock()
+
+    def write_push(self, part) -> list[ps_pb2.ShmTensor] | None:
+        """Writes dense gradients into the push region; their ShmTensors, or None (sparse rows,
+        or more than fits: such a push goes over gRPC)."""
+        if any(isinstance(v, SparseRows) for v in part.values()):
+            return None
+        wire = {name: codec.wire_array(value) for name, value in part.items()}
+        placed = self.segment.write(wire, *self.push)
+        if placed is None:
+            return None
+        return [ps_pb2.ShmTensor(name=name, dtype=codec.dtype_name(a.dtype), shape=a.shape, offset=offset,
+                                 nbytes=a.nbytes) for name, a, offset in placed]
+
+    def read_pull(self, tensors) -> dict:
+        """Copies of the pulled values the shard wrote into the pull region."""
+        lo, hi = self.pull
+        return {t.name: self.segment.copy_out(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, lo, hi,
+                                              f"pulled {t.name!r}") for t in tensors}
+
+    def close(self) -> None:
+        self.segment.close()
 
 
 def _nbytes(tensors: Mapping[str, Any]) -> int:
@@ -107,8 +161,9 @@ class PSClient:
         shard_bytes = getattr(placement, "shard_bytes", None)
         self._pull_bytes = shard_bytes() if shard_bytes is not None else [float("inf")] * placement.num_shards
         self._unary = unary_bytes
-        from asyncps.protos.security import open_channel  # TLS/mTLS and the job token: cluster.security
-        self._channels = [open_channel(a, cfg.cluster.security, channel_options()) for a in self.addresses]
+        from asyncps.protos.security import open_channel, resolve  # TLS/mTLS and the job token: cluster.security
+        security = resolve(cfg.cluster.security)
+        self._channels = [open_channel(a, security, channel_options()) for a in self.addresses]
         self._stubs = [ps_stub(c) for c in self._channels]  # tensor streams as codec wire bytes
         # One small pool per calling thread: a call that waits at a shard (ssp/sync pull) must
         # not hold a thread that another caller of this client needs (a shared pool deadlocks).
@@ -118,6 +173,74 @@ class PSClient:
         self._background: ThreadPoolExecutor | None = None  # push_pull_async
         from asyncps.compression import make_compressor  # cluster.compression: 16-bit pushes
         self._compress = make_compressor(getattr(cfg.cluster, "compression", "none"))
+        # shared memory (module docstring): per shard None (not opened), False (gRPC), a _ShmPeer
+        self.transport = getattr(cfg.cluster, "transport", "grpc")
+        self._token = security.token
+        self._shm_worker: int | None = None  # the worker this client registered
+        self._peers: list = [False if self.transport == "grpc" else None] * placement.num_shards
+        self._shm_said = False  # the fallback is logged once
+
+    # ------------------------------------------------------------------------------------------
+    # Shared memory
+
+    def _peer(self, i: int, stub, worker: int | None) -> _ShmPeer | None:
+        """The segment for a worker call to shard `i` (opened now if needed), or None: gRPC."""
+        peer = self._peers[i]
+        if peer is False or worker is None or worker != self._shm_worker:
+            return None
+        if peer is None:
+            peer = self._peers[i] = self._open_shm(i, stub, worker)
+        return peer or None
+
+    def _open_shm(self, i: int, stub, worker: int) -> _ShmPeer | bool:
+        """The handshake (common/shm.py) with shard `i`: a _ShmPeer, or False (gRPC from now on)."""
+        segment = None
+        try:
+            offer = self._call(stub.ShmOpen, ps_pb2.ShmOpenRequest(worker=worker))
+            segment = shm.Segment.attach(offer.name, offer.size)
+            proof = shm.proof(segment.nonce(), self._token)
+            self._call(stub.ShmOpen, ps_pb2.ShmOpenRequest(worker=worker, proof=proof, generation=offer.generation))
+            return _ShmPeer(segment, offer, worker)
+        except grpc.RpcError as err:
+            if segment is not None:
+                segment.close()
+            if err.code() not in _SHM_REFUSALS:
+                raise  # a shard restarting or not initialized yet: the caller's usual error
+            why = f"{err.code().name}: {err.details()}"
+        except (shm.ShmError, ValueError) as err:
+            if segment is not None:
+                segment.close()
+            why = str(err)
+        message = f"shard {i} ({self.addresses[i]}): no shared memory ({why})"
+        if self.transport == "shm":
+            raise ShmUnavailable(f"cluster.transport shm: {message}")
+        if not self._shm_said:
+            self._shm_said = True
+            logger.warning(f"{message}; using gRPC (cluster.transport auto)")
+        return False
+
+    def _drop_peer(self, i: int, peer: _ShmPeer) -> None:
+        """After a failed shared-memory call: the next call opens a new segment."""
+        if self._peers[i] is peer:
+            self._peers[i] = None
+        peer.close()
+
+    def _shm_call(self, i: int, stub, peer: _ShmPeer, request: ps_pb2.ShmRequest, locked: bool = False):
+        """(header, values) of one ShmPushPull; `locked`: the caller holds peer.lock (released here)."""
+        if not locked:
+            peer.lock.acquire()
+        try:
+            reply = self._call(stub.ShmPushPull, request)
+            return reply.header, peer.read_pull(reply.tensors)
+        except grpc.RpcError:
+            self._drop_peer(i, peer)
+            raise
+        finally:
+            peer.lock.release()
+
+    def shm_shards(self) -> list[bool]:
+        """Per shard: True when this client's calls to it travel through shared memory."""
+        return [isinstance(p, _ShmPeer) for p in self._peers]
 
     # ------------------------------------------------------------------------------------------
     # Plumbing
@@ -174,6 +297,12 @@ class PSClient:
     def register(self, worker: int, retire: bool = False) -> list[tuple[int, int]]:
         """Registers (or retires) `worker` with every shard; per shard (clock, last_seq)."""
         request = ps_pb2.RegisterWorkerRequest(worker=worker, retire=retire)
+        if not retire and self.transport != "grpc":  # (re)registered: segments open again on first use
+            self._shm_worker = worker
+            for i, peer in enumerate(self._peers):
+                if isinstance(peer, _ShmPeer):
+                    self._peers[i] = None
+                    peer.close()
 
         def one(i, stub):
             reply = self._call(stub.RegisterWorker, request)
@@ -196,6 +325,10 @@ class PSClient:
         def one(i, stub, req):
             if req is None:
                 return ps_pb2.PullHeader(version=-1), {}
+            peer = self._peer(i, stub, worker) if not at_version else None
+            if peer is not None:
+                return self._shm_call(i, stub, peer, ps_pb2.ShmRequest(
+                    generation=peer.generation, pull=True, worker=worker, age=age, names=req.names))
             if self._pull_bytes[i] <= self._unary:
                 return self._read_pull((self._call(stub.PullOne, req),))
             return self._read_pull(self._call(stub.Pull, req))
@@ -224,6 +357,13 @@ class PSClient:
         pieces = self.placement.split(grads if self._compress is None else self._compress(grads))
 
         def one(i, stub, part):
+            peer = self._peer(i, stub, worker)
+            tensors = self._write_push(peer, part)  # holds peer.lock when not None
+            if tensors is not None:
+                header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i])
+                request = ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=tensors)
+                header, _ = self._shm_call(i, stub, peer, request, locked=True)
+                return _push_result(header.push)
             if _nbytes(part) <= self._unary:
                 return _push_result(self._call(stub.PushOne, self._push_message(part, versions[i], worker, seq)))
             return _push_result(self._call(stub.Push, self._push_stream(part, versions[i], worker, seq)))
@@ -255,21 +395,53 @@ class PSClient:
 
     def _push_pull_requests(self, grads, versions: list[int], worker: int, seq: int, eager: bool = False,
                             pull_age: int = 0) -> list:
-        """Per shard (unary?, request): one message, or the stream's messages (a list if `eager`)."""
-        requests = []
+        """Per shard (kind, request): "shm" ((peer, ShmRequest), the gradients already in the
+        segment and its lock held until the call ends), "one" (one message) or "stream" (the
+        stream's messages, a list if `eager`)."""
         if self._compress is not None:  # error feedback: see asyncps.compression
             grads = self._compress(grads)
-        for i, part in enumerate(self.placement.split(grads)):
-            if self._pull_bytes[i] <= self._unary and _nbytes(part) <= self._unary:
-                requests.append((True, self._push_message(part, versions[i], worker, seq, pull_age)))
-            else:
-                stream = self._push_stream(part, versions[i], worker, seq, pull_age)
-                requests.append((False, list(stream) if eager else stream))
+        peers = [self._peer(i, stub, worker) for i, stub in enumerate(self._stubs)]  # may open segments
+        requests = []
+        try:
+            for i, part in enumerate(self.placement.split(grads)):
+                tensors = self._write_push(peers[i], part)
+                if tensors is not None:
+                    header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i], pull_age=pull_age)
+                    requests.append(("shm", (peers[i], ps_pb2.ShmRequest(generation=peers[i].generation, push=header,
+                                                                        tensors=tensors, pull=True))))
+                elif self._pull_bytes[i] <= self._unary and _nbytes(part) <= self._unary:
+                    requests.append(("one", self._push_message(part, versions[i], worker, seq, pull_age)))
+                else:
+                    stream = self._push_stream(part, versions[i], worker, seq, pull_age)
+                    requests.append(("stream", list(stream) if eager else stream))
+        except BaseException:
+            for kind, request in requests:
+                if kind == "shm":
+                    request[0].lock.release()
+            raise
         return requests
 
+    @staticmethod
+    def _write_push(peer: _ShmPeer | None, part) -> list | None:
+        """Writes `part` into `peer`'s push region and returns its ShmTensors with peer.lock held
+        (the call releases it); None (lock free) when the push goes over gRPC."""
+        if peer is None:
+            return None
+        peer.lock.acquire()
+        try:
+            tensors = peer.write_push(part)
+        except BaseException:
+            peer.lock.release()
+            raise
+        if tensors is None:
+            peer.lock.release()
+        return tensors
+
     def _send_push_pull(self, requests: list):
-        def one(i, stub, unary, request):
-            if unary:
+        def one(i, stub, kind, request):
+            if kind == "shm":
+                header, values = self._shm_call(i, stub, *request, locked=True)
+            elif kind == "one":
                 header, values = self._read_pull((self._call(stub.PushPullOne, request),))
             else:
                 header, values = self._read_pull(self._call(stub.PushPull, iter(request)))
@@ -317,7 +489,7 @@ class PSClient:
         self._each(lambda i, stub: self._call(stub.Stop, ps_pb2.StopRequest(grace=grace)))
 
     def close(self) -> None:
-        """Closes the channels, then the thread pools.
+        """Closes the channels, then the thread pools, then unmaps the segments.
 
         Channels first: a call still in flight (a push waiting at a paused or stopped shard)
         ends at once with CANCELLED instead of holding a pool thread until its deadline.
@@ -328,6 +500,10 @@ class PSClient:
             pools, self._pools = self._pools, []
         for pool in pools:
             pool.shutdown(wait=True)
+        peers, self._peers = self._peers, [False] * len(self._peers)
+        for peer in peers:
+            if isinstance(peer, _ShmPeer):
+                peer.close()
 
     def __enter__(self) -> PSClient:
         return self

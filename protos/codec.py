@@ -173,6 +173,9 @@ def _wire_array(array: Any) -> np.ndarray:
     return np.asarray(array, dtype=le, order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
 
 
+wire_array = _wire_array  # public name (the shared-memory transport writes wire arrays too)
+
+
 def _pieces(value) -> tuple[np.ndarray, bytes, bool]:
     """(data array, row-index bytes, sparse flag) of a dense array or SparseRows."""
     if isinstance(value, SparseRows):

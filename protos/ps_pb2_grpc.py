@@ -104,6 +104,16 @@ class ParameterServerStub:
                 request_serializer=asyncps_dot_protos_dot_ps__pb2.StopRequest.SerializeToString,
                 response_deserializer=asyncps_dot_protos_dot_ps__pb2.StopReply.FromString,
                 _registered_method=True)
+        self.ShmOpen = channel.unary_unary(
+                '/asyncps.ParameterServer/ShmOpen',
+                request_serializer=asyncps_dot_protos_dot_ps__pb2.ShmOpenRequest.SerializeToString,
+                response_deserializer=asyncps_dot_protos_dot_ps__pb2.ShmOpenReply.FromString,
+                _registered_method=True)
+        self.ShmPushPull = channel.unary_unary(
+                '/asyncps.ParameterServer/ShmPushPull',
+                request_serializer=asyncps_dot_protos_dot_ps__pb2.ShmRequest.SerializeToString,
+                response_deserializer=asyncps_dot_protos_dot_ps__pb2.ShmReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -217,6 +227,28 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShmOpen(self, request, context):
+        """Same-host shared-memory data plane (cluster.transport auto/shm; common/shm.py). Step 1
+        (no proof): the shard creates a private segment for the worker (mode 0600, unguessable name)
+        with a random nonce in it and answers its name and layout. Step 2 (proof): the worker read
+        the nonce from the segment (HMAC-SHA256 of it under the job token when security has one);
+        the shard checks it, unlinks the name (both sides keep the mapping, nothing stays in
+        /dev/shm) and the segment carries this worker's tensors. A wrong proof: PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShmPushPull(self, request, context):
+        """Push, pull or both, with the tensors in the worker's segment and only this small control
+        message on gRPC. Same semantics, validation and errors as PushOne/PullOne/PushPullOne; the
+        shard copies each gradient out of the segment before validating it. A segment that is not
+        (or no longer) this worker's confirmed one: FAILED_PRECONDITION (the worker rejoins).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -289,6 +321,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Stop,
                     request_deserializer=asyncps_dot_protos_dot_ps__pb2.StopRequest.FromString,
                     response_serializer=asyncps_dot_protos_dot_ps__pb2.StopReply.SerializeToString,
+            ),
+            'ShmOpen': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmOpen,
+                    request_deserializer=asyncps_dot_protos_dot_ps__pb2.ShmOpenRequest.FromString,
+                    response_serializer=asyncps_dot_protos_dot_ps__pb2.ShmOpenReply.SerializeToString,
+            ),
+            'ShmPushPull': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShmPushPull,
+                    request_deserializer=asyncps_dot_protos_dot_ps__pb2.ShmRequest.FromString,
+                    response_serializer=asyncps_dot_protos_dot_ps__pb2.ShmReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -669,6 +711,60 @@ class ParameterServer:
             '/asyncps.ParameterServer/Stop',
             asyncps_dot_protos_dot_ps__pb2.StopRequest.SerializeToString,
             asyncps_dot_protos_dot_ps__pb2.StopReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmOpen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncps.ParameterServer/ShmOpen',
+            asyncps_dot_protos_dot_ps__pb2.ShmOpenRequest.SerializeToString,
+            asyncps_dot_protos_dot_ps__pb2.ShmOpenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShmPushPull(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/asyncps.ParameterServer/ShmPushPull',
+            asyncps_dot_protos_dot_ps__pb2.ShmRequest.SerializeToString,
+            asyncps_dot_protos_dot_ps__pb2.ShmReply.FromString,
             options,
             channel_credentials,
             insecure,

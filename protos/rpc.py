@@ -36,6 +36,8 @@ PS_METHODS = {
     "Restore": ("stream_unary", WIRE, ps_pb2.RestoreReply),
     "Stats": ("unary_unary", ps_pb2.StatsRequest, ps_pb2.StatsReply),
     "Stop": ("unary_unary", ps_pb2.StopRequest, ps_pb2.StopReply),
+    "ShmOpen": ("unary_unary", ps_pb2.ShmOpenRequest, ps_pb2.ShmOpenReply),
+    "ShmPushPull": ("unary_unary", ps_pb2.ShmRequest, ps_pb2.ShmReply),
 }
 
 

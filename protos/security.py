@@ -257,7 +257,8 @@ READ = frozenset({"chief", "worker", "client"})
 _PS, _CHIEF = "/asyncps.ParameterServer/", "/asyncps.Chief/"
 POLICY: dict[str, frozenset[str]] = {
     **{_PS + m: CHIEF_ONLY for m in ("Init", "Pause", "Resume", "Snapshot", "Restore", "Stop")},
-    **{_PS + m: DATA for m in ("RegisterWorker", "Push", "PushPull", "PushOne", "PushPullOne")},
+    **{_PS + m: DATA for m in ("RegisterWorker", "Push", "PushPull", "PushOne", "PushPullOne",
+                                  "ShmOpen", "ShmPushPull")},
     **{_PS + m: READ for m in ("Pull", "PullOne", "Stats")},
     **{_CHIEF + m: DATA for m in ("Register", "Heartbeat", "ReportMetrics")},
 }

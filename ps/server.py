@@ -67,7 +67,8 @@ class ShardServer:
                                 max_workers=max(16, 2 * cfg.cluster.workers + 8), security=cfg.cluster.security,
                                 streams=streams or stream_limits(cfg))
         self.server = self._role.server
-        self.servicer = ParameterServerServicer(self.shard, self.request_stop, push_bytes=push_bytes)
+        self.shm = make_shm_endpoint(cfg, self.shard, self._role.security.token)  # cluster.transport
+        self.servicer = ParameterServerServicer(self.shard, self.request_stop, push_bytes=push_bytes, shm=self.shm)
         self.server.add_generic_rpc_handlers((ps_handler(self.servicer),))
         self.streams = self._role.streams  # the StreamGuard: counts of refused and ended streams
         self.port = 0
@@ -93,8 +94,25 @@ class ShardServer:
         self._role.health.enter_graceful_shutdown()
         self.shard.stop()
         self._role.stop(self._grace if grace is None else grace)
+        if self.shm is not None:
+            self.shm.close()  # unlinks segments whose handshake did not complete, unmaps the rest
         if self.update_log is not None:
             self.update_log.close()
+
+
+def make_shm_endpoint(cfg: Config, shard: Shard, token: str | None):
+    """The shared-memory endpoint (ps/shm_transport.py) unless cluster.transport is grpc or this
+    host has no /dev/shm; segment names carry the run's prefix (asyncps.shm.prefix_for) and the
+    shard's index."""
+    from asyncps import shm
+
+    if getattr(cfg.cluster, "transport", "grpc") == "grpc" or not shm.available():
+        return None
+    from asyncps.ps.shm_transport import ShmEndpoint
+
+    prefix = f"{shm.prefix_for(cfg.run_dir)}ps{shard.index}-"
+    shm.remove_segments(prefix)  # left by a predecessor of this shard that was SIGKILLed mid-handshake
+    return ShmEndpoint(shard, prefix, token)
 
 
 def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_file: str | None = None) -> int:

@@ -14,6 +14,10 @@ anything for it, and the bytes of streamed pushes in flight are charged to the s
 `ByteBudget` (refused with RESOURCE_EXHAUSTED when spent). A failed or cancelled stream drops
 what it received at once (`Assembler.clear`). A later Init is checked the same way against the
 variables; the first Init and Restore (the chief's) are not capped.
+
+Shared memory (cluster.transport auto/shm): ShmOpen and ShmPushPull go to the `ShmEndpoint`
+(ps/shm_transport.py) given as `shm`; without one (transport grpc, or no /dev/shm) ShmOpen
+answers UNIMPLEMENTED and the worker stays on gRPC.
 """
 from __future__ import annotations
 
@@ -125,8 +129,9 @@ class ParameterServerServicer:
     """
 
     def __init__(self, shard: Shard, on_stop: Callable[[float], None] | None = None,
-                 chunk_bytes: int = codec.CHUNK_BYTES, push_bytes: int | None = None):
+                 chunk_bytes: int = codec.CHUNK_BYTES, push_bytes: int | None = None, shm=None):
         self._shard = shard
+        self.shm = shm  # a ShmEndpoint, or None: no shared-memory transport
         self._on_stop = on_stop
         self._chunk = chunk_bytes
         self.budget = ByteBudget(shard, shard.num_workers, push_bytes)
@@ -276,6 +281,21 @@ class ParameterServerServicer:
         return admit
 
     @_rpc
+    def ShmOpen(self, request, context):
+        """Shared-memory handshake, step 1 (create a segment) or 2 (check the proof)."""
+        if self.shm is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          f"shard {self._shard.index}: shared-memory transport off (cluster.transport grpc)")
+        return self.shm.open(request)
+
+    @_rpc
+    def ShmPushPull(self, request, context):
+        """Push and/or pull with the tensors in the worker's segment."""
+        if self.shm is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, f"shard {self._shard.index}: shared-memory transport off")
+        return self.shm.push_pull(request, context.time_remaining, _push_reply)
+
+    @_rpc
     def Pause(self, request, context):
         """Stops applying updates (pushes wait); returns once none is in progress."""
         return ps_pb2.PauseReply(version=self._shard.pause())
@@ -300,6 +320,8 @@ class ParameterServerServicer:
         """The shard's counters: staleness per worker and histogram, applied/dropped/rejected."""
         stats = self._shard.stats()
         workers = [ps_pb2.WorkerStats(**w) for w in stats.pop("workers")]
+        if self.shm is not None:
+            stats.update(self.shm.stats())
         return ps_pb2.StatsReply(workers=workers, **stats)
 
     @_rpc

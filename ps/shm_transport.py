@@ -1,0 +1,207 @@
+"""The shard's side of the shared-memory data plane (common/shm.py; ps.proto ShmOpen, ShmPushPull).
+
+One segment per worker (a new handshake replaces the worker's old one). The servicer maps
+ShardError and CodecError to gRPC status codes, as for every other method.
+
+Trust: a worker may write anything into its segment at any time, also while the shard reads it.
+So every gradient is COPIED out of the segment first (bounds, dtype and byte count checked
+against the control message, its declaration against the variables by `validate.check_declared`,
+exactly as a wire tensor's), and only the private copy is validated (shape, dtype, finiteness:
+`Shard.push` -> `validate.check_gradients`) and applied: what was validated is what is applied,
+whatever the worker writes meanwhile. (A checksum would still need a second pass to apply from
+memory the worker can change after the check; the copy costs one memcpy and rules that out.)
+Pulled values are written into the segment's pull region by the shard (under its lock, one
+memcpy, as the gRPC path encodes under it) at offsets the shard chooses; the worker copies them
+out after the reply.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
+
+from asyncps.protos import codec, ps_pb2
+from asyncps.ps import validate
+from asyncps.ps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ShardError
+from asyncps.ps.shard import Shard
+from asyncps.shm import HEADER_BYTES, Segment, ShmError, proof, region_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class ShmUnavailable(ShardError):
+    """This shard cannot create a segment (no /dev/shm, out of memory): the worker uses gRPC."""
+
+    code = "UNIMPLEMENTED"
+
+
+class PermissionDenied(ShardError):
+    """A handshake whose proof does not match the segment's nonce."""
+
+    code = "PERMISSION_DENIED"
+
+
+@dataclass
+class _Channel:
+    worker: int
+    segment: Segment
+    generation: int
+    nonce: bytes
+    push: tuple[int, int]  # [lo, hi) of the push region
+    pull: tuple[int, int]
+    confirmed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ShmEndpoint:
+    """Segments of the workers of one shard; `open` (handshake) and `push_pull`."""
+
+    def __init__(self, shard: Shard, prefix: str, token: str | None = None):
+        self._shard, self._prefix, self._token = shard, prefix, token
+        self._lock = threading.Lock()
+        self._channels: dict[int, _Channel] = {}
+        self._closed = False
+        self._ids = itertools.count(secrets.randbits(40) << 20)
+
+    # -- handshake -----------------------------------------------------------------------------
+
+    def open(self, request: ps_pb2.ShmOpenRequest) -> ps_pb2.ShmOpenReply:
+        self._shard.check_pusher(request.worker)
+        if request.proof:
+            return self._confirm(request)
+        variables = self._shard.variables
+        push_bytes = region_bytes((v.value.dtype, v.value.shape) for v in variables.values() if not v.frozen)
+        pull_bytes = region_bytes((v.value.dtype, v.value.shape) for v in variables.values())
+        size = HEADER_BYTES + push_bytes + pull_bytes
+        try:
+            segment, nonce = Segment.create(self._prefix, size)
+        except ShmError as err:
+            raise ShmUnavailable(f"shard {self._shard.index}: shared memory unavailable: {err}") from None
+        channel = _Channel(request.worker, segment, next(self._ids), nonce, (HEADER_BYTES, HEADER_BYTES + push_bytes),
+                           (HEADER_BYTES + push_bytes, size))
+        with self._lock:
+            if self._closed:
+                segment.close()
+                raise FailedPrecondition(f"shard {self._shard.index} is stopping")
+            old = self._channels.pop(request.worker, None)
+            self._channels[request.worker] = channel
+        if old is not None:
+            old.segment.close()
+        return ps_pb2.ShmOpenReply(name=segment.name, generation=channel.generation, size=size,
+                                   push_offset=channel.push[0], push_bytes=push_bytes,
+                                   pull_offset=channel.pull[0], pull_bytes=pull_bytes)
+
+    def _confirm(self, request: ps_pb2.ShmOpenRequest) -> ps_pb2.ShmOpenReply:
+        with self._lock:
+            channel = self._channels.get(request.worker)
+            if channel is None or channel.generation != request.generation or channel.confirmed:
+                raise FailedPrecondition(f"shard {self._shard.index}: no pending shared-memory handshake of worker "
+                                         f"{request.worker} with generation {request.generation}")
+            if not secrets.compare_digest(bytes(request.proof), proof(channel.nonce, self._token)):
+                del self._channels[request.worker]
+                channel.segment.close()
+                raise PermissionDenied(f"shard {self._shard.index}: worker {request.worker}'s shared-memory proof "
+                                       "does not match the segment's nonce (another host, or another job)")
+            channel.confirmed = True
+            channel.segment.unlink()  # both sides keep the mapping; nothing stays in /dev/shm
+            held = len(self._channels), sum(c.segment.size for c in self._channels.values())
+        logger.info(f"ps {self._shard.index}: worker {request.worker} on shared memory "
+                    f"({_size(channel.segment.size)} segment; {held[0]} held, {_size(held[1])} in all)")
+        return ps_pb2.ShmOpenReply(generation=channel.generation, size=channel.segment.size)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def push_pull(self, request: ps_pb2.ShmRequest, remaining, push_reply) -> ps_pb2.ShmReply:
+        """Runs the request; `remaining()` the call's seconds left, `push_reply(result)` the
+        PushReply of a push result."""
+        pushing = request.HasField("push")
+        worker = request.push.worker if pushing else request.worker
+        channel = self._channel(worker, request.generation)
+        if not channel.lock.acquire(timeout=max(0.0, remaining() or 0.0)):
+            raise DeadlineExceeded(f"worker {worker}: its shared-memory segment is busy with another call")
+        try:
+            reply = ps_pb2.ShmReply()
+            if pushing:
+                header = request.push
+                self._shard.check_pusher(worker)
+                grads = self._read_push(channel, request.tensors)
+                result = self._shard.push(worker, header.seq, header.read_version, grads, remaining())
+                del grads
+                reply.header.push.CopyFrom(push_reply(result))
+            if request.pull:
+                age = request.push.pull_age if pushing else request.age
+                version = self._shard.pull(worker, request.names, remaining(), self._export(channel, reply), age=age)
+                reply.header.version = version
+            elif pushing:
+                reply.header.version = reply.header.push.version
+            return reply
+        finally:
+            channel.lock.release()
+
+    def _channel(self, worker: int, generation: int) -> _Channel:
+        with self._lock:
+            channel = self._channels.get(worker)
+        if channel is None or channel.generation != generation or not channel.confirmed:
+            raise FailedPrecondition(f"shard {self._shard.index}: worker {worker} has no shared-memory segment of "
+                                     f"generation {generation} (shard restarted? open it again)")
+        return channel
+
+    def _read_push(self, channel: _Channel, tensors) -> dict:
+        """Private copies of the pushed gradients (see the module docstring); a bad declaration is
+        refused before anything is copied and counted against the worker."""
+        variables = self._shard.variables
+        lo, hi = channel.push
+        grads = {}
+        try:
+            for t in tensors:
+                if t.name in grads:
+                    raise InvalidArgument(f"variable {t.name!r} appears twice in one push")
+                dtype, shape = codec.dtype_of(t.dtype), tuple(t.shape)
+                validate.check_declared(t.name, "", dtype, shape, False, variables)
+                try:
+                    grads[t.name] = channel.segment.copy_out(dtype, shape, t.offset, t.nbytes, lo, hi,
+                                                             f"variable {t.name!r}")
+                except ShmError as err:
+                    raise InvalidArgument(str(err)) from None
+        except (ShardError, codec.CodecError):
+            self._shard.count_rejected(channel.worker)
+            raise
+        return grads
+
+    def _export(self, channel: _Channel, reply: ps_pb2.ShmReply):
+        """Writes pulled values into the pull region (run under the shard's lock); the version."""
+
+        def export(version, values):
+            lo, hi = channel.pull
+            wire = {name: codec.wire_array(value) for name, value in values.items()}
+            placed = channel.segment.write(wire, lo, hi)
+            if placed is None:  # the region holds every variable: never, unless the specs changed
+                raise FailedPrecondition(f"shard {self._shard.index}: pulled values do not fit worker "
+                                         f"{channel.worker}'s segment; open it again")
+            for name, array, offset in placed:
+                reply.tensors.add(name=name, dtype=codec.dtype_name(array.dtype), shape=array.shape, offset=offset,
+                                  nbytes=array.nbytes)
+            return version
+
+        return export
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """{"shm_segments", "shm_bytes"}: segments held and their bytes."""
+        with self._lock:
+            return {"shm_segments": len(self._channels), "shm_bytes": sum(c.segment.size for c in self._channels.values())}
+
+    def close(self) -> None:
+        """Unlinks and unmaps every segment (the shard stops); later handshakes are refused."""
+        with self._lock:
+            self._closed = True
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.segment.close()
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"

@@ -1,0 +1,392 @@
+"""The same-host shared-memory data plane (common/shm.py, ps/shm_transport.py; cluster.transport).
+
+In-process shards on threads and real clients over 127.0.0.1: the same sequence of calls gives
+the same versions and values over shm as over gRPC; the handshake falls back (auto) or fails
+(shm) with one line; garbage in a segment is refused and changes nothing; nothing stays in
+/dev/shm. The launch tests (replay bit for bit, no leak after SIGKILLs) are marked slow.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from asyncps import shm
+from asyncps.config import Config
+from asyncps.partition import place
+from asyncps.protos import ps_pb2
+from asyncps.ps.server import ShardServer
+from asyncps.ps_client import PSClient, ShmUnavailable
+from asyncps.sparse import SparseRows
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no /dev/shm on this host")
+
+PARAMS = {
+    "w": np.arange(4096, dtype=np.float32).reshape(512, 8) / 4096,
+    "b": np.zeros(5, np.float32),
+    "emb": np.zeros((32, 4), np.float32),
+    "frozen_k": np.ones(3, np.float32),
+}
+
+
+def _cfg(shards: int, transport: str, **cluster) -> Config:
+    cfg = Config()
+    cfg.cluster.ps, cfg.cluster.workers, cfg.cluster.rpc_timeout = shards, 2, 20.0
+    cfg.cluster.transport = transport
+    for key, value in cluster.items():
+        setattr(cfg.cluster, key, value)
+    cfg.optimizer.learning_rate = 0.5
+    cfg.train.frozen = ["frozen_*"]
+    return cfg
+
+
+def _grads(i: int, sparse: bool = True) -> dict:
+    g = np.float32((i % 3 + 1) / 4)
+    grads = {"w": np.full((512, 8), g, np.float32), "b": np.full(5, g, np.float32)}
+    grads["emb"] = (SparseRows(np.array([1, 30, 1]), np.full((3, 4), g, np.float32)) if sparse
+                    else np.full((32, 4), g, np.float32))
+    return grads
+
+
+class Cluster:
+    """`shards` in-process shard servers and one client."""
+
+    def __init__(self, shards: int, transport: str, **cluster):
+        self.cfg = _cfg(shards, transport, **cluster)
+        self.servers = [ShardServer(self.cfg, i) for i in range(shards)]
+        self.addresses = [f"127.0.0.1:{s.start()}" for s in self.servers]
+        self.placement = place({n: (a.shape, a.dtype) for n, a in PARAMS.items()}, shards, split_bytes=4096)
+        self.client = self.new_client()
+        self.client.init(PARAMS)
+
+    def new_client(self, cfg: Config | None = None) -> PSClient:
+        return PSClient(self.addresses, self.placement, cfg or self.cfg)
+
+    def close(self):
+        self.client.close()
+        for s in self.servers:
+            s.stop(0)
+
+
+@pytest.fixture
+def prefix_clean():
+    before = shm.count_segments(shm.prefix_for(None))
+    yield
+    assert shm.count_segments(shm.prefix_for(None)) == before  # nothing left in /dev/shm
+
+
+def _sequence(transport: str, shards: int, sparse: bool, **cluster):
+    c = Cluster(shards, transport, **cluster)
+    try:
+        c.client.register(0)
+        seen = []
+        params, versions = c.client.pull(worker=0)
+        seen.append((versions, {n: v.copy() for n, v in params.items()}))
+        seen.append(c.client.push(_grads(0, sparse), versions, 0, 0))
+        for i in range(1, 5):
+            results, params, versions = c.client.push_pull(_grads(i, sparse), versions, 0, i, pull_age=0)
+            seen.append((results, versions, {n: v.copy() for n, v in params.items()}))
+        seen.append(c.client.push_pull(_grads(4, sparse), versions, 0, 4)[0])  # a retry: DUPLICATE
+        fut = c.client.push_pull_async(_grads(5, sparse), versions, 0, 5)
+        results, params, versions = fut.result()
+        seen.append((results, versions, {n: v.copy() for n, v in params.items()}))
+        used = c.client.shm_shards()
+        final, fversions = c.client.pull(["b", "w"])  # the chief's kind of pull: gRPC
+        stats = [s.shard.stats() for s in c.servers]
+        counts = [(w["applied"], w["duplicates"], w["staleness_sum"]) for st in stats for w in st["workers"]]
+        return seen, final, fversions, counts, used
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("shards,sparse", [(1, False), (2, False), (2, True)])
+def test_shm_and_grpc_give_the_same_results(shards, sparse, prefix_clean):
+    seen_g, final_g, v_g, counts_g, used_g = _sequence("grpc", shards, sparse)
+    seen_s, final_s, v_s, counts_s, used_s = _sequence("shm", shards, sparse)
+    assert used_g == [False] * shards and used_s == [True] * shards
+    assert v_g == v_s and counts_g == counts_s
+    assert repr(seen_g) == repr(seen_s)  # versions, results, every pulled value, bit for bit
+    for name in final_g:
+        np.testing.assert_array_equal(final_g[name], final_s[name])
+    assert {r.result for r in seen_s[-2]} == {"DUPLICATE"}
+
+
+@pytest.mark.parametrize("compression", ["fp16", "bf16"])
+def test_compressed_pushes_over_shm(compression, prefix_clean):
+    a = _sequence("grpc", 2, False, compression=compression)
+    b = _sequence("shm", 2, False, compression=compression)
+    assert repr(a[0]) == repr(b[0]) and b[4] == [True, True]
+
+
+def test_controlled_staleness_age_over_shm(prefix_clean):
+    out = {}
+    for transport in ("grpc", "shm"):
+        c = Cluster(1, transport, **{})
+        c.close()
+        cfg = _cfg(1, transport)
+        cfg.staleness.controlled, cfg.staleness.s = True, 3  # the shards keep 3 past versions
+        c.cfg, c.servers = cfg, [ShardServer(cfg, 0)]
+        c.addresses = [f"127.0.0.1:{c.servers[0].start()}"]
+        c.client = c.new_client()
+        try:
+            c.client.init(PARAMS)
+            c.client.register(0)
+            params, versions = c.client.pull(worker=0)
+            got = []
+            for i in range(5):
+                results, params, versions = c.client.push_pull(_grads(i, False), versions, 0, i, pull_age=2)
+                got.append((results, versions, params["b"].copy()))
+            got.append(c.client.pull(worker=0, age=1))
+            got.append(c.servers[0].shard.stats()["workers"])
+            out[transport] = repr(got)
+            assert c.client.shm_shards() == [transport == "shm"]
+        finally:
+            c.close()
+    assert out["grpc"] == out["shm"]
+
+
+def test_segment_is_private_and_unlinked_after_the_handshake(prefix_clean, monkeypatch):
+    created = []
+    real_create = shm.Segment.create.__func__
+
+    def spy(cls, prefix, size):
+        seg, nonce = real_create(cls, prefix, size)
+        created.append((seg.path, os.stat(seg.path).st_mode & 0o777, size))
+        return seg, nonce
+
+    monkeypatch.setattr(shm.Segment, "create", classmethod(spy))
+    c = Cluster(1, "shm")
+    try:
+        c.client.register(0)
+        c.client.pull(worker=0)
+        (path, mode, size), = created
+        assert mode == 0o600 and not os.path.exists(path)  # unlinked once confirmed
+        assert len(Path(path).name) >= len(shm.prefix_for(None)) + 32
+        stats = c.client.stats()[0]
+        variables = sum(a.nbytes for a in PARAMS.values())
+        assert stats.shm_segments == 1 and stats.shm_bytes == size
+        assert size <= shm.HEADER_BYTES + 2 * variables + 64 * 2 * len(PARAMS)  # bounded by the variables
+    finally:
+        c.close()
+
+
+def test_wrong_nonce_falls_back_with_auto_and_fails_with_shm(monkeypatch, caplog, prefix_clean):
+    monkeypatch.setattr(shm.Segment, "nonce", lambda self: b"\0" * shm.NONCE_BYTES)
+    c = Cluster(2, "auto")
+    try:
+        with caplog.at_level(logging.WARNING, logger="asyncps.ps_client"):
+            c.client.register(0)
+            params, versions = c.client.pull(worker=0)
+            c.client.push_pull(_grads(0, False), versions, 0, 0)
+        assert c.client.shm_shards() == [False, False]
+        lines = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
+        assert len(lines) == 1 and "PERMISSION_DENIED" in lines[0] and "using gRPC" in lines[0]
+        strict = c.new_client(_cfg(2, "shm"))
+        try:
+            strict.register(1)
+            with pytest.raises(ShmUnavailable) as err:
+                strict.pull(worker=1)
+            assert "\n" not in str(err.value) and "cluster.transport shm" in str(err.value)
+        finally:
+            strict.close()
+        assert [s.shm.stats()["shm_segments"] for s in c.servers] == [0, 0]  # refused segments dropped
+    finally:
+        c.close()
+
+
+def test_shard_with_transport_grpc_means_grpc(prefix_clean):
+    c = Cluster(1, "grpc")
+    try:
+        auto = c.new_client(_cfg(1, "auto"))
+        try:
+            auto.register(0)
+            auto.pull(worker=0)
+            assert auto.shm_shards() == [False]
+        finally:
+            auto.close()
+    finally:
+        c.close()
+
+
+def _raw_push(c: Cluster, tensors, seq=0, version=0):
+    """A ShmPushPull written by hand: `tensors` (name -> (array, offset or None)) into the segment."""
+    client = c.client
+    stub = client._stubs[0]
+    peer = client._peer(0, stub, 0)
+    lo, hi = peer.push
+    specs, at = [], lo
+    for name, (array, offset) in tensors.items():
+        offset = at if offset is None else offset
+        if 0 <= offset and offset + array.nbytes <= peer.segment.size:
+            peer.segment.mm[offset:offset + array.nbytes] = array.tobytes()
+        specs.append(ps_pb2.ShmTensor(name=name, dtype=array.dtype.name, shape=array.shape, offset=offset,
+                                      nbytes=array.nbytes))
+        at = shm.aligned(at + array.nbytes)
+    header = ps_pb2.PushHeader(worker=0, seq=seq, read_version=version)
+    return stub.ShmPushPull(ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=specs, pull=True),
+                            timeout=10)
+
+
+def test_garbage_in_the_segment_is_refused_and_changes_nothing(prefix_clean):
+    c = Cluster(1, "shm")
+    try:
+        c.client.register(0)
+        before, versions = c.client.pull(worker=0)
+        shard = c.servers[0].shard
+        nan_b = np.full(5, np.nan, np.float32)
+        bad = [
+            {"b": (nan_b, None)},  # NaN
+            {"b": (np.full(6, 1, np.float32), None)},  # wrong shape
+            {"b": (np.full(5, 1, np.float64), None)},  # wrong dtype
+            {"b": (np.full(5, 1, np.float32), 0)},  # points at the header
+            {"b": (np.full(5, 1, np.float32), 10 << 30)},  # outside the segment
+            {"nope": (np.full(5, 1, np.float32), None)},  # unknown variable
+            {"frozen_k": (np.ones(3, np.float32), None)},  # frozen
+            {"w": (np.full((512, 8), np.inf, np.float32), None), "b": (np.ones(5, np.float32), None)},
+        ]
+        for tensors in bad:
+            with pytest.raises(grpc.RpcError) as err:
+                _raw_push(c, tensors)
+            assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), tensors
+        after, versions_after = c.client.pull(worker=0)
+        assert versions_after == versions == [0] and shard.version == 0
+        for name in before:
+            np.testing.assert_array_equal(before[name], after[name])
+        assert shard.stats()["workers"][0]["rejected"] == len(bad)
+        # the same segment still serves a good push
+        reply = _raw_push(c, {"b": (np.ones(5, np.float32), None)})
+        assert reply.header.push.result == ps_pb2.PushReply.APPLIED and reply.header.version == 1
+    finally:
+        c.close()
+
+
+def test_a_stale_generation_is_refused(prefix_clean):
+    c = Cluster(1, "shm")
+    try:
+        c.client.register(0)
+        c.client.pull(worker=0)
+        peer = c.client._peers[0]
+        request = ps_pb2.ShmRequest(generation=peer.generation + 1, pull=True, worker=0)
+        with pytest.raises(grpc.RpcError) as err:
+            c.client._stubs[0].ShmPushPull(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        c.client.register(0)  # a rejoin opens a new segment
+        c.client.pull(worker=0)
+        assert c.client._peers[0].generation != peer.generation
+        assert c.servers[0].shm.stats()["shm_segments"] == 1
+    finally:
+        c.close()
+
+
+def test_remove_segments_by_prefix():
+    prefix = shm.prefix_for(f"/tmp/asyncps-test-{os.getpid()}-{time.time()}")
+    segs = [shm.Segment.create(prefix, 8192)[0] for _ in range(3)]
+    assert shm.count_segments(prefix) == 3
+    assert shm.remove_segments(prefix) == 3 and shm.count_segments(prefix) == 0
+    for seg in segs:
+        seg.close()
+    with pytest.raises(ValueError):
+        shm.remove_segments("")
+
+
+# ------------------------------------------------------------------------------------------------
+# Launches (slow): replay bit for bit over shm, no segment left after SIGKILLs
+
+
+def _launch(tmp_path: Path, *overrides: str, timeout: float = 240):
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "asyncps.cli", "launch", "configs/linear_regression.yaml", f"run_dir={run_dir}",
+           "cluster.transport=shm", *overrides]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, run_dir
+
+
+@pytest.mark.slow
+def test_launch_over_shm_trains_and_replays_bit_for_bit(tmp_path):
+    import subprocess
+
+    proc, run_dir = _launch(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    logs = "".join(p.read_text() for p in run_dir.glob("ps*.log"))
+    assert "on shared memory" in logs
+    replay = subprocess.run([sys.executable, "-m", "asyncps.cli", "replay", str(run_dir)], capture_output=True,
+                            text=True, timeout=240)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "bit-identical" in replay.stdout + replay.stderr
+    assert shm.count_segments(shm.prefix_for(run_dir)) == 0
+
+
+@pytest.mark.slow
+def test_no_segment_left_after_sigkills(tmp_path):
+    """A launch whose worker and shard are SIGKILLed mid-run (checkpoints and restarts on), plus a
+    segment left mid-handshake: nothing with the run's prefix stays in /dev/shm once the launcher
+    is stopped (Ctrl-C)."""
+    import json
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    prefix = shm.prefix_for(run_dir)
+    cmd = [sys.executable, "-m", "asyncps.cli", "launch", "configs/linear_regression.yaml", f"run_dir={run_dir}",
+           "cluster.transport=shm", "train.max_steps=200000", "train.max_seconds=60", "checkpoint.every_steps=200"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: '"kind": "checkpoint"' in _text(run_dir / "metrics.jsonl"), 120, proc)
+        pids = _wait_for(lambda: _on_shm(run_dir), 120, proc)
+        os.kill(pids["worker0"]["pid"], signal.SIGKILL)
+        os.kill(pids["ps0"]["pid"], signal.SIGKILL)
+        # the restarted shard and worker handshake again (a fresh segment pair)
+        _wait_for(lambda: "restart" in _text(run_dir / "ps0.log") and _text(run_dir / "ps0.log").count(
+            "on shared memory") >= 2, 120, proc)
+        # a segment mid-handshake when everything is killed: made by hand under the run's prefix
+        orphan, _ = shm.Segment.create(prefix, 8192)
+        assert shm.count_segments(prefix) >= 1
+        os.kill(proc.pid, signal.SIGINT)  # the launcher stops its children, then cleans by prefix
+        proc.communicate(timeout=120)
+        orphan.mm.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert shm.count_segments(prefix) == 0
+    json.loads((run_dir / "pids.json").read_text())
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _on_shm(run_dir: Path):
+    """pids.json's pids once every shard log says a worker is on shared memory."""
+    import json
+
+    if "on shared memory" not in _text(run_dir / "ps0.log"):
+        return None
+    try:
+        return json.loads((run_dir / "pids.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for(fn, seconds: float, proc=None):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc is None or proc.poll() is None, f"the launcher exited ({proc.returncode})"
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
