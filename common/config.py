@@ -123,7 +123,7 @@ class StalenessPolicyConfig:
 class OptimizerConfig:
     """Server-side optimizer; its slots live on the parameter-server shard."""
 
-    name: Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad"] = "sgd"
+    name: Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "lazy_adam", "ftrl"] = "sgd"
     learning_rate: float = 0.1
     momentum: float = 0.9  # momentum, nesterov
     beta1: float = 0.9
@@ -131,7 +131,10 @@ class OptimizerConfig:
     epsilon: float = 1e-7
     rho: float = 0.9  # rmsprop decay of the mean square
     rmsprop_momentum: float = 0.0  # rmsprop (kept apart from `momentum`, whose default suits momentum)
-    initial_accumulator: float = 0.1  # adagrad
+    initial_accumulator: float = 0.1  # adagrad; ftrl's n
+    ftrl_l1: float = 0.0  # ftrl: lambda1 (L1, makes weights exactly 0)
+    ftrl_l2: float = 0.0  # ftrl: lambda2
+    ftrl_beta: float = 1.0  # ftrl: beta of the per-coordinate learning rate
     weight_decay: float = 0.0  # L2: adds weight_decay * w to every trainable gradient
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     staleness_policy: StalenessPolicyConfig = field(default_factory=StalenessPolicyConfig)
@@ -706,6 +709,9 @@ _RANGES = [
     (OptimizerConfig, "rho", lambda v: 0 <= v < 1, "in [0, 1)"),
     (OptimizerConfig, "rmsprop_momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
     (OptimizerConfig, "initial_accumulator", lambda v: v >= 0, "0 or more"),
+    (OptimizerConfig, "ftrl_l1", lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
+    (OptimizerConfig, "ftrl_l2", lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
+    (OptimizerConfig, "ftrl_beta", lambda v: 0 <= v <= 1e6, "in [0, 1e6]"),
     (OptimizerConfig, "weight_decay", lambda v: v >= 0, "0 or more"),
     # TargetConfig.value: any finite number (a loss, an accuracy or an mse)
     (TrainConfig, "batch_size", lambda v: 1 <= v <= 1 << 20, "at least 1 and at most 1048576"),

@@ -286,8 +286,87 @@ class Adagrad(Optimizer):
         w -= tmp
 
 
+class LazyAdam(Adam):
+    """Adam whose bias correction counts each ROW's own updates (slot ``t``, one per row)::
+
+        t_r  = t_r + 1                      (rows in the update only)
+        m, v as in Adam, on those rows
+        w_r -= lr * sqrt(1 - beta2^t_r) / (1 - beta1^t_r) * m_r / (sqrt(v_r) + epsilon)
+
+    The embedding-table form of Adam (TF-Addons ``LazyAdam`` keeps one global step; per-row
+    counts are what embedding servers such as Monolith and PERSIA keep, so a row touched for the
+    first time gets Adam's first-step correction, whatever the table's age). On a dense update
+    every row moves, and the result equals ``adam`` (every t_r is the variable's step + 1).
+    ``t`` is shaped like the variable (every entry of a row holds the row's count), so it is cut
+    by rows, checkpointed and re-sharded like every other slot; float32 counts are exact to 2**24.
+    """
+
+    name = "lazy_adam"
+    slot_names = ("m", "v", "t")
+
+    def _update(self, w, g, slots, lr, step, tmp):
+        m, v, t = slots["m"], slots["v"], slots["t"]
+        np.subtract(g, m, out=tmp)
+        tmp *= 1.0 - self.beta1
+        m += tmp
+        np.multiply(g, g, out=tmp)
+        tmp -= v
+        tmp *= 1.0 - self.beta2
+        v += tmp
+        t += 1.0
+        t64 = t.astype(np.float64)
+        lr_t = (lr * np.sqrt(1.0 - self.beta2 ** t64) / (1.0 - self.beta1 ** t64)).astype(np.float32)
+        np.sqrt(v, out=tmp)
+        tmp += self.epsilon
+        np.divide(m, tmp, out=tmp)
+        tmp *= lr_t
+        w -= tmp
+
+
+class FTRL(Optimizer):
+    """FTRL-Proximal, per coordinate (McMahan et al., "Ad Click Prediction: a View from the
+    Trenches", KDD 2013, Algorithm 1), with alpha = the learning rate::
+
+        sigma = (sqrt(n + g^2) - sqrt(n)) / alpha
+        z    += g - sigma * w
+        n    += g^2
+        w     = 0                                                   if |z| <= lambda1
+              = -(z - sign(z) * lambda1) / ((beta + sqrt(n)) / alpha + lambda2)   otherwise
+
+    Config: ``ftrl_l1`` (lambda1), ``ftrl_l2`` (lambda2), ``ftrl_beta`` (beta), slot ``n`` starts
+    at ``initial_accumulator`` (TensorFlow's Ftrl default 0.1; the paper's 0 is allowed), ``z`` at
+    0. TensorFlow's ``Ftrl`` (lr_power -0.5) is this with ``l2_tf = lambda2 / 2`` and beta 0.
+    The weights are a function of (z, n): a row never updated keeps its initial value, and the
+    first update of a row replaces it (a zero gradient included, which is why only sparse,
+    row-wise updates leave untouched rows as they are).
+    """
+
+    name = "ftrl"
+    slot_names = ("z", "n")
+
+    def __init__(self, cfg: OptimizerConfig):
+        super().__init__(cfg)
+        self.l1, self.l2, self.beta = float(cfg.ftrl_l1), float(cfg.ftrl_l2), float(cfg.ftrl_beta)
+        self.initial_accumulator = float(cfg.initial_accumulator)
+
+    def _slot_initial(self, name: str) -> float:
+        return self.initial_accumulator if name == "n" else 0.0
+
+    def _update(self, w, g, slots, lr, step, tmp):
+        z, n = slots["z"], slots["n"]
+        sqrt_n_old = np.sqrt(n)
+        n += g * g
+        np.sqrt(n, out=tmp)  # sqrt(n_new)
+        sigma = (tmp - sqrt_n_old) / np.float32(lr)
+        z += g - sigma * w
+        denominator = (np.float32(self.beta) + tmp) / np.float32(lr) + np.float32(self.l2)
+        shrunk = np.sign(z) * np.float32(self.l1) - z
+        np.divide(shrunk, denominator, out=tmp)
+        np.copyto(w, np.where(np.abs(z) <= self.l1, np.float32(0.0), tmp))
+
+
 OPTIMIZERS: dict[str, type[Optimizer]] = {
-    cls.name: cls for cls in (SGD, Momentum, Nesterov, Adam, RMSProp, Adagrad)
+    cls.name: cls for cls in (SGD, Momentum, Nesterov, Adam, RMSProp, Adagrad, LazyAdam, FTRL)
 }
 
 
