@@ -13,7 +13,8 @@ For each seed:
    the simulation with the same distribution, drawn from the same per-worker streams, and
    nothing else: a step takes exactly its delay.
 3. The same simulation with a step of delay + o, o the cluster's measured overhead per step
-   (M x run seconds / pushes - MS, i.e. what the real step adds to the delay on average):
+   (M x run seconds / pushes - MS, i.e. what the real step adds to the delay on average; pushes
+   per shard: with several shards the histogram counts every push once per shard):
    per-worker traces of o + draws of the distribution (`compute: {kind: trace}`).
 
 Prints, per seed and pooled, the mean staleness of each and the total-variation distance
@@ -81,7 +82,7 @@ def main() -> int:
         cli("train", args.config, f"run_dir={sdir}", f"seed={seed}",
             f"staleness.simulate={{workers: {m}, compute: {dist}}}", *common)
         hs, _ = histogram(sdir)
-        pushes = sum(hl.values())
+        pushes = sum(hl.values()) // rl["config"]["cluster"]["ps"]  # each shard records every push
         overhead_ms = max(0.0, 1000.0 * m * rl["seconds"] / pushes - ms)
         rng = np.random.default_rng([seed, 0x0FF5E7])
         from asyncps.config import DelayConfig
