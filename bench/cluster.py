@@ -1,7 +1,11 @@
 """Cluster throughput next to single-process training, side by side in one run.
 
     python bench/cluster.py [--steps 1500] [--reps 3] [--workers 2] [--shards 1] [--config configs/mnist_mlp.yaml]
-                            [--variant cluster.prefetch=true ...] [--eval-every N] [--plot FILE.png]
+                            [--transport grpc,shm] [--variant cluster.prefetch=true ...] [--eval-every N]
+                            [--plot FILE.png]
+
+`--transport grpc,shm` runs every launch once per transport (``cluster.transport=...``, in the
+same interleaving): gRPC and the same-host shared-memory data plane side by side in one run.
 
 Each repetition runs `asyncps train` and then `asyncps launch` (for every workers x shards pair)
 on the same config, interleaved so machine noise hits all of them alike, and prints medians.
@@ -176,6 +180,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workers", default="2", help="comma-separated worker counts")
     parser.add_argument("--shards", default="1", help="comma-separated shard counts")
+    parser.add_argument("--transport", default="",
+                        help="comma-separated cluster.transport values (grpc, shm, auto): each launch once per "
+                             "transport; empty: the config's")
     parser.add_argument("--variant", action="append", default=[], help="overrides for extra launches, e.g. cluster.prefetch=true")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="evaluate every N steps (the target is only checked at evaluations; 0: final only)")
@@ -183,11 +190,14 @@ def main() -> None:
     args = parser.parse_args()
     shapes = [(int(w), int(s)) for s in args.shards.split(",") for w in args.workers.split(",")]
     rates: dict[str, list[float]] = {"train": []}
+    transports = [f"cluster.transport={t}" for t in args.transport.split(",") if t] or [""]
+    variants = [" ".join(x for x in (t, v) if x) for v in [""] + args.variant for t in transports]
+    args.plot_variant = variants[0]
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             rates["train"].append(single_process_rate(args.config, args.steps, Path(tmp, f"train{rep}"),
                                                        args.eval_every))
-            for v, variant in enumerate([""] + args.variant):
+            for v, variant in enumerate(variants):
                 for w, s in shapes:
                     key = f"launch w={w} ps={s}" + (f" {variant}" if variant else "")
                     run_dir = Path(tmp, f"launch{rep}-{w}-{s}-{v}")
@@ -241,7 +251,8 @@ def _plot(path: str, rates: dict[str, list[float]], base: float, args: argparse.
     workers = [int(w) for w in args.workers.split(",")]
     fig, ax = plt.subplots(figsize=(6, 4))
     for s in [int(s) for s in args.shards.split(",")]:
-        ys = [statistics.median(rates[f"launch w={w} ps={s}"]) for w in workers]
+        suffix = f" {args.plot_variant}" if args.plot_variant else ""
+        ys = [statistics.median(rates[f"launch w={w} ps={s}{suffix}"]) for w in workers]
         ax.plot(workers, ys, marker="o", label=f"launch, {s} shard{'s' if s > 1 else ''}")
     ax.axhline(base, color="black", linestyle="--", label="train (single process)")
     ax.set_xscale("log", base=2)
