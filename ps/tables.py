@@ -1,0 +1,215 @@
+"""Embedding tables keyed by 64-bit ids: rows created on first touch, row-wise pull and push,
+per-row slots, versions and staleness, bounded capacity with eviction.
+
+A dense variable has a fixed shape; a table maps any 64-bit id (a hashed feature value) to a row
+of `dim` floats, so the model can be far larger than what one step touches. This module is the
+shard-side store, pure numpy like the rest of ps/: the transport sends ids and rows, the store
+answers with rows and their versions and applies row gradients through the shard's optimizer
+(`apply_sparse`, which updates only the given rows of the value and of every slot: Adagrad, FTRL,
+lazy Adam keep per-row state that is created with the row).
+
+- Deterministic rows: a new row's values are a pure function of (seed, table name, id, column)
+  (a SplitMix64 hash mapped to uniform(-scale, scale)), so every shard, restart and replay makes
+  the same row, whatever the order ids arrive in.
+- Versions: each row counts the updates applied to it. A push carries, per row, the version the
+  worker read; the row's staleness is its version when applied minus that. The histogram is kept
+  per row-frequency bucket (log2 of the row's update count: hot rows vs cold rows), which no
+  parameter server reports.
+- Capacity (optional): at most `capacity` rows; a new row beyond it evicts the least recently used
+  (`lru`) or least frequently updated (`lfu`) row, counted. An evicted id that comes back is a new
+  row (deterministic initial values, fresh slots, version 0).
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from asyncps.ps.errors import InvalidArgument
+
+_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+FREQUENCY_BUCKETS = 16  # row-frequency buckets: updates in [2^k, 2^(k+1)), the last open-ended
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer, vectorized over uint64 (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
+        return x ^ (x >> np.uint64(31))
+
+
+def initial_rows(seed: int, table: str, ids: np.ndarray, dim: int, scale: float) -> np.ndarray:
+    """The first values of rows `ids`: uniform(-scale, scale), a pure function of (seed, table,
+    id, column). float32, shape (len(ids), dim)."""
+    key = np.uint64((int(seed) * 0x100000001B3 + zlib.crc32(table.encode())) & 0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        x = _splitmix64(ids.astype(np.uint64)[:, None] ^ key)
+        x = _splitmix64(x + np.arange(dim, dtype=np.uint64)[None, :])
+    unit = (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))  # [0, 1) from the top 53 bits
+    return ((2.0 * unit - 1.0) * scale).astype(np.float32)
+
+
+def frequency_bucket(updates: np.ndarray) -> np.ndarray:
+    """Bucket k holds rows with 2^k <= updates < 2^(k+1) (bucket 0: 0 or 1 update so far)."""
+    return np.minimum(np.floor(np.log2(np.maximum(updates, 1))).astype(np.int64), FREQUENCY_BUCKETS - 1)
+
+
+class EmbeddingTable:
+    """One table's rows on one shard (see the module docstring). Not thread-safe: the shard's
+    lock guards it, like every other variable."""
+
+    def __init__(self, name: str, dim: int, seed: int, optimizer, init_scale: float = 0.05,
+                 capacity: int | None = None, eviction: str = "lru", initial_rows_reserved: int = 1024):
+        if dim < 1:
+            raise InvalidArgument(f"table {name!r}: dim must be at least 1, got {dim}")
+        if eviction not in ("lru", "lfu"):
+            raise InvalidArgument(f"table {name!r}: eviction must be lru or lfu, got {eviction!r}")
+        self.name, self.dim, self.seed, self.scale = name, dim, seed, float(init_scale)
+        self.optimizer = optimizer
+        self.capacity, self.eviction = capacity, eviction
+        n = max(1, min(initial_rows_reserved, capacity or initial_rows_reserved))
+        self.values = np.zeros((n, dim), np.float32)
+        self.slots: dict[str, np.ndarray] = optimizer.init_slots(self.values)
+        self._slot0 = {k: v[0].copy() for k, v in optimizer.init_slots(np.zeros((1, dim), np.float32)).items()}
+        self.versions = np.zeros(n, np.int64)  # updates applied to each row
+        self.last_used = np.zeros(n, np.int64)  # tick of the last pull or push touching the row
+        self.ids = np.zeros(n, np.int64)  # the id each slot of storage holds
+        self.index: dict[int, int] = {}  # id -> row of storage
+        self.free: list[int] = []
+        self.size = 0  # rows of storage used (live or freed)
+        self.tick = 0
+        self.updates = 0  # pushes applied to the table (the optimizer's step)
+        self.evicted = 0
+        self.created = 0
+        self.staleness = np.zeros((FREQUENCY_BUCKETS, 64), np.int64)  # [frequency bucket, staleness]
+
+    @property
+    def rows(self) -> int:
+        """Live rows."""
+        return len(self.index)
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + sum(s.nbytes for s in self.slots.values())
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def _grow(self, need: int) -> None:
+        n = len(self.values)
+        if need <= n:
+            return
+        new = max(need, 2 * n)
+        if self.capacity is not None:
+            new = min(new, self.capacity)
+
+        def widen(a, fill=0):
+            out = np.full((new,) + a.shape[1:], fill, a.dtype)
+            out[:n] = a
+            return out
+
+        self.values = widen(self.values)
+        self.slots = {k: widen(v) for k, v in self.slots.items()}
+        self.versions, self.last_used, self.ids = widen(self.versions), widen(self.last_used), widen(self.ids)
+
+    def _victim(self, protected: set[int]) -> int:
+        """The storage row to evict: least recently used or least frequently updated (ties: the
+        older), never one of the rows the current call needs."""
+        live = np.fromiter(self.index.values(), np.int64, len(self.index))
+        live = live[~np.isin(live, np.fromiter(protected, np.int64, len(protected)))]
+        if not len(live):
+            raise InvalidArgument(f"table {self.name!r}: one call touches more ids than its capacity "
+                                  f"({self.capacity})")
+        if self.eviction == "lfu":
+            order = np.lexsort((self.last_used[live], self.versions[live]))
+        else:
+            order = np.argsort(self.last_used[live], kind="stable")
+        return int(live[order[0]])
+
+    def lookup(self, ids: np.ndarray, create: bool = True) -> np.ndarray:
+        """Storage rows of `ids` (int64, any order, duplicates allowed), creating missing rows."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.tick += 1
+        out = np.empty(len(ids), np.int64)
+        missing: list[int] = []
+        for k, i in enumerate(ids.tolist()):
+            r = self.index.get(i)
+            if r is None:
+                missing.append(k)
+            else:
+                out[k] = r
+        if missing:
+            if not create:
+                raise InvalidArgument(f"table {self.name!r}: {len(missing)} ids have no row")
+            self._create(ids, missing, out)
+        self.last_used[out] = self.tick
+        return out
+
+    def _create(self, ids: np.ndarray, missing: list[int], out: np.ndarray) -> None:
+        new_ids = list(dict.fromkeys(ids[missing].tolist()))  # unique, in order of arrival
+        protected = {int(out[k]) for k in range(len(ids)) if k not in set(missing)}
+        made: dict[int, int] = {}
+        for i in new_ids:
+            if self.free:
+                r = self.free.pop()
+            elif self.capacity is None or self.size < self.capacity:
+                self._grow(self.size + 1)
+                r, self.size = self.size, self.size + 1
+            else:
+                r = self._victim(protected | set(made.values()))
+                del self.index[int(self.ids[r])]
+                self.evicted += 1
+            self.index[i] = made[i] = r
+            self.ids[r] = i
+        rows = np.fromiter(made.values(), np.int64, len(made))
+        self.values[rows] = initial_rows(self.seed, self.name, np.fromiter(made, np.int64, len(made)), self.dim,
+                                         self.scale)
+        for name, slot in self.slots.items():
+            slot[rows] = self._slot0[name]
+        self.versions[rows] = 0
+        self.created += len(made)
+        for k in missing:
+            out[k] = made[int(ids[k])]
+
+    # -- pull and push ----------------------------------------------------------------------------
+
+    def pull(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(copies of the rows of `ids`, their versions), rows created on first touch."""
+        rows = self.lookup(ids)
+        return self.values[rows].copy(), self.versions[rows].copy()
+
+    def push(self, ids: np.ndarray, grads: np.ndarray, read_versions: np.ndarray, lr: float) -> np.ndarray:
+        """Applies row gradients (duplicate ids are summed first); returns each unique id's
+        staleness (its version now minus the version read), recorded per frequency bucket."""
+        ids = np.asarray(ids, dtype=np.int64)
+        grads = np.asarray(grads, dtype=np.float32)
+        read_versions = np.asarray(read_versions, dtype=np.int64)
+        if grads.shape != (len(ids), self.dim) or read_versions.shape != (len(ids),):
+            raise InvalidArgument(f"table {self.name!r}: {len(ids)} ids need gradients of shape "
+                                  f"({len(ids)}, {self.dim}) and as many read versions, got {grads.shape} "
+                                  f"and {read_versions.shape}")
+        if not np.isfinite(grads).all():
+            raise InvalidArgument(f"table {self.name!r}: non-finite gradient values (NaN or Inf)")
+        unique, inverse = np.unique(ids, return_inverse=True)
+        summed = np.zeros((len(unique), self.dim), np.float32)
+        np.add.at(summed, inverse, grads)
+        read = np.zeros(len(unique), np.int64)
+        np.maximum.at(read, inverse, read_versions)  # a duplicated id: the newest read of it
+        rows = self.lookup(unique)
+        staleness = self.versions[rows] - read
+        if (staleness < 0).any():
+            raise InvalidArgument(f"table {self.name!r}: a read version is ahead of its row (restored since?)")
+        np.add.at(self.staleness, (frequency_bucket(self.versions[rows]), np.minimum(staleness, 63)), 1)
+        self.optimizer.apply_sparse(self.values, rows, summed, self.slots, lr, self.updates)
+        self.versions[rows] += 1
+        self.updates += 1
+        return staleness
+
+    def stats(self) -> Mapping:
+        """Rows, bytes, creations, evictions and the staleness histogram by frequency bucket."""
+        by_bucket = {int(b): {int(s): int(c) for s, c in enumerate(row) if c}
+                     for b, row in enumerate(self.staleness) if row.any()}
+        return {"rows": self.rows, "bytes": self.nbytes, "created": self.created, "evicted": self.evicted,
+                "updates": self.updates, "staleness_by_frequency": by_bucket}

@@ -1,0 +1,95 @@
+"""Embedding tables keyed by 64-bit ids (ps/tables.py): deterministic rows made on first touch,
+row-wise pull and push, per-row versions and staleness by row frequency, capacity and eviction,
+and the same training as a dense variable where the optimizer leaves untouched rows alone."""
+import numpy as np
+import pytest
+
+from asyncps.config import OptimizerConfig
+from asyncps.ps.errors import InvalidArgument
+from asyncps.ps.optim.optimizers import make_optimizer
+from asyncps.ps.tables import EmbeddingTable, frequency_bucket, initial_rows
+
+BIG = np.array([2**63 - 1, -(2**63), 0, 123456789012345], np.int64)
+
+
+def table(name="t", dim=4, optimizer="sgd", **kw) -> EmbeddingTable:
+    return EmbeddingTable(name, dim, seed=7, optimizer=make_optimizer(OptimizerConfig(name=optimizer)), **kw)
+
+
+def test_rows_are_a_pure_function_of_seed_table_and_id():
+    a, b = table(), table()
+    va, _ = a.pull(BIG)
+    vb, _ = b.pull(BIG[::-1])  # another order, another store: the same rows
+    np.testing.assert_array_equal(va, vb[::-1])
+    np.testing.assert_array_equal(va, initial_rows(7, "t", BIG, 4, 0.05))
+    assert np.abs(va).max() <= 0.05 and len(np.unique(va)) == va.size
+    assert not np.array_equal(va, table(name="u").pull(BIG)[0])  # another table, other rows
+
+
+def test_push_updates_only_its_rows_and_records_per_row_staleness():
+    t = table()
+    ids = np.array([5, 9, 11], np.int64)
+    before, versions = t.pull(ids)
+    assert versions.tolist() == [0, 0, 0] and t.rows == 3
+    t.push(np.array([5, 5, 9]), np.ones((3, 4), np.float32), np.zeros(3, np.int64), lr=0.5)  # 5 twice: summed
+    after, versions = t.pull(ids)
+    np.testing.assert_allclose(after[0], before[0] - 0.5 * 2)
+    np.testing.assert_allclose(after[1], before[1] - 0.5)
+    np.testing.assert_array_equal(after[2], before[2])
+    assert versions.tolist() == [1, 1, 0]
+    staleness = t.push(np.array([5, 11]), np.ones((2, 4), np.float32), np.array([0, 0]), lr=0.5)
+    assert staleness.tolist() == [1, 0]  # row 5 was updated once since it was read at version 0
+    assert t.stats()["staleness_by_frequency"] == {0: {0: 3, 1: 1}}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "ftrl"])
+def test_a_table_trains_like_a_dense_variable_of_the_same_rows(name):
+    """Row-wise pushes equal dense updates with zero gradients elsewhere, bit for bit (FTRL: once
+    every row has been updated, since its weights are a function of its slots)."""
+    rng = np.random.default_rng(0)
+    vocab, dim = 8, 3
+    t = table(dim=dim, optimizer=name)
+    dense = initial_rows(7, "t", np.arange(vocab, dtype=np.int64), dim, 0.05)
+    opt = make_optimizer(OptimizerConfig(name=name))
+    slots = opt.init_slots(dense)
+    t.pull(np.arange(vocab))
+    steps = [np.arange(vocab)] if name == "ftrl" else []
+    steps += [rng.choice(vocab, size=3, replace=False) for _ in range(6)]
+    for step, ids in enumerate(steps):
+        g = rng.standard_normal((len(ids), dim)).astype(np.float32)
+        t.push(ids, g, t.pull(ids)[1], lr=0.1)
+        full = np.zeros_like(dense)
+        full[ids] = g
+        opt.apply_dense(dense, full, slots, 0.1, step)
+    np.testing.assert_array_equal(t.pull(np.arange(vocab))[0], dense)
+
+
+@pytest.mark.parametrize("eviction, evicted", [("lru", 1), ("lfu", 2)])
+def test_capacity_evicts_the_least_recently_or_frequently_used_row(eviction, evicted):
+    t = table(capacity=3, eviction=eviction)
+    t.pull(np.array([1, 2, 3]))
+    t.push(np.array([1]), np.ones((1, 4), np.float32), np.array([0]), lr=0.1)  # 1: updated, not recent
+    t.pull(np.array([2]))
+    t.pull(np.array([3]))
+    t.push(np.array([3]), np.ones((1, 4), np.float32), np.array([0]), lr=0.1)
+    t.pull(np.array([4]))  # a fourth row: one must go
+    assert t.rows == 3 and t.evicted == 1 and evicted not in t.index and 4 in t.index
+    row, version = t.pull(np.array([evicted]))  # it comes back new: initial values, version 0
+    np.testing.assert_array_equal(row, initial_rows(7, "t", np.array([evicted]), 4, 0.05))
+    assert version.tolist() == [0] and t.evicted == 2
+
+
+def test_bad_pushes_are_refused_and_change_nothing():
+    t = table()
+    values, _ = t.pull(np.array([1, 2]))
+    with pytest.raises(InvalidArgument, match="gradients of shape"):
+        t.push(np.array([1, 2]), np.ones((2, 5), np.float32), np.zeros(2, np.int64), lr=0.1)
+    with pytest.raises(InvalidArgument, match="non-finite"):
+        t.push(np.array([1, 2]), np.full((2, 4), np.nan, np.float32), np.zeros(2, np.int64), lr=0.1)
+    with pytest.raises(InvalidArgument, match="ahead of its row"):
+        t.push(np.array([1]), np.ones((1, 4), np.float32), np.array([3]), lr=0.1)
+    np.testing.assert_array_equal(t.pull(np.array([1, 2]))[0], values)
+
+
+def test_frequency_buckets_are_powers_of_two():
+    assert frequency_bucket(np.array([0, 1, 2, 3, 4, 7, 8, 1 << 40])).tolist() == [0, 0, 1, 1, 2, 2, 3, 15]
