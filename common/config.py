@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import reprlib
+import select
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from asyncps.errors import ConfigError
 # What a config may be (issue 12): a few KB in practice; the limits keep a hostile or mistaken file
 # (a 50 MB YAML, /dev/zero, a binary, 200,000 nested lists, an alias bomb) to one line and well under
 # a second. They apply to the file, to each key=value override and to RUN_DIR/config.yaml alike.
+PIPE_SECONDS = 5.0  # a config read from a pipe: the longest wait for data
 MAX_CONFIG_BYTES = 512 << 10  # a file (or one override) larger than 512 KiB is refused unread (~1 s to parse)
 MAX_DEPTH = 32  # lists and mappings nested deeper (the schema itself is 4 deep)
 MAX_VALUES = 200_000  # YAML nodes after expanding aliases (a 10,001-entry histogram is ~20,000)
@@ -401,8 +405,7 @@ def load_yaml_file(path: str | Path):
 def _read_text(path: Path) -> str:
     """The file as text: at most MAX_CONFIG_BYTES (never reads more, so /dev/zero ends), UTF-8."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        data = _read_at_most(path, MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     if len(data) > MAX_CONFIG_BYTES:
@@ -412,6 +415,31 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
                           "a config is a YAML file") from None
+
+
+def _read_at_most(path: Path, limit: int, pipe_seconds: float = PIPE_SECONDS) -> bytes:
+    """Up to `limit` bytes. Opened without blocking, so a named pipe with no writer cannot hang
+    the command: a pipe (`cat run.yaml | asyncps train /dev/stdin`) is read until EOF, the limit,
+    or `pipe_seconds` without data (then a one-line error)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.set_blocking(fd, True)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                return f.read(limit)
+        chunks, size = [], 0
+        while size < limit:
+            ready, _, _ = select.select([fd], [], [], pipe_seconds)
+            if not ready:
+                raise ConfigError(f"{path}: a pipe that sent nothing for {pipe_seconds:g} s (no writer?)")
+            chunk = os.read(fd, min(65536, limit - size))
+            if not chunk:  # EOF (also: a pipe whose writer has gone)
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class _Refused(ComposerError):

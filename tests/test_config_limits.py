@@ -351,3 +351,15 @@ def test_a_merge_key_bomb_is_refused(tmp_path):
     path = tmp_path / "merge.yaml"
     path.write_text("\n".join(lines) + "\n")
     assert "alias" in config_error(load_config, path)
+
+
+def test_a_named_pipe_without_a_writer_is_one_error_not_a_hang(tmp_path):
+    """(The command waits PIPE_SECONDS; here the wait is shortened.)"""
+    import os
+
+    from asyncps import config as config_module
+
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(config_module.ConfigError, match="a pipe that sent nothing"):
+        config_module._read_at_most(fifo, 1024, pipe_seconds=0.2)
