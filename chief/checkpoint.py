@@ -418,6 +418,14 @@ def config_mismatches(manifest: dict, config: dict) -> list[str]:
         old, new = _lookup(saved, key), _lookup(plain, key)
         if old is not _MISSING and new is not _MISSING and old != new:
             out.append(f"{key} {old!r} -> {new!r}")
+    model = _lookup(plain, "model.name")
+    if isinstance(model, str) and ":" in model and isinstance(saved.get("model"), dict):
+        # a user's model (module:attr): its options shape its variables, so all of them must match
+        old_model, new_model = saved["model"], plain.get("model", {})
+        for key in sorted(set(old_model) | set(new_model)):
+            if key != "name" and old_model.get(key, _MISSING) != new_model.get(key, _MISSING):
+                out.append(f"model.{key} {old_model.get(key, '(unset)')!r} -> {new_model.get(key, '(unset)')!r} "
+                           f"(an option of the user model {model})")
     name = _lookup(plain, "optimizer.name")
     names = {e.get("optimizer") for e in manifest.get("shards", []) if isinstance(e, dict)} - {"", None}
     if names and names != {name} and not any(k.startswith("optimizer.name ") for k in out):

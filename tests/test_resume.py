@@ -485,3 +485,14 @@ def test_keys_that_may_change(tmp_path):
                          "cluster.workers=4", "cluster.ps=3", "cluster.restart_policy.chief=on_failure",
                          "telemetry.every_seconds=1", "train.batch_size=8", "checkpoint.every_steps=50")
     assert cfg.train.max_steps == 9000 and cfg.cluster.ps == 3
+
+
+def test_resume_of_a_user_model_compares_all_its_options():
+    from asyncps.chief.checkpoint import config_mismatches
+
+    saved = {"config": {"model": {"name": "my_model.model:ResidualMLP", "width": 64, "blocks": 2}}}
+    same = {"model": {"name": "my_model.model:ResidualMLP", "width": 64, "blocks": 2}}
+    wider = {"model": {"name": "my_model.model:ResidualMLP", "width": 128, "blocks": 2}}
+    assert config_mismatches(saved, same) == []
+    (problem,) = config_mismatches(saved, wider)
+    assert problem.startswith("model.width 64 -> 128")
