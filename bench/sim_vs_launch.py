@@ -2,7 +2,10 @@
 
     python bench/sim_vs_launch.py [--config configs/linear_regression.yaml] [--workers 2]
                                   [--kind exponential] [--mean-ms 20] [--steps 600] [--seeds 0,1,2]
-                                  [--out DIR]
+                                  [--mode async|ssp|sync|softsync] [--n N] [--out DIR]
+
+`--mode` (with `--n` for softsync, `--bound` for ssp) runs the cluster in that `cluster.mode` and
+the simulation in the same `staleness.simulate.mode`.
 
 For each seed:
 
@@ -66,21 +69,26 @@ def main() -> int:
     ap.add_argument("--mean-ms", type=float, default=20.0)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--mode", default="async", choices=["async", "ssp", "sync", "softsync"])
+    ap.add_argument("--n", type=int, default=1, help="softsync: n (c = workers // n)")
+    ap.add_argument("--bound", type=int, default=2, help="ssp: staleness bound")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="sim_vs_launch-"))
     m, ms = args.workers, args.mean_ms
     common = [f"train.max_steps={args.steps}", "train.eval_every=0", "telemetry.every_seconds=0"]
+    cluster_mode = [f"cluster.mode={args.mode}", f"cluster.softsync_n={args.n}", f"cluster.staleness_bound={args.bound}"]
+    sim_mode = f"mode: {args.mode}, n: {args.n}, staleness_bound: {args.bound}"
     pooled = {"launch": {}, "sim": {}, "sim+o": {}}
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         dist = f"{{kind: {args.kind}, mean_ms: {ms}}}"
         ldir, sdir, odir = out / f"launch{seed}", out / f"sim{seed}", out / f"simo{seed}"
         cli("launch", args.config, f"run_dir={ldir}", f"seed={seed}", f"cluster.workers={m}",
-            f"delay.kind={args.kind}", f"delay.mean_ms={ms}", *common)
+            f"delay.kind={args.kind}", f"delay.mean_ms={ms}", *cluster_mode, *common)
         hl, rl = histogram(ldir)
         cli("train", args.config, f"run_dir={sdir}", f"seed={seed}",
-            f"staleness.simulate={{workers: {m}, compute: {dist}}}", *common)
+            f"staleness.simulate={{workers: {m}, {sim_mode}, compute: {dist}}}", *common)
         hs, _ = histogram(sdir)
         pushes = sum(hl.values()) // rl["config"]["cluster"]["ps"]  # each shard records every push
         overhead_ms = max(0.0, 1000.0 * m * rl["seconds"] / pushes - ms)
@@ -92,7 +100,7 @@ def main() -> int:
         trace.write_text(json.dumps([[(overhead_ms + d.draw_ms(rng)) / 1000.0 for _ in range(args.steps * 2)]
                                      for _ in range(m)]))
         cli("train", args.config, f"run_dir={odir}", f"seed={seed}",
-            f"staleness.simulate={{workers: {m}, compute: {{kind: trace, trace: {trace}}}}}", *common)
+            f"staleness.simulate={{workers: {m}, {sim_mode}, compute: {{kind: trace, trace: {trace}}}}}", *common)
         ho, _ = histogram(odir)
         for name, h in (("launch", hl), ("sim", hs), ("sim+o", ho)):
             for k, v in h.items():
