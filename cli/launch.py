@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     take_misplaced_override(args)
     cfg = config_from_args(args)
     preflight(cfg)  # a user's model.name / data.name (module:attr): one line now, not one per process
+    refuse_train_only(cfg)
     if args.resume:
         prepare_resume(cfg, args.resume)
     if args.dry_run:
@@ -74,6 +75,17 @@ def run(args: argparse.Namespace) -> int:
         for line in summary_lines(report, logs=logs_hint(cfg.run_dir)):
             print(line)
     return code
+
+
+def refuse_train_only(cfg: Config) -> None:
+    """Keys that only `asyncps train` runs (a simulated cluster, W workers per clock) would be
+    ignored by a real cluster: refused in one line instead."""
+    if cfg.staleness.simulate is not None:
+        raise UserError("staleness.simulate simulates a cluster inside `asyncps train`; a launched cluster is "
+                        "real: drop the key, or run `asyncps train`")
+    if cfg.staleness.workers > 1:
+        raise UserError(f"staleness.workers={cfg.staleness.workers} (W workers per clock) runs in `asyncps train` "
+                        "only; a launched cluster has cluster.workers real workers")
 
 
 def take_misplaced_override(args: argparse.Namespace) -> None:

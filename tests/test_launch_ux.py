@@ -147,3 +147,10 @@ def test_resume_of_something_that_is_no_run_is_one_line(tmp_path):
         proc = asyncps("launch", LINEAR, "--resume", target, timeout=60)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
         assert why in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["staleness.simulate.workers=8", "staleness.workers=4"])
+def test_train_only_staleness_keys_are_refused_by_launch(override, tmp_path):
+    extra = ["staleness.controlled=true"] if override.startswith("staleness.workers") else []
+    proc = asyncps("launch", LINEAR, override, *extra, f"run_dir={tmp_path / 'r'}", timeout=60)
+    assert proc.returncode == 2 and "asyncps train" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
