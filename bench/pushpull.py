@@ -1,7 +1,7 @@
 """One worker's round trip, isolated: PSClient.push_pull of MNIST-MLP-sized gradients to a shard.
 
     python bench/pushpull.py [--calls 2000] [--clients 1] [--shards 1] [--reps 3] [--profile OUT]
-                             [--compression none fp16 bf16]
+                             [--compression none fp16 bf16] [--transport grpc shm]
 
 A shard server (SGD, async; one process per shard, spawned) and `--clients` client processes
 that each call `push_pull` in a loop with the gradients of the 784-256-256-10 MLP (6 tensors,
@@ -11,6 +11,8 @@ whole process, gRPC threads included). On a 2-core machine the CPU milliseconds 
 cluster pays per step on top of the model's own math; the wall time bounds one worker's rate.
 `--compression raw` measures the floor instead: a bare gRPC unary call carrying the same number of
 bytes each way (identity serializers, prebuilt buffers, no work at either end).
+`--transport grpc shm`: the client's cluster.transport (default grpc), each setting interleaved
+with the others; shm moves the tensors through the shared-memory segment (common/shm.py).
 `--profile OUT` writes a cProfile of client 0 (and OUT.ps<i>, a yappi CPU profile of every thread
 of each shard) for the last rep.
 """
@@ -111,7 +113,8 @@ def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str |
 
     cfg = Config()
     cfg.cluster.ps, cfg.cluster.workers = len(ports), 2
-    cfg.cluster.compression = compression
+    compression, _, transport = compression.partition("@")
+    cfg.cluster.compression, cfg.cluster.transport = compression, transport or "grpc"
     rng = np.random.default_rng(worker)
     params = {n: rng.standard_normal(s).astype(np.float32) * 0.01 for n, s in MLP_SHAPES.items()}
     grads = {n: (rng.standard_normal(s) * 1e-6).astype(np.float32) for n, s in MLP_SHAPES.items()}
@@ -239,20 +242,23 @@ def main(argv=None) -> int:
                              "raw: the floor, a bare gRPC unary call with the same bytes each way and no work")
     parser.add_argument("--step-costs", action="store_true",
                         help="also print the CPU ms per step of the MLP gradient and of compressing it")
+    parser.add_argument("--transport", nargs="+", default=["grpc"], choices=["grpc", "shm", "auto"],
+                        help="cluster.transport of the client; several: interleaved")
     args = parser.parse_args(argv)
+    settings = list(dict.fromkeys(k if k == "raw" else f"{k}@{t}" for k in args.compression for t in args.transport))
     if args.step_costs:
         costs = [step_costs() for _ in range(args.reps)]
         print("per step, CPU ms (medians): " + ", ".join(
             f"{k} {statistics.median(c[k] for c in costs):.2f}" for k in costs[0]))
     rows: dict[str, list[dict]] = {}
     for rep in range(args.reps):  # interleaved: rep 1 of every setting, then rep 2, ...
-        for kind in args.compression:
+        for kind in settings:
             rows.setdefault(kind, []).extend(run(args.calls, args.clients, args.shards, 1, args.profile,
                                                  args.unary_bytes, kind))
     print(f"push_pull MLP 1.08 MB, {args.clients} client(s), {args.shards} shard(s), {args.calls} calls x {args.reps} reps (medians)")
     for kind, kind_rows in rows.items():
         med = {k: statistics.median(r[k] for r in kind_rows) for k in kind_rows[0]}
-        print(f"  compression {kind:>4}: total calls/s {med['calls_per_s']:.0f}   wall/call {med['wall_ms']:.2f} ms   "
+        print(f"  compression@transport {kind:>9}: total calls/s {med['calls_per_s']:.0f}   wall/call {med['wall_ms']:.2f} ms   "
               f"client CPU/call {med['client_cpu_ms']:.2f} ms   shard CPU/call {med['ps_cpu_ms']:.2f} ms")
     return 0
 

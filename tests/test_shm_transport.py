@@ -58,8 +58,8 @@ def _grads(i: int, sparse: bool = True) -> dict:
 class Cluster:
     """`shards` in-process shard servers and one client."""
 
-    def __init__(self, shards: int, transport: str, **cluster):
-        self.cfg = _cfg(shards, transport, **cluster)
+    def __init__(self, shards: int, transport: str, cfg: Config | None = None, **cluster):
+        self.cfg = cfg or _cfg(shards, transport, **cluster)
         self.servers = [ShardServer(self.cfg, i) for i in range(shards)]
         self.addresses = [f"127.0.0.1:{s.start()}" for s in self.servers]
         self.placement = place({n: (a.shape, a.dtype) for n, a in PARAMS.items()}, shards, split_bytes=4096)
@@ -128,15 +128,10 @@ def test_compressed_pushes_over_shm(compression, prefix_clean):
 def test_controlled_staleness_age_over_shm(prefix_clean):
     out = {}
     for transport in ("grpc", "shm"):
-        c = Cluster(1, transport, **{})
-        c.close()
         cfg = _cfg(1, transport)
         cfg.staleness.controlled, cfg.staleness.s = True, 3  # the shards keep 3 past versions
-        c.cfg, c.servers = cfg, [ShardServer(cfg, 0)]
-        c.addresses = [f"127.0.0.1:{c.servers[0].start()}"]
-        c.client = c.new_client()
+        c = Cluster(1, transport, cfg)
         try:
-            c.client.init(PARAMS)
             c.client.register(0)
             params, versions = c.client.pull(worker=0)
             got = []
@@ -197,6 +192,25 @@ def test_wrong_nonce_falls_back_with_auto_and_fails_with_shm(monkeypatch, caplog
         finally:
             strict.close()
         assert [s.shm.stats()["shm_segments"] for s in c.servers] == [0, 0]  # refused segments dropped
+    finally:
+        c.close()
+
+
+def test_proof_is_tied_to_the_job_token(monkeypatch, prefix_clean):
+    """With cluster.security's token, the proof is HMAC(token, nonce): the bare nonce (what a
+    process of the same user without the token could read) is refused."""
+    monkeypatch.setenv("ASYNCPS_SHM_TEST_TOKEN", "s3cret-token")
+    cfg = _cfg(1, "shm")
+    cfg.cluster.security.token_env = "ASYNCPS_SHM_TEST_TOKEN"
+    c = Cluster(1, "shm", cfg)
+    try:
+        c.client.register(0)
+        c.client.pull(worker=0)
+        assert c.client.shm_shards() == [True]
+        c.client._token = None  # a client that knows the nonce but not the token
+        c.client.register(0)
+        with pytest.raises(ShmUnavailable, match="PERMISSION_DENIED"):
+            c.client.pull(worker=0)
     finally:
         c.close()
 
