@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import TextIO
 
 # Rows whose `message` is printed as it arrives (the chief's own one-line notices).
-NOTICE_KINDS = ("checkpoint_refused", "checkpoint_failed", "start_barrier")
+NOTICE_KINDS = ("checkpoint_refused", "checkpoint_failed", "start_barrier", "eval_skipped")
+RATE_WINDOW = 3.0  # seconds of rows the steps/s on the live line is measured over
 
 
 class RunWatcher:
@@ -38,9 +40,10 @@ class RunWatcher:
         self.restarts = 0
         self.stopping = False
         self.started = False  # the chief's `start` row (step 0, after the start barrier)
-        self._rate_from: tuple[float, int] | None = None  # (row time, step) the rate is measured from
+        self._recent: deque[tuple[float, int]] = deque()  # (row time, step) of the last RATE_WINDOW s
         self._last_plain = clock()
         self._line_len = 0
+        self._drawn = ""  # the live line on the terminal now
 
     # -- input ----------------------------------------------------------------------------------
 
@@ -95,10 +98,15 @@ class RunWatcher:
             self.stopping = True
 
     def _advance(self, step: int, at: float | None) -> None:
+        """The global step, and steps/s over the rows of the last RATE_WINDOW seconds (the chief's
+        clock, so the launcher's own delays do not show)."""
         if at is not None and step > self.step:
-            if self._rate_from is not None and at > self._rate_from[0]:
-                self.rate = (step - self._rate_from[1]) / (at - self._rate_from[0])
-            self._rate_from = (at, step)
+            self._recent.append((at, step))
+            while len(self._recent) > 2 and at - self._recent[0][0] > RATE_WINDOW:
+                self._recent.popleft()
+            first_at, first_step = self._recent[0]
+            if at > first_at:
+                self.rate = (step - first_step) / (at - first_at)
         self.step = max(self.step, step)
 
     # -- output ---------------------------------------------------------------------------------
@@ -121,6 +129,9 @@ class RunWatcher:
     def _draw(self) -> None:
         line = self.status()
         if self.tty:
+            if line == self._drawn:
+                return
+            self._drawn = line
             self.stream.write("\r" + line.ljust(self._line_len))
             self._line_len = len(line)
             self.stream.flush()
@@ -133,7 +144,7 @@ class RunWatcher:
         """One line for something that happened, above the live line."""
         if self.tty and self._line_len:
             self.stream.write("\r" + " " * self._line_len + "\r")
-            self._line_len = 0
+            self._line_len, self._drawn = 0, ""
         self.stream.write(f"asyncps launch: {message}\n")
         self.stream.flush()
 
