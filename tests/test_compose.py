@@ -234,19 +234,23 @@ def docker_unavailable() -> str | None:
     return None
 
 
-def docker_test(test):
-    """Slow, and allowed the time an image build takes; skipped (saying why) by `docker`."""
-    return pytest.mark.slow(pytest.mark.timeout(DOCKER_TEST_TIMEOUT_S)(test))
-
-
-@pytest.fixture(scope="module")
-def docker() -> None:
-    """Skips every Docker test where they cannot run, with one line (one place: pytest -ra
-    folds the four into one) saying why. Asked once, when a Docker test is about to run (not
-    at collection, so `-m "not slow"` never calls docker)."""
+def skip_without_docker() -> None:
+    """Skips the calling test where the Docker tests cannot run, with one line saying why. Asked
+    when a Docker test is about to run (its image fixture, or its call), never at collection:
+    `-m "not slow"` runs no docker command."""
     why = docker_unavailable()
     if why is not None:
         pytest.skip(f"Docker tests skipped: {why}")
+
+
+def docker_test(test):
+    """Slow, allowed the time an image build takes, and skipped (saying why) without Docker."""
+    @functools.wraps(test)  # the same signature: pytest still sees the test's fixtures
+    def run(*args, **kwargs):
+        skip_without_docker()
+        return test(*args, **kwargs)
+
+    return pytest.mark.slow(pytest.mark.timeout(DOCKER_TEST_TIMEOUT_S)(run))
 
 
 def sh(*argv: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -257,8 +261,9 @@ def sh(*argv: str, timeout: float = 300, check: bool = True) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def image(docker) -> str:
+def image() -> str:
     """The image, built from this checkout (base image built only if missing)."""
+    skip_without_docker()
     sh(str(REPO / "deploy" / "build-image.sh"), IMAGE, timeout=1200)
     return IMAGE
 
