@@ -95,12 +95,11 @@ DELAY = ("delay.kind=exponential", "delay.mean_ms=3")  # real asynchrony: stale 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
-    ("cluster.prefetch=true",),
+    ("cluster.prefetch=true", "cluster.compression=bf16"),  # independent: one run for both
     ("cluster.mode=ssp", "cluster.staleness_bound=1", *DELAY),
     ("cluster.mode=sync",),
-    ("cluster.compression=bf16",),
     ("staleness.controlled=true", "staleness.distribution=uniform", "staleness.s=3"),
-], ids=["prefetch", "ssp", "sync", "bf16", "controlled"])
+], ids=["prefetch-bf16", "ssp", "sync", "controlled"])
 def test_replay_reproduces_each_mode(tmp_path, small_mnist, overrides):
     _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=200", "train.eval_every=0", f"data.path={small_mnist}",
             *overrides)

@@ -1,4 +1,7 @@
-"""`asyncps train`: the articles' examples reach their targets in one process."""
+"""`asyncps train`: the articles' examples reach their targets in one process.
+
+(The MNIST MLP to 97% is trained once in the suite, through the cluster while processes are
+killed: tests/test_faults.py. Here the same training loop takes softmax regression to 90.5%.)"""
 import numpy as np
 import pytest
 
@@ -30,13 +33,6 @@ def test_missing_idx_folder_is_named(tmp_path):
 def test_mnist_softmax_trains(tmp_path):
     run_ok("train", CONFIGS / "mnist_softmax.yaml", f"run_dir={tmp_path}")
     assert report(tmp_path)["final"]["accuracy"] >= 0.905
-
-
-@pytest.mark.slow
-def test_mnist_mlp_reaches_97_percent(tmp_path):
-    run_ok("train", CONFIGS / "mnist_mlp.yaml", f"run_dir={tmp_path}")
-    r = report(tmp_path)
-    assert r["final"]["accuracy"] >= 0.97 and r["target"]["reached"]
 
 
 @pytest.mark.slow
