@@ -25,6 +25,7 @@ import numpy as np
 
 from asyncps.cli.common_args import add_config_arguments, config_from_args
 from asyncps.cli.data import fetch_before_run
+from asyncps.cli.id_tables import make_id_tables
 from asyncps.cli.summary import summary_lines
 from asyncps.config import Config
 from asyncps.histogram import summarize
@@ -67,7 +68,8 @@ def train(cfg: Config) -> dict:
     trainable = trainable_names(params, cfg.train.frozen)
     optimizer, schedule = make_optimizer(cfg.optimizer), make_schedule(cfg.optimizer)
     slots = {n: optimizer.init_slots(params[n]) for n in trainable}
-    compute = GradientComputer(model, trainable, cfg.train.graph_mode)
+    tables = make_id_tables(cfg, model)  # id-keyed embedding tables (model.name ctr), rows per batch
+    compute = GradientComputer(model, trainable + (list(model.id_tables) if tables else []), cfg.train.graph_mode)
     stream = iter(BatchStream(len(data.x_train), cfg.train.batch_size, 0, 1, cfg.seed))
     from asyncps.cli.simulate import make_stepper  # staleness.simulate, or W workers per clock
     sim = make_stepper(cfg, data, compute, optimizer, schedule, params, slots, trainable)
@@ -85,7 +87,11 @@ def train(cfg: Config) -> dict:
                 break
             t0 = time.perf_counter()
             indices, _batch_id = next(stream)
-            if sim is not None:
+            if tables is not None:
+                loss, grads = tables.step(compute, params, data.x_train[indices], data.y_train[indices], rng,
+                                          schedule(step))
+                apply_gradients(optimizer, params, slots, grads, schedule(step), step)
+            elif sim is not None:
                 loss = sim.step(params, step)
             elif stale is None:
                 loss, grads = compute(params, data.x_train[indices], data.y_train[indices], rng)
@@ -100,13 +106,13 @@ def train(cfg: Config) -> dict:
                 log.write("train", step, loss=float(loss))
                 progress.update(step, loss=float(loss))
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-                metrics = model.evaluate(params, data.x_test, data.y_test)
+                metrics = model.evaluate({**params, **(tables.sources() if tables else {})}, data.x_test, data.y_test)
                 log.write("eval", step, **metrics)
                 if tracker.observe(step, time.perf_counter() - start, metrics) and cfg.train.target.stop:
                     break
     finally:
         progress.close()
-    final = model.evaluate(params, data.x_test, data.y_test)
+    final = model.evaluate({**params, **(tables.sources() if tables else {})}, data.x_test, data.y_test)
     elapsed = time.perf_counter() - start
     tracker.observe(step, elapsed, final)
     log.write("final", step, **final)
@@ -126,6 +132,7 @@ def train(cfg: Config) -> dict:
         },
         "staleness": summarize({0: step}) if stale is None and sim is None else (sim or stale).summary(),
         "trainable": trainable,
+        **({"tables": tables.report()} if tables else {}),
         "variables": small_variables(params),
     }
     save_params(run_dir / PARAMS_FILE, params)

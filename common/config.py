@@ -41,8 +41,8 @@ MAX_STRING = 4096  # characters of any string value (paths, names, patterns)
 INT64_MAX = 2**63 - 1
 MAX_SECONDS = 365 * 86400.0  # upper bound of every duration (sleep/wait/deadline must not overflow)
 MAX_PEERS = 1024  # cluster.ps and cluster.workers
-MODEL_NAMES = ("linear", "softmax", "mlp", "cnn", "charlm")  # built-in models (asyncps.worker.models)
-DATA_NAMES = ("mnist", "linear", "charlm", "npz", "csv")  # built-in data sets and formats (asyncps.worker.data)
+MODEL_NAMES = ("linear", "softmax", "mlp", "cnn", "charlm", "ctr")  # built-in models (asyncps.worker.models)
+DATA_NAMES = ("mnist", "linear", "charlm", "npz", "csv", "ctr")  # built-in data sets and formats (asyncps.worker.data)
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 
 
@@ -67,7 +67,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # mlp widths; charlm: [width]
     dropout: float = 0.5  # cnn: drop probability before the last dense layer
     context: int = 8  # charlm: number of previous characters seen
-    embed_dim: int = 16  # charlm: embedding width per character
+    embed_dim: int = 16  # charlm: embedding width per character; ctr: row width of the id table
     init_scale: float = 0.1  # linear/softmax initial weight scale (0 -> zeros)
     options: dict[str, Any] = field(default_factory=dict)  # import path only: the model's keyword arguments
 
@@ -89,7 +89,10 @@ class DataConfig:
     # mnist: subtract the training set's mean pixel and divide by its std (one scalar each, as
     # PyTorch's MNIST example does); a larger, centred input lets plain SGD converge faster
     standardize: bool = False
-    num_train: int = 1000  # linear: synthetic examples
+    num_train: int = 1000  # linear, ctr: synthetic training examples
+    num_test: int = 10000  # ctr: synthetic test examples
+    fields: int = 8  # ctr: categorical features per example (each a 64-bit hashed id)
+    vocab: int = 100000  # ctr: values per field (Zipf-distributed: a few hot, a long tail)
     noise: float = 0.0  # linear: std of additive noise on y = 2x
     text: str | None = None  # charlm: a text file; None -> text shipped with Python
     test_path: str | None = None  # csv: the test CSV file (same columns as `path`)
@@ -719,6 +722,9 @@ _RANGES = [
     (ModelConfig, "embed_dim", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
     (ModelConfig, "init_scale", lambda v: v >= 0, "0 or more"),
     (DataConfig, "num_train", lambda v: 1 <= v <= 100_000_000, "in [1, 100000000]"),
+    (DataConfig, "num_test", lambda v: 1 <= v <= 100_000_000, "in [1, 100000000]"),
+    (DataConfig, "fields", lambda v: 1 <= v <= 1024, "in [1, 1024]"),
+    (DataConfig, "vocab", lambda v: 1 <= v <= 100_000_000, "in [1, 100000000]"),
     (DataConfig, "noise", lambda v: v >= 0, "0 or more"),
     (ScheduleConfig, "decay_steps", lambda v: v >= 1, "at least 1"),
     (ScheduleConfig, "decay_rate", lambda v: v >= 0, "0 or more"),

@@ -21,33 +21,22 @@ lazy Adam keep per-row state that is created with the row).
 """
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping
 
 import numpy as np
 
+from asyncps.hashing import name_key, splitmix64
 from asyncps.ps.errors import InvalidArgument
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 FREQUENCY_BUCKETS = 16  # row-frequency buckets: updates in [2^k, 2^(k+1)), the last open-ended
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer, vectorized over uint64 (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK
-        return x ^ (x >> np.uint64(31))
 
 
 def initial_rows(seed: int, table: str, ids: np.ndarray, dim: int, scale: float) -> np.ndarray:
     """The first values of rows `ids`: uniform(-scale, scale), a pure function of (seed, table,
     id, column). float32, shape (len(ids), dim)."""
-    key = np.uint64((int(seed) * 0x100000001B3 + zlib.crc32(table.encode())) & 0xFFFFFFFFFFFFFFFF)
     with np.errstate(over="ignore"):
-        x = _splitmix64(ids.astype(np.uint64)[:, None] ^ key)
-        x = _splitmix64(x + np.arange(dim, dtype=np.uint64)[None, :])
+        x = splitmix64(ids.astype(np.uint64)[:, None] ^ name_key(table, seed))
+        x = splitmix64(x + np.arange(dim, dtype=np.uint64)[None, :])
     unit = (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))  # [0, 1) from the top 53 bits
     return ((2.0 * unit - 1.0) * scale).astype(np.float32)
 
@@ -179,6 +168,17 @@ class EmbeddingTable:
         """(copies of the rows of `ids`, their versions), rows created on first touch."""
         rows = self.lookup(ids)
         return self.values[rows].copy(), self.versions[rows].copy()
+
+    def peek(self, ids: np.ndarray) -> np.ndarray:
+        """The rows of `ids` as they are, or would be when created: nothing is created or touched
+        (evaluation on ids training never saw)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = initial_rows(self.seed, self.name, ids, self.dim, self.scale)
+        known = [(k, r) for k, r in enumerate(self.index.get(i) for i in ids.tolist()) if r is not None]
+        if known:
+            where, rows = (np.array(v, np.int64) for v in zip(*known))
+            out[where] = self.values[rows]
+        return out
 
     def push(self, ids: np.ndarray, grads: np.ndarray, read_versions: np.ndarray, lr: float) -> np.ndarray:
         """Applies row gradients (duplicate ids are summed first); returns each unique id's

@@ -22,6 +22,7 @@ import numpy as np
 from asyncps.config import DataConfig, is_import_path
 from asyncps.errors import UserError
 from asyncps.worker.data.formats import check_dataset, dataset_from_arrays, load_csv, load_npz
+from asyncps.worker.data.ctr import make_ctr
 from asyncps.worker.data.mnist import default_cache_dir, load_mnist, prepare_mnist
 from asyncps.worker.data.sharding import BatchId, BatchStream, shard_indices
 from asyncps.worker.data.synthetic import make_linear
@@ -83,7 +84,7 @@ def load_dataset(data_cfg: DataConfig, context: int = 8, *, seed: int = 0,
     """
     if is_import_path(data_cfg.name):
         return _user_data(data_cfg, seed=seed)
-    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm, "npz": _npz, "csv": _csv}
+    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm, "npz": _npz, "csv": _csv, "ctr": _ctr}
     return loaders[data_cfg.name](data_cfg, context=context, seed=seed, cache_dir=cache_dir)
 
 
@@ -143,6 +144,11 @@ def standardized(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _linear(cfg: DataConfig, *, seed: int, **_) -> Dataset:
     x_train, y_train, x_test, y_test = make_linear(cfg.num_train, noise=cfg.noise, seed=seed)
     return Dataset(x_train, y_train, x_test, y_test, DatasetMeta("linear", (1,), num_classes=None))
+
+
+def _ctr(cfg: DataConfig, *, seed: int, **_) -> Dataset:
+    x_train, y_train, x_test, y_test = make_ctr(cfg.num_train, cfg.num_test, cfg.fields, cfg.vocab, seed)
+    return Dataset(x_train, y_train, x_test, y_test, DatasetMeta("ctr", (cfg.fields,), num_classes=2))
 
 
 def _charlm(cfg: DataConfig, *, context: int, **_) -> Dataset:
