@@ -190,8 +190,8 @@ class Adam(Optimizer):
         super().__init__(cfg)
         self.beta1, self.beta2, self.epsilon = float(cfg.beta1), float(cfg.beta2), float(cfg.epsilon)
 
-    def _update(self, w, g, slots, lr, step, tmp):
-        m, v = slots["m"], slots["v"]
+    def _moments(self, g, m, v, tmp) -> None:
+        """m and v move toward g and g^2 (in place)."""
         np.subtract(g, m, out=tmp)
         tmp *= 1.0 - self.beta1
         m += tmp
@@ -199,6 +199,10 @@ class Adam(Optimizer):
         tmp -= v
         tmp *= 1.0 - self.beta2
         v += tmp
+
+    def _update(self, w, g, slots, lr, step, tmp):
+        m, v = slots["m"], slots["v"]
+        self._moments(g, m, v, tmp)
         t = step + 1
         lr_t = lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
         np.sqrt(v, out=tmp)
@@ -306,13 +310,7 @@ class LazyAdam(Adam):
 
     def _update(self, w, g, slots, lr, step, tmp):
         m, v, t = slots["m"], slots["v"], slots["t"]
-        np.subtract(g, m, out=tmp)
-        tmp *= 1.0 - self.beta1
-        m += tmp
-        np.multiply(g, g, out=tmp)
-        tmp -= v
-        tmp *= 1.0 - self.beta2
-        v += tmp
+        self._moments(g, m, v, tmp)
         t += 1.0
         t64 = t.astype(np.float64)
         lr_t = (lr * np.sqrt(1.0 - self.beta2 ** t64) / (1.0 - self.beta1 ** t64)).astype(np.float32)
