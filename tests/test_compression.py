@@ -252,7 +252,8 @@ def test_float16_conversions_agree_with_numpy():
         np.testing.assert_array_equal(np.abs(ours - x)[differ], np.abs(numpy - x)[differ])
 
 
-@pytest.mark.parametrize("kind", [pytest.param("fp16", marks=pytest.mark.slow), "bf16"])
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_compressed_cluster_converges_and_nothing_is_rejected(tmp_path, kind):
     """`asyncps launch` with cluster.compression: y = 2x is learned as without it, and the shards
     accept every 16-bit push."""

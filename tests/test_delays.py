@@ -79,6 +79,7 @@ def test_config_errors_name_the_key():
         load_config(CONFIGS / "linear_regression.yaml", ["delay.kind=weibull"])
 
 
+@pytest.mark.slow
 def test_straggler_pushes_are_staler_than_the_others(tmp_path):
     """Three workers with a 20 ms delay, worker 0 stretched 10x: while it computes one gradient the
     other two push many times, so its pushes are much staler than theirs. The delay is large next

@@ -236,6 +236,7 @@ def test_worker_declared_dead_while_alive_is_replaced_and_the_run_finishes(tmp_p
 # A shard dies
 
 
+@pytest.mark.slow
 def test_shard_killed_restores_every_shard_from_the_checkpoint(tmp_path, launch):
     """docs/failures.md, "A shard dies": restarted empty, every shard restored from the latest
     valid checkpoint, the failure's steps lost are what the versions show, the run finishes."""

@@ -107,6 +107,7 @@ def test_push_pull_async_matches_push_pull_and_owns_its_gradients():
             s.stop(0)
 
 
+@pytest.mark.slow
 def test_prefetching_worker_converges_with_one_version_of_staleness(tmp_path):
     """cluster.prefetch: one worker computes step t+1 while step t travels, so every push but the
     first is exactly one version stale, and the shards say so."""
