@@ -59,6 +59,9 @@ def dtype_of(name: str) -> np.dtype:
 
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype; rejects dtypes outside the whitelist."""
+    name = _WIRE_NAMES.get(dtype)  # the common case: a whitelisted little-endian dtype (one lookup)
+    if name is not None:
+        return name
     dtype = np.dtype(dtype)
     if dtype == BFLOAT16 or dtype.name == "bfloat16":  # ours, or ml_dtypes'
         return "bfloat16"
