@@ -326,13 +326,15 @@ def _launch(tmp_path: Path, *overrides: str, timeout: float = 240):
 
 
 @pytest.mark.slow
-def test_launch_over_shm_trains_and_replays_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("overrides", [(), ("cluster.prefetch=true",), ("cluster.mode=sync",),
+                                       ("cluster.mode=ssp", "cluster.ps=2", "cluster.compression=bf16")])
+def test_launch_over_shm_trains_and_replays_bit_for_bit(tmp_path, overrides):
     import subprocess
 
-    proc, run_dir = _launch(tmp_path)
+    proc, run_dir = _launch(tmp_path, *overrides)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    logs = "".join(p.read_text() for p in run_dir.glob("ps*.log"))
-    assert "on shared memory" in logs
+    for log in run_dir.glob("ps*.log"):
+        assert "on shared memory" in log.read_text(), log
     replay = subprocess.run([sys.executable, "-m", "asyncps.cli", "replay", str(run_dir)], capture_output=True,
                             text=True, timeout=240)
     assert replay.returncode == 0, replay.stdout + replay.stderr
