@@ -155,6 +155,7 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
     sgd_port, noop_port, raw_port = parent.recv()
     cfg = Config()
     cfg.cluster.ps, cfg.cluster.workers, cfg.cluster.rpc_timeout = 1, 1, 600.0
+    cfg.cluster.transport = "grpc"  # this bench measures the gRPC path against raw gRPC
     variables = {f"x{mib}": np.zeros(mib * MIB // 4, np.float32) for mib in sizes_mib}
     placement = place({n: (a.shape, a.dtype) for n, a in variables.items()}, 1)
     rows = []
