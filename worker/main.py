@@ -17,6 +17,7 @@ import numpy as np
 
 from asyncps.cluster import ClusterSpec
 from asyncps.config import Config
+from asyncps.errors import UserError
 from asyncps.ps_client import RETRIED_CODES, PSClient
 from asyncps.telemetry import DurationWindow
 from asyncps.update_log import open_worker_log
@@ -68,7 +69,7 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
         loop.close()  # ends a push left waiting at a frozen shard, so the process exits now
     if error is not None and not beat.reason:
         logger.warning(f"worker {index}: {describe(error)}")
-        return 1
+        return 2 if isinstance(error, UserError) else 1  # 2: an input mistake (cluster.transport shm here): no restart
     logger.info(f"worker {index}: stopped after {loop.seq} pushes ({beat.reason or 'run over'})")
     if beat.declared_dead:  # still able to train: exit non-zero so the restart policy brings a new one
         return 1
