@@ -111,11 +111,12 @@ class _ShmPeer:
         self.push = (reply.push_offset, reply.push_offset + reply.push_bytes)
         self.pull = (reply.pull_offset, reply.pull_offset + reply.pull_bytes)
         self.lock = threading.Lock()
+        self.closed = False
 
     def write_push(self, part) -> list[ps_pb2.ShmTensor] | None:
         """Writes dense gradients into the push region; their ShmTensors, or None (sparse rows,
-        or more than fits: such a push goes over gRPC)."""
-        if any(isinstance(v, SparseRows) for v in part.values()):
+        more than fits, or a segment dropped meanwhile: such a push goes over gRPC)."""
+        if self.closed or any(isinstance(v, SparseRows) for v in part.values()):
             return None
         wire = {name: codec.wire_array(value) for name, value in part.items()}
         placed = self.segment.write(wire, *self.push)
@@ -131,6 +132,7 @@ class _ShmPeer:
                                               f"pulled {t.name!r}") for t in tensors}
 
     def close(self) -> None:
+        self.closed = True
         self.segment.close()
 
 
@@ -226,9 +228,13 @@ class PSClient:
         peer.close()
 
     def _shm_call(self, i: int, stub, peer: _ShmPeer, request: ps_pb2.ShmRequest, locked: bool = False):
-        """(header, values) of one ShmPushPull; `locked`: the caller holds peer.lock (released here)."""
+        """(header, values) of one ShmPushPull; `locked`: the caller holds peer.lock (released here).
+        None (not locked only) when the segment was dropped meanwhile."""
         if not locked:
             peer.lock.acquire()
+            if peer.closed:  # dropped by another thread's failed call: this one goes over gRPC
+                peer.lock.release()
+                return None
         try:
             reply = self._call(stub.ShmPushPull, request)
             return reply.header, peer.read_pull(reply.tensors)
@@ -327,8 +333,10 @@ class PSClient:
                 return ps_pb2.PullHeader(version=-1), {}
             peer = self._peer(i, stub, worker) if not at_version else None
             if peer is not None:
-                return self._shm_call(i, stub, peer, ps_pb2.ShmRequest(
+                out = self._shm_call(i, stub, peer, ps_pb2.ShmRequest(
                     generation=peer.generation, pull=True, worker=worker, age=age, names=req.names))
+                if out is not None:
+                    return out
             if self._pull_bytes[i] <= self._unary:
                 return self._read_pull((self._call(stub.PullOne, req),))
             return self._read_pull(self._call(stub.Pull, req))
