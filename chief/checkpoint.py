@@ -47,6 +47,7 @@ from asyncps.partition import Placement
 logger = logging.getLogger(__name__)
 FORMAT = 2  # 2: the manifest carries MANIFEST_DIGEST; 1 (still read): without it
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20  # a manifest names files and counters: far below this
 MANIFEST_DIGEST = "manifest_sha256"
 POINTER = "checkpoint"
 _NAME = re.compile(r"^ckpt-(\d{9,})$")
@@ -189,6 +190,11 @@ def read_pointer(folder: Path) -> str | None:
     return match.group(1) if match else None
 
 
+def step_of(path: Path) -> int:
+    """The step a ckpt-* folder's name says."""
+    return int(_NAME.match(Path(path).name).group(1))
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
     """ckpt-* folders holding a manifest.json, oldest first (contents not verified)."""
     folder = Path(folder)
@@ -267,10 +273,14 @@ def load(path: str | Path) -> Checkpoint:
     file's sha256. Raises CheckpointError (one line) for anything that does not verify."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_bytes())
+        with (path / MANIFEST).open("rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+        manifest = json.loads(raw)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)") from None
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+    except (OSError, ValueError, RecursionError, MemoryError) as exc:  # UnicodeDecodeError is a ValueError
         raise CheckpointError(f"{path / MANIFEST}: damaged manifest (unreadable: {_short(exc)})") from None
     problem = manifest_problem(manifest, path)
     if problem:

@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 from asyncps.errors import UserError
@@ -127,8 +128,9 @@ def _key_pem(key, serialization) -> bytes:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL | O_NOFOLLOW: a fresh file with exactly this mode, never one planted (or linked) there
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

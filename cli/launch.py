@@ -57,10 +57,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     preflight(cfg)  # a user's model.name / data.name (module:attr): one line now, not one per process
     refuse_train_only(cfg)
-    if args.resume:
-        prepare_resume(cfg, args.resume)
+    found = prepare_resume(cfg, args.resume) if args.resume else None
     if args.dry_run:
         return dry_run(cfg)
+    if found is not None:  # not on --dry-run: it moves folders
+        from asyncps.chief.checkpointer import checkpoint_dir
+
+        set_aside_newer(found, checkpoint_dir(cfg, Path(cfg.run_dir)))
     check_ports_free(cfg)
     fetch_before_run(cfg.data, lambda m: print(f"asyncps launch: {m}", file=sys.stderr, flush=True))
     cfg.run_dir = str(resolve_run_dir(cfg).resolve())
@@ -115,7 +118,7 @@ REROOTED = ("checkpoint.dir", "cluster.security.dir", "cluster.security.ca", "cl
             "cluster.security.key", "cluster.security.token_file")
 
 
-def prepare_resume(cfg: Config, spec: str) -> None:
+def prepare_resume(cfg: Config, spec: str):
     """Sets the run directory and `checkpoint.resume`; checks now, before anything starts, that a
     valid checkpoint exists and that this config can continue it (else UserError: exit 2).
 
@@ -157,6 +160,25 @@ def prepare_resume(cfg: Config, spec: str) -> None:
                         f"(these keys must match the checkpoint's, see docs/failures.md)")
     print(f"asyncps launch: resuming from {found.path} (step {found.step})", file=sys.stderr)
     cfg.checkpoint.resume = spec
+    return found
+
+
+def set_aside_newer(found, folder: Path) -> None:
+    """Resuming from a checkpoint older than the newest: the newer ones belong to the timeline
+    being abandoned. Left where they are, a later restart (`latest`) or a shard repair would
+    restore them, and pruning would delete the checkpoint resumed from first. They are moved,
+    not deleted, into `abandoned-<time>/` beside them, said in one line."""
+    from asyncps.chief import checkpoint as ckpt
+
+    newer = [p for p in ckpt.list_checkpoints(folder) if ckpt.step_of(p) > found.step]
+    if not newer:
+        return
+    aside = folder / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in newer:
+        path.rename(aside / path.name)
+    print(f"asyncps launch: {len(newer)} newer checkpoint(s) of the abandoned timeline moved to {aside}",
+          file=sys.stderr)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -197,7 +219,10 @@ def _reroot(cfg: Config, old_roots: list, new_root: Path) -> None:
         for part in parents:
             node = getattr(node, part)
         value = getattr(node, leaf)
-        if not value or not Path(value).is_absolute() or Path(value).is_relative_to(new_root):
+        if not value:
+            continue
+        value = str(Path(value).resolve())  # relative to the cwd, symlinks followed: as the roots
+        if Path(value).is_relative_to(new_root):
             continue
         for old in olds:
             if Path(value).is_relative_to(old):

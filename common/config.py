@@ -859,6 +859,11 @@ def _check(obj, prefix: str, source: str) -> None:
         if obj.telemetry.prometheus_port > top:
             raise ConfigError(f"{source}: telemetry.prometheus_port must be at most {top} (the chief, each shard and "
                               f"each worker serve on port, port + 1, ...), got {obj.telemetry.prometheus_port}")
+    if isinstance(obj, ClusterConfig):
+        taken = [p for p in obj.ps_ports] + ([obj.chief_port] if obj.chief_port else [])
+        if len(set(taken)) != len(taken):
+            raise ConfigError(f"{source}: {prefix}ps_ports and {prefix}chief_port must all differ, got ps_ports "
+                              f"{_show(obj.ps_ports)}, chief_port {obj.chief_port}")
     if isinstance(obj, ClusterConfig) and obj.mode == "softsync" and obj.softsync_n > obj.workers:
         raise ConfigError(f"{source}: {prefix}softsync_n must be at most workers ({obj.workers}): c = workers // n "
                           f"gradients per update, got n = {obj.softsync_n}")

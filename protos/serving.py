@@ -48,6 +48,9 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC sets SO_REUSEPORT by default: a second server on a taken port would start and share
+    # its connections; a port in use must be an error instead
+    ("grpc.so_reuseport", 0),
 ]
 
 

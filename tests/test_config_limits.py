@@ -321,7 +321,7 @@ def test_every_number_is_range_checked(key, kind):
 
 def test_range_checks_do_not_reject_the_defaults_or_edges():
     from_dict({})
-    cfg = from_dict({"cluster": {"chief_port": 65535, "ps_ports": [1, 65535], "workers": 1024, "ps": 2},
+    cfg = from_dict({"cluster": {"chief_port": 65535, "ps_ports": [1, 65534], "workers": 1024, "ps": 2},
                      "checkpoint": {"every_seconds": 0}, "train": {"max_steps": 2**63 - 1, "max_seconds": 0.5},
                      "telemetry": {"prometheus_port": 0}, "seed": 2**32})
     assert cfg.cluster.chief_port == 65535 and cfg.train.max_steps == 2**63 - 1

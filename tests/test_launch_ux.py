@@ -154,3 +154,27 @@ def test_train_only_staleness_keys_are_refused_by_launch(override, tmp_path):
     extra = ["staleness.controlled=true"] if override.startswith("staleness.workers") else []
     proc = asyncps("launch", LINEAR, override, *extra, f"run_dir={tmp_path / 'r'}", timeout=60)
     assert proc.returncode == 2 and "asyncps train" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_server_on_a_taken_port_fails_instead_of_sharing_it():
+    """gRPC's default SO_REUSEPORT let two shards serve one port and split its connections."""
+    from asyncps.errors import UserError
+    from asyncps.ps.server import ShardServer
+
+    cfg = load_config(LINEAR, ["cluster.ps=1"])
+    first = ShardServer(cfg, 0)
+    port = first.start()
+    try:
+        with pytest.raises(UserError, match="cannot listen"):
+            ShardServer(cfg, 0, port=port).start()
+    finally:
+        first.stop(grace=0)
+
+
+@pytest.mark.parametrize("ports", [["cluster.ps=2", "cluster.ps_ports=[5000,5000]"],
+                                   ["cluster.ps=1", "cluster.ps_ports=[5000]", "cluster.chief_port=5000"]])
+def test_duplicate_ports_are_one_line(ports):
+    from asyncps.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="must all differ"):
+        load_config(LINEAR, ports)

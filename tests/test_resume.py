@@ -496,3 +496,33 @@ def test_resume_of_a_user_model_compares_all_its_options():
     assert config_mismatches(saved, same) == []
     (problem,) = config_mismatches(saved, wider)
     assert problem.startswith("model.width 64 -> 128")
+
+
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    """Left in place, the abandoned timeline's newer checkpoints would be 'latest' for a restarted
+    chief or a shard repair, and pruning would delete the checkpoint resumed from first."""
+    run = make_run(tmp_path / "A", steps=(100, 200, 300))
+    _, cfg = resume_args(run / "config.yaml", str(run / "ckpts" / "ckpt-000000100"))
+    assert len(ckpt.list_checkpoints(run / "ckpts")) == 3  # prepare_resume (and --dry-run) move nothing
+    launch.set_aside_newer(ckpt.resolve(cfg.checkpoint.resume, run / "ckpts"), run / "ckpts")
+    assert [p.name for p in ckpt.list_checkpoints(run / "ckpts")] == ["ckpt-000000100"]
+    (aside,) = (run / "ckpts").glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["ckpt-000000200", "ckpt-000000300"]  # moved, not deleted
+    assert ckpt.latest_valid(run / "ckpts").step == 100
+
+
+def test_a_relative_checkpoint_dir_of_a_copied_run_is_rerooted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_a = make_run(tmp_path / "A", "checkpoint.dir=A/ckpts", folder="ckpts")
+    config = yaml.safe_load((run_a / "config.yaml").read_text())
+    config["checkpoint"]["dir"] = "A/ckpts"  # as a user would write it, relative to the cwd
+    (run_a / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(run_a, tmp_path / "B")
+    _, cfg = resume_args(tmp_path / "B" / "config.yaml", "B")
+    assert Path(cfg.checkpoint.dir) == (tmp_path / "B" / "ckpts").resolve()
+
+
+def test_a_deeply_nested_manifest_is_refused_not_a_crash(tmp_path):
+    run = make_run(tmp_path / "A", steps=(100, 200))
+    (run / "ckpts" / "ckpt-000000200" / ckpt.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    assert ckpt.latest_valid(run / "ckpts").step == 100
