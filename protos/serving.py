@@ -169,16 +169,21 @@ class StreamExpired(Exception):
 
 _EXPIRED = object()  # handed to a waiting handler in place of a message (see StreamGuard._expire)
 LOG_EVERY_S = 10.0
+# The chief's control streams (Init, Restore: authorized before admission under mTLS) have their
+# own quota, so data streams, idle or hostile, can never leave the chief unable to repair a shard.
+CONTROL_STREAMS = frozenset({"Init", "Restore"})
+CONTROL_STREAM_LIMIT = 4
 
 
 class _Stream:
-    __slots__ = ("peer", "method", "context", "deadline", "waiting_since", "why", "expired_at")
+    __slots__ = ("peer", "method", "context", "deadline", "waiting_since", "why", "expired_at", "control")
 
     def __init__(self, peer: str, method: str, context, deadline: float):
         self.peer, self.method, self.context, self.deadline = peer, method, context, deadline
         self.waiting_since: float | None = None  # monotonic time the handler began waiting
         self.why = ""
         self.expired_at: float | None = None
+        self.control = False  # an Init/Restore stream, counted in the control quota
 
 
 class StreamGuard(grpc.ServerInterceptor):
@@ -204,6 +209,7 @@ class StreamGuard(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self._open: set[_Stream] = set()
         self._per_peer: Counter = Counter()
+        self._control_open = 0  # Init/Restore streams: their own quota (CONTROL_STREAMS)
         self.counts: Counter = Counter()
         self._logged: dict[str, tuple[float, int]] = {}  # kind -> (last log time, count then)
         self._closed = threading.Event()
@@ -251,19 +257,29 @@ class StreamGuard(grpc.ServerInterceptor):
 
     def _admit(self, context, method: str) -> _Stream:
         limits, peer = self.limits, context.peer()
+        control = method.rsplit("/", 1)[-1] in CONTROL_STREAMS
         with self._lock:
-            if len(self._open) >= limits.max_streams:
+            if control:  # the chief's own quota: data streams can never use it up
+                if self._control_open >= CONTROL_STREAM_LIMIT:
+                    refusal = "refused_control", (f"{self._control_open} control streams open, the limit is "
+                                                  f"{CONTROL_STREAM_LIMIT}")
+                else:
+                    refusal = None
+            elif len(self._open) - self._control_open >= limits.max_streams:
                 refusal = "refused_total", f"{len(self._open)} request streams open, the limit is {limits.max_streams}"
             elif self._per_peer[peer] >= limits.per_peer:
                 refusal = "refused_per_peer", (f"{self._per_peer[peer]} request streams open on this connection, "
                                                f"the limit is {limits.per_peer}")
             else:
                 refusal = None
+            if refusal is None:
                 remaining = context.time_remaining()
                 deadline = time.monotonic() + min(limits.max_duration, remaining if remaining is not None else 1e9)
                 stream = _Stream(peer, method, context, deadline)
+                stream.control = control
                 self._open.add(stream)
-                self._per_peer[peer] += 1
+                self._control_open += control
+                self._per_peer[peer] += 0 if control else 1
                 self.counts["admitted"] += 1
                 if self._watchdog is None:
                     self._watchdog = threading.Thread(target=self._watch, name=f"{self.role} stream watchdog",
@@ -279,7 +295,8 @@ class StreamGuard(grpc.ServerInterceptor):
         with self._lock:
             if stream in self._open:
                 self._open.discard(stream)
-                self._per_peer[stream.peer] -= 1
+                self._control_open -= stream.control
+                self._per_peer[stream.peer] -= 0 if stream.control else 1
                 if not self._per_peer[stream.peer]:
                     del self._per_peer[stream.peer]
 

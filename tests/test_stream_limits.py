@@ -339,3 +339,32 @@ def test_a_cancelled_stream_returns_its_memory_and_budget(shards):
     _wait_until(lambda: _rss_bytes() < during - (24 << 20), "the cancelled stream's memory returned", timeout=20)
     held.release()
     assert _rss_bytes() < before + (32 << 20)
+
+
+def test_data_streams_cannot_use_up_the_chiefs_control_quota():
+    """With every data-stream slot held by idle Push streams, the chief's Restore is still admitted."""
+    from asyncps.protos.serving import StreamGuard, StreamLimits
+
+    guard = StreamGuard(StreamLimits(max_streams=2, per_peer=2, idle_timeout=60.0, max_duration=60.0))
+
+    class Context:
+        def __init__(self, peer):
+            self._peer = peer
+
+        def peer(self):
+            return self._peer
+
+        def time_remaining(self):
+            return None
+
+        def abort(self, code, details):
+            raise RuntimeError(f"{code}: {details}")
+
+    held = [guard._admit(Context(f"ipv4:10.0.0.{i}:1"), "/asyncps.ParameterServer/Push") for i in range(2)]
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        guard._admit(Context("ipv4:10.0.0.9:1"), "/asyncps.ParameterServer/Push")
+    control = guard._admit(Context("ipv4:10.0.0.5:1"), "/asyncps.ParameterServer/Restore")
+    assert control.control
+    for stream in [*held, control]:
+        guard._release(stream)
+    assert guard.open_streams == 0
