@@ -51,7 +51,7 @@ MAX_MANIFEST_BYTES = 64 << 20  # a manifest names files and counters: far below 
 MANIFEST_DIGEST = "manifest_sha256"
 POINTER = "checkpoint"
 _NAME = re.compile(r"^ckpt-(\d{9,})$")
-_LEFTOVER = re.compile(r"^\.ckpt-\d{9,}\.(tmp|old)-\d+$")  # a write in progress, or a crash's leftover
+_LEFTOVER = re.compile(r"^\.ckpt-(\d{9,})\.(tmp|old)-\d+$")  # a write in progress, or a crash's leftover
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -204,12 +204,32 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def recover_interrupted(folder: Path) -> list[Path]:
+    """A crash while a checkpoint of the same step was being replaced (between its two renames)
+    leaves no ckpt-<step>, a complete `.tmp` (manifest written last) and the `.old` one: the
+    newest complete one is put back in place before leftovers are cleaned; returns what was."""
+    restored = []
+    leftovers: dict[int, dict[str, Path]] = {}
+    for p in folder.iterdir():
+        m = _LEFTOVER.match(p.name)
+        if m and p.is_dir() and (p / MANIFEST).is_file():
+            leftovers.setdefault(int(m.group(1)), {})[m.group(2)] = p
+    for step, kinds in sorted(leftovers.items()):
+        final = folder / ckpt_name(step)
+        if final.exists():
+            continue
+        os.rename(kinds.get("tmp") or kinds["old"], final)  # the new one if complete, else the one it replaced
+        restored.append(final)
+    return restored
+
+
 def cleanup(folder: str | Path, keep: int) -> list[Path]:
     """Deletes incomplete ckpt-* folders (no manifest), leftovers of a write that crashed, and all
     but the newest `keep`; returns them. Best effort: what cannot be deleted stays."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
+    recover_interrupted(folder)
     incomplete = [p for p in folder.iterdir() if p.is_dir() and (_LEFTOVER.match(p.name) or
                                                                  (_NAME.match(p.name) and not (p / MANIFEST).is_file()))]
     complete = list_checkpoints(folder)
@@ -372,6 +392,12 @@ def latest_valid(folder: str | Path, warn=None) -> Checkpoint | None:
     reported to `warn` in one line."""
     warn = warn or logger.warning
     folder = Path(folder)
+    if folder.is_dir():
+        try:
+            for path in recover_interrupted(folder):
+                warn(f"{path.name}: put back in place (a crash interrupted its replacement)")
+        except OSError as exc:  # a read-only folder: read what is there
+            warn(f"{folder}: could not repair an interrupted checkpoint ({exc.strerror})")
     candidates = list(reversed(list_checkpoints(folder)))
     for path in candidates:
         try:

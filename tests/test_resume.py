@@ -526,3 +526,18 @@ def test_a_deeply_nested_manifest_is_refused_not_a_crash(tmp_path):
     run = make_run(tmp_path / "A", steps=(100, 200))
     (run / "ckpts" / "ckpt-000000200" / ckpt.MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
     assert ckpt.latest_valid(run / "ckpts").step == 100
+
+
+@pytest.mark.parametrize("left", [("old",), ("tmp", "old")])
+def test_a_crash_while_replacing_a_checkpoint_loses_nothing(tmp_path, left):
+    """Between the two renames of a same-step replacement: no ckpt-<step>, a complete `.tmp` and
+    the `.old`. The newest complete one is put back before leftovers are cleaned."""
+    run = make_run(tmp_path / "A", steps=(100, 200))
+    folder = run / "ckpts"
+    final = folder / "ckpt-000000200"
+    if "tmp" in left:
+        shutil.copytree(final, folder / ".ckpt-000000200.tmp-4242")
+    final.rename(folder / ".ckpt-000000200.old-4242")
+    ckpt.cleanup(folder, keep=1)
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["ckpt-000000200"]
+    assert ckpt.latest_valid(folder).step == 200 and not list(folder.glob(".ckpt-*"))
