@@ -19,6 +19,12 @@ few pinned so that file and compose project cannot disagree: the cluster shape (
 `cluster.workers`), `run_dir=/runs/NAME` on the named volume `runs`, and `data.cache_dir=/cache`
 on the named volume `cache` (one MNIST npz built once, under the loader's file lock).
 
+`--shm`: the shards and the workers mount one tmpfs volume (`shm`) at /dev/shm, so that
+``cluster.transport`` auto/shm can move tensors through shared memory between containers of one
+host (the handshake proves it, as on one machine: common/shm.py; every container runs the same
+image as the same user, which the segments' mode 0600 needs). Without it (the default) each
+container has its own /dev/shm, the handshake fails and the workers use gRPC (logged once).
+
 A user's model or data loader (model.name / data.name ``module:attr``) must be importable in the
 chief and worker containers: ``--pythonpath DIR`` bind-mounts DIR read-only at
 /opt/asyncps/code/N in those services and puts it on their PYTHONPATH (or bake the code into an
@@ -45,6 +51,7 @@ DEFAULT_IMAGE = "asyncps:latest"
 CONFIG_MOUNT = "/etc/asyncps/config.yaml"
 RUNS_VOLUME, RUNS_MOUNT = "runs", "/runs"
 CACHE_VOLUME, CACHE_MOUNT = "cache", "/cache"
+SHM_VOLUME, SHM_MOUNT = "shm", "/dev/shm"  # --shm: one tmpfs shared by the shards and workers
 CODE_MOUNT = "/opt/asyncps/code"  # --pythonpath DIR number i is mounted at CODE_MOUNT/i
 HEALTHCHECK = {"interval": "5s", "timeout": "5s", "retries": 5, "start_period": "20s"}
 PINNED_KEYS = ("cluster.ps", "cluster.workers", "run_dir", "data.cache_dir")
@@ -60,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser, _name: str) -> None:
     parser.add_argument("--pythonpath", action="append", default=[], metavar="DIR",
                         help="mount DIR read-only in the chief and workers and put it on their PYTHONPATH, for a "
                              "model.name / data.name given as module:attr (repeatable)")
+    parser.add_argument("--shm", action="store_true",
+                        help="shards and workers share one tmpfs at /dev/shm, so cluster.transport auto/shm moves "
+                             "tensors through shared memory on one host (default: each container its own; gRPC)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if not code and (is_import_path(cfg.model.name) or is_import_path(cfg.data.name)):
         print(f"asyncps compose: note: model.name {cfg.model.name} / data.name {cfg.data.name}: the image must hold "
               "that code; --pythonpath DIR mounts it (deploy/README.md)", file=sys.stderr)
-    text = render_text(cfg, config_source(args.config, compose_dir), args.overrides, args.image, pythonpath=code)
+    text = render_text(cfg, config_source(args.config, compose_dir), args.overrides, args.image, pythonpath=code,
+                       shm=getattr(args, "shm", False))
     if output is None:
         sys.stdout.write(text)
     else:
@@ -100,16 +111,16 @@ def mount_source(directory: str | Path, compose_dir: Path) -> str:
 
 
 def render_text(cfg: Config, source: str, overrides: list[str] | tuple[str, ...] = (),
-                image: str = DEFAULT_IMAGE, pythonpath: list[str] | tuple[str, ...] = ()) -> str:
+                image: str = DEFAULT_IMAGE, pythonpath: list[str] | tuple[str, ...] = (), shm: bool = False) -> str:
     """The compose file as YAML text, with a header saying where it came from."""
     words = " ".join([source, *overrides])
     header = (f"# Rendered by `asyncps compose` from {words}; edit the config and re-render instead of\n"
               f"# editing this file. Run it with deploy/run-compose.sh FILE (see deploy/README.md).\n")
-    return header + yaml.safe_dump(render(cfg, source, overrides, image, pythonpath), sort_keys=False, width=1000)
+    return header + yaml.safe_dump(render(cfg, source, overrides, image, pythonpath, shm), sort_keys=False, width=1000)
 
 
 def render(cfg: Config, source: str, overrides: list[str] | tuple[str, ...] = (),
-           image: str = DEFAULT_IMAGE, pythonpath: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+           image: str = DEFAULT_IMAGE, pythonpath: list[str] | tuple[str, ...] = (), shm: bool = False) -> dict[str, Any]:
     """The compose document: services ps0..psN-1, chief, worker (scaled), and the named volumes."""
     spec = compose_cluster_spec(cfg)
     args = container_overrides(cfg, overrides)
@@ -123,7 +134,12 @@ def render(cfg: Config, source: str, overrides: list[str] | tuple[str, ...] = ()
                       after=[*shards, "chief"], data=True, code=pythonpath)
     worker["deploy"] = {"replicas": cfg.cluster.workers}
     services["worker"] = worker
-    return {"services": services, "volumes": {RUNS_VOLUME: {}, CACHE_VOLUME: {}}}
+    volumes: dict[str, Any] = {RUNS_VOLUME: {}, CACHE_VOLUME: {}}
+    if shm:  # --shm (module docstring)
+        for name in [*shards, "worker"]:
+            services[name]["volumes"].append(f"{SHM_VOLUME}:{SHM_MOUNT}")
+        volumes[SHM_VOLUME] = {"driver": "local", "driver_opts": {"type": "tmpfs", "device": "tmpfs", "o": "mode=1777"}}
+    return {"services": services, "volumes": volumes}
 
 
 def compose_cluster_spec(cfg: Config) -> ClusterSpec:

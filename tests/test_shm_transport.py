@@ -443,3 +443,17 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_compose_shm_shares_one_tmpfs_between_shards_and_workers():
+    from asyncps.cli.compose import render
+    from asyncps.config import load_config
+
+    cfg = load_config("configs/mnist_mlp.yaml", ["cluster.ps=2"])
+    plain = render(cfg, "./configs/mnist_mlp.yaml")
+    shared = render(cfg, "./configs/mnist_mlp.yaml", shm=True)
+    assert "shm" not in plain["volumes"] and not any("/dev/shm" in str(s["volumes"]) for s in plain["services"].values())
+    for name in ("ps0", "ps1", "worker"):
+        assert "shm:/dev/shm" in shared["services"][name]["volumes"]
+    assert "shm:/dev/shm" not in shared["services"]["chief"]["volumes"]
+    assert shared["volumes"]["shm"]["driver_opts"]["type"] == "tmpfs"
