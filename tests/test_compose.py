@@ -360,6 +360,19 @@ def test_shards_become_healthy_and_come_back_after_a_crash(project):
     p.wait_healthy("ps0")
 
 
+def crash_running(p: Project, service: str, deadline: float) -> None:
+    """`crash` a container of `service` that is running. One may be restarting at that moment
+    (on a loaded machine a worker the chief declared dead exits 1 and comes back): then the
+    crash waits for a running one instead of failing on `docker exec`."""
+    while True:
+        for cid in p.containers(service):
+            if sh("docker", "exec", cid, "sh", "-c", "kill -KILL -1", check=False).returncode == 0:
+                return
+        assert time.monotonic() < deadline, (f"no running {service} container to crash:\n"
+                                             + p("logs", "--tail", "40", service).stdout)
+        time.sleep(1)
+
+
 def cluster_missing(image: str) -> str | None:
     """What the image lacks to run a whole cluster, or None."""
     probe = sh("docker", "run", "--rm", "--entrypoint", "python3", image, "-c",
@@ -393,7 +406,7 @@ def run_with_crashes(p: Project, image: str, services: tuple[str, ...]) -> dict:
         assert time.monotonic() < deadline, "no training progress:\n" + p("logs", "--tail", "40").stdout
         time.sleep(1)
     for service in services:
-        crash(p.containers(service)[0])
+        crash_running(p, service, deadline)
     try:
         code = int(sh("docker", "wait", chief, timeout=max(deadline - time.monotonic(), 1)).stdout)
     except subprocess.TimeoutExpired:
