@@ -148,11 +148,12 @@ class PSClient:
     """Talks to every shard of a cluster; see the module docstring.
 
     `placement` is an ``asyncps.partition.Placement`` (anything with ``num_shards``,
-    ``split(tensors)`` and ``join(pieces, names)``); `cfg` the run's Config.
+    ``split(tensors)`` and ``join(pieces, names)``); `cfg` the run's Config; `transport`
+    ("auto", "grpc", "shm") replaces its cluster.transport (tests and benches that measure one path).
     """
 
     def __init__(self, addresses: list[str], placement, cfg, chunk_bytes: int = codec.CHUNK_BYTES,
-                 unary_bytes: int = UNARY_BYTES):
+                 unary_bytes: int = UNARY_BYTES, transport: str | None = None):
         if len(addresses) != placement.num_shards:
             raise ValueError(f"{len(addresses)} shard addresses for a placement of {placement.num_shards} shards")
         self.addresses = list(addresses)
@@ -176,7 +177,7 @@ class PSClient:
         from asyncps.compression import make_compressor  # cluster.compression: 16-bit pushes
         self._compress = make_compressor(getattr(cfg.cluster, "compression", "none"))
         # shared memory (module docstring): per shard None (not opened), False (gRPC), a _ShmPeer
-        self.transport = getattr(cfg.cluster, "transport", "grpc")
+        self.transport = transport or getattr(cfg.cluster, "transport", "grpc")  # `transport`: overrides cfg
         self._token = security.token
         self._shm_worker: int | None = None  # the worker this client registered
         self._peers: list = [False if self.transport == "grpc" else None] * placement.num_shards
