@@ -38,7 +38,7 @@ def _run(shards: int, **client_kw):
     servers = [ShardServer(cfg, i) for i in range(shards)]
     addresses = [f"127.0.0.1:{s.start()}" for s in servers]
     placement = place({n: (a.shape, a.dtype) for n, a in PARAMS.items()}, shards, split_bytes=4096)
-    client = PSClient(addresses, placement, cfg, **client_kw)
+    client = PSClient(addresses, placement, cfg, **{"transport": "grpc", **client_kw})  # the gRPC methods under test
     try:
         client.init(PARAMS)
         client.register(0)
