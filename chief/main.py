@@ -57,6 +57,7 @@ from asyncps.worker.models import build_model
 from asyncps.worker.variables import initial_params, placement_for
 
 logger = logging.getLogger(__name__)
+STOP_FILE = "STOP"  # created in the run directory: the run stops, evaluates and reports, exit 0
 POLL_SECONDS = 0.05  # the chief's view of the global step lags by at most this (time to target included)
 STATS_ATTEMPTS = 3  # rpc_timeout-long waits for an unreachable shard before the run is given up
 
@@ -90,6 +91,7 @@ class ChiefRun:
         self.cfg, self.spec = cfg, spec
         self.run_dir = resolve_run_dir(cfg)
         write_config_once(self.run_dir, cfg)  # compose and TFJob runs: replay, eval and inspect need it
+        (self.run_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier run of this directory
         self.previous = previous_incarnation(self.run_dir / "metrics.jsonl")
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", hold=True)  # times count from step 0 (start())
         self.telemetry = RunTelemetry(cfg, self.run_dir, self.log, notice=lambda m: logger.info(f"chief: {m}"))
@@ -246,6 +248,10 @@ class ChiefRun:
                 if self.checkpoints.enabled and self.checkpoints.due(self.step) and self.step < t.max_steps:
                     self._guarded(lambda: self.checkpoints.save(self.elapsed()))
                 if self.step >= t.max_steps or (t.max_seconds is not None and self.elapsed() >= t.max_seconds):
+                    break
+                if (self.run_dir / STOP_FILE).exists():  # a user (or a test) ends the run early, cleanly
+                    logger.info(f"chief: {STOP_FILE} found in the run directory; stopping at step {self.step}")
+                    self.log.write("stop_requested", self.step, file=STOP_FILE)
                     break
                 time.sleep(POLL_SECONDS)
         finally:

@@ -178,3 +178,30 @@ def test_duplicate_ports_are_one_line(ports):
 
     with pytest.raises(ConfigError, match="must all differ"):
         load_config(LINEAR, ports)
+
+
+def test_a_stop_file_ends_the_run_cleanly_with_its_report(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from cli_runner import REPO
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "asyncps.cli", "launch", str(LINEAR), f"run_dir={run_dir}",
+                             "train.max_steps=100000000", "delay.kind=constant", "delay.mean_ms=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() or '"kind": "eval"' not in (run_dir / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "no evaluation before the deadline"
+            time.sleep(0.05)
+        (run_dir / "STOP").touch()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    r = report(run_dir)
+    assert 0 < r["steps"] < 100000000 and r["final"]
+    assert any(x["kind"] == "stop_requested" for x in rows(run_dir))

@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 REPORT_EVERY_SECONDS = 2.0
 FINAL_REPORT_KEY = "worker/final_report"  # in a worker's last ReportMetrics (chief/main.py waits for it)
-STOP_GRACE_SECONDS = 2.0  # time the loop gets to finish its step once the chief says stop
+# time the loop gets to finish its step once the chief says stop: nothing it pushes after that is
+# applied (the chief paused the shards first), so a push left waiting there is not waited for
+STOP_GRACE_SECONDS = 0.25
 # Errors after which a worker re-registers and re-pulls instead of exiting (common/ps_client.py
 # RETRIED_CODES: a shard restarted: FAILED_PRECONDITION, UNAVAILABLE, or CANCELLED by its shutdown
 # on SIGTERM; restored to a version older than the one read: OUT_OF_RANGE; too slow, frozen or
