@@ -32,6 +32,7 @@ from asyncps.shard_types import Snapshot  # noqa: F401  (re-exported for the cod
 from asyncps.sparse import SparseRows
 
 CHUNK_BYTES = 1 << 20  # bytes of tensor data per stream message (see bench/transport.py)
+OWNED_SLACK = 64 << 10  # bytes a message may carry beside a tensor before the tensor is copied out of it
 MAX_TENSOR_BYTES = 1 << 36  # 64 GiB: a declared size above this is rejected before allocating
 _MIN_PIECE = 64 << 10  # start a new message rather than send a piece smaller than this
 
@@ -703,9 +704,17 @@ def parse_header(cls, raw: bytes):
         raise CodecError(f"malformed message: the {cls.DESCRIPTOR.name} header does not parse ({exc})") from None
 
 
+def _copied(value):
+    """An owned copy of a decoded tensor (dense array or SparseRows)."""
+    if isinstance(value, SparseRows):
+        return value._replace(rows=np.array(value.rows), values=np.array(value.values))
+    return np.array(value)
+
+
 def _add_wire(self: Assembler, message: bytes) -> bytes | None:
     view = memoryview(message)
     header = None
+    before, done_before = self.nbytes, len(self._done)  # tensors finished in this message: views of it
     for number, wire_type, value in _fields(view, 0, len(view)):
         if wire_type != _LEN:
             continue
@@ -724,6 +733,11 @@ def _add_wire(self: Assembler, message: bytes) -> bytes | None:
             piece = _parse_tensor(view, a, b)
             self._add_piece(piece)
             _remember_tensor(view, a, b, piece)
+    if len(self._done) > done_before and len(view) > 2 * (self.nbytes - before) + OWNED_SLACK:
+        # zero-copy views keep the whole message alive: a message mostly made of something else
+        # (padding, unknown fields) must not outlive the tensor bytes a push's budget charged
+        for key in list(self._done)[done_before:]:
+            self._done[key] = _copied(self._done[key])
     return header
 
 

@@ -368,3 +368,28 @@ def test_data_streams_cannot_use_up_the_chiefs_control_quota():
     for stream in [*held, control]:
         guard._release(stream)
     assert guard.open_streams == 0
+
+
+def test_a_small_tensor_in_a_padded_message_does_not_keep_the_message_alive():
+    """The byte budget charges tensor bytes; a zero-copy view would keep a 60 MiB padded message
+    alive for a 2 KiB tensor. Decoded tensors of a message mostly made of padding are copies."""
+    from asyncps.protos import codec
+
+    (message,) = list(codec.encode_wire({"emb": np.ones((16, 32), np.float32)}, b"", codec.CHUNK_BYTES))
+    padding = b"\x9a\x06" + _varint(8 << 20) + b"\0" * (8 << 20)  # an unknown length-delimited field 99
+    asm = codec.Assembler()
+    asm.add_wire(bytes(message) + padding)
+    emb = asm.finish()["emb"]
+    assert emb.base is None or emb.base.nbytes <= 2 * emb.nbytes + codec.OWNED_SLACK
+    np.testing.assert_array_equal(emb, np.ones((16, 32), np.float32))
+    plain = codec.Assembler()
+    plain.add_wire(bytes(message))
+    assert plain.finish()["emb"].base is not None  # an ordinary message is still decoded without a copy
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n > 0x7F:
+        out += bytes([(n & 0x7F) | 0x80])
+        n >>= 7
+    return out + bytes([n])
