@@ -30,6 +30,7 @@ import datetime as dt
 import ipaddress
 import os
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from asyncps.errors import UserError
@@ -65,13 +66,13 @@ def _crypto():
     return x509, hashes, serialization, ec, ExtendedKeyUsageOID, NameOID
 
 
-def subject_names(hosts: list[str] = (), ps: int = 8) -> list[str]:
+def subject_names(hosts: Sequence[str] = (), ps: int = 8) -> list[str]:
     """Host names and addresses every certificate is valid for."""
     names = ["127.0.0.1", "::1", "localhost", "chief", "ps", "worker"] + [f"ps{i}" for i in range(ps)]
     return list(dict.fromkeys(names + list(hosts)))
 
 
-def make_certs(directory: str | os.PathLike, hosts: list[str] = (), ps: int = 8, days: int = 365,
+def make_certs(directory: str | os.PathLike, hosts: Sequence[str] = (), ps: int = 8, days: int = 365,
                force: bool = False) -> list[Path]:
     """Writes the CA and the role certificates (see the module docstring); the paths written."""
     x509, hashes, serialization, ec, EKU, NameOID = _crypto()

@@ -41,7 +41,8 @@ def check_health(address: str, service: str = "", timeout: float = DEFAULT_TIMEO
     with open_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            # types-grpcio-health-checking declares HealthStub without the methods it sets in __init__
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)  # type: ignore[attr-defined]
         except grpc.RpcError as exc:
             return False, f"{exc.code().name} ({exc.details()})"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

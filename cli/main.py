@@ -33,24 +33,30 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build_parsers()[0]
+
+
+def _build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command's parser and each subcommand's own."""
     parser = argparse.ArgumentParser(prog="asyncps", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"asyncps {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = {}
     for name, (module, help_text) in COMMANDS.items():
         mod = importlib.import_module(f"asyncps.cli.{module}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p, name)
         p.set_defaults(run=mod.run)
-    return parser
+        subparsers[name] = p
+    return parser, subparsers
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The command line; a subcommand's options may come anywhere after it (`launch CONFIG k=v
     --dry-run k=v`), which argparse allows only per subparser (parse_intermixed_args)."""
-    parser = build_parser()
+    parser, subparsers = _build_parsers()
     if argv and argv[0] in COMMANDS:
-        sub = parser._subparsers._group_actions[0].choices[argv[0]]  # the subcommand's own parser
-        args = sub.parse_intermixed_args(argv[1:])
+        args = subparsers[argv[0]].parse_intermixed_args(argv[1:])
         args.command = argv[0]
         return args
     return parser.parse_args(argv)

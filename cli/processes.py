@@ -103,10 +103,13 @@ def stop_all(children: list[Child], grace: float = 10.0) -> None:
     for child in live:
         if child.poll() is None:
             _signal(child, signal.SIGKILL)
-        child.popen.wait()
+        if child.popen is not None:  # always, for a child that was live
+            child.popen.wait()
 
 
 def _signal(child: Child, sig: int) -> None:
+    if child.popen is None:  # never started: nothing to signal
+        return
     try:
         child.popen.send_signal(sig)
     except ProcessLookupError:

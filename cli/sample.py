@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from asyncps.config import load_config
     from asyncps.worker.data import load_dataset
     from asyncps.worker.models import build_model
+    from asyncps.worker.models.charlm import CharLM
 
     run_dir = Path(args.run_dir)
     if not (run_dir / PARAMS_FILE).is_file():
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{run_dir}: model.name is {cfg.model.name!r}; sampling needs a charlm run")
     data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
     model = build_model(cfg.model, data.meta)
+    assert isinstance(model, CharLM)  # model.name is charlm (checked above)
     params = load_params(run_dir / PARAMS_FILE)
     rng = np.random.default_rng(args.seed)
     text = model.sample(params, rng, args.prime, args.length, temperature=args.temperature, vocab=data.meta.vocab)

@@ -207,7 +207,7 @@ class Simulation:
         self.pending: list[int] = []  # sync: the pending round, in arrival order
         self.group_items: list[tuple] = []  # softsync: (worker, grads, read, read version, loss)
         self.hist: dict[int, int] = {}
-        self.per_worker = [dict() for _ in range(self.m)]
+        self.per_worker: list[dict[int, int]] = [{} for _ in range(self.m)]  # staleness histograms
         self.late = 0  # sync: gradients of a finished round
         self.computed = 0
         self.max_clock_gap = 0

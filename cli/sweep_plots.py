@@ -102,7 +102,7 @@ def _histograms(path, loaded, settings, colors):
 def _bars(path, loaded, settings, colors, metric):
     """Per setting: median over seeds of steps to target / the matching staleness-0 setting's."""
     steps = {}  # (setting, seed) -> steps to target (inf: not reached)
-    rows_of = {}
+    rows_of: dict[str, list[dict]] = {}  # setting -> one row per seed, as baselines() takes them
     budget = 1
     for setting, seed, report, _rows in loaded:
         t = report.get("target", {})

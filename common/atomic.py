@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call `write(f)` on a temp file beside `path`, then atomically put it in place."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call `write(f)` on a temp file beside `path` (what it returns is ignored), then atomically put it
+    in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from asyncps.atomic import atomic_save_npz, atomic_write_json, jsonable
-from asyncps.config import Config
+from asyncps.config import Config, TargetConfig
 from asyncps.errors import UserError
 
 REPORT_SCHEMA_VERSION = 1
@@ -119,7 +119,7 @@ def _fmt(v: Any) -> str:
 
 
 
-def target_reached(metrics: dict, target) -> bool:
+def target_reached(metrics: dict, target: TargetConfig) -> bool:
     """Accuracy must rise to the target; loss and mse must fall to it."""
     if target.value is None or target.metric not in metrics:
         return False
@@ -131,7 +131,7 @@ def target_reached(metrics: dict, target) -> bool:
 class TargetTracker:
     """Remembers the first evaluation at which the target was reached."""
 
-    target: object
+    target: TargetConfig
     step: int | None = None
     seconds: float | None = None
     metrics: dict | None = None  # the evaluation that reached it

@@ -39,7 +39,7 @@ class DelayModel:
     def active(self) -> bool:
         """False when every step's sleep is 0 (the loop then skips the call entirely)."""
         s = self.straggler
-        return self.cfg.kind != "none" or (s is not None and (s.factor > 1 or (s.pause_every and s.pause_ms > 0)))
+        return self.cfg.kind != "none" or (s is not None and (s.factor > 1 or (s.pause_every > 0 and s.pause_ms > 0)))
 
     def draw_ms(self) -> float:
         """One base delay in milliseconds, before any straggler stretch."""
@@ -75,6 +75,7 @@ STALENESS_STREAM = 0x57A1E  # keeps the staleness draws apart from the data, dro
 
 def staleness_pmf(cfg: StalenessConfig) -> np.ndarray:
     """P(r = k) for k = 0..s_max, from the `staleness` section (see StalenessConfig)."""
+    pmf: np.ndarray
     if cfg.distribution == "constant":
         pmf = np.zeros(cfg.s + 1)
         pmf[cfg.s] = 1.0

@@ -46,7 +46,7 @@ class Distribution:
     def __init__(self, cfg: DelayConfig, worker: int = 0, trace: list[np.ndarray] | None = None):
         self.cfg, self.kind, self.worker = cfg, cfg.kind, worker
         self._pos = 0
-        self._seq: np.ndarray | None = None
+        self._seq = np.empty(0)  # the trace kind's sequence (ms); empty for every other kind
         if cfg.kind == "trace":
             sequences = trace if trace is not None else load_trace(cfg.trace)
             self._seq = np.asarray(sequences[worker % len(sequences)], dtype=np.float64) * 1000.0

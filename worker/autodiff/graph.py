@@ -25,7 +25,7 @@ from collections import OrderedDict
 import numpy as np
 
 from asyncps.worker.autodiff.core import (
-    GradientTape, Tensor, accepts, accepts_out, accumulate, backward, value_of,
+    GradientTape, Node, Tensor, accepts, accepts_out, accumulate, backward, value_of,
 )
 
 _FIRST, _ADD_INTO, _FIRST_COPY, _ACCUMULATE = range(4)  # how a VJP result joins its parent's gradient
@@ -105,7 +105,8 @@ def _trace(loss_fn, params: dict, inputs: tuple, wrt: tuple, reuse_outputs: bool
     unknown = sorted(set(wrt) - set(params))
     if unknown:
         raise KeyError(f"wrt names parameters that are not in params: {unknown}")
-    tape, rngs = GradientTape(trace=True), []
+    tape = GradientTape(trace=True)
+    rngs: list[_RngSlot] = []
     with tape:
         p = {k: tape.watch(v) if k in wrt else tape.trace_input(v) for k, v in params.items()}
         ins = [_trace_input(tape, x, rngs) for x in inputs]
@@ -134,6 +135,7 @@ class _Plan:
         reusable = _dead_after_one_use(records, loss.node)
         self.forward = [self._forward_step(node, args, attrs, value, reusable) for node, args, attrs, value in records]
         self.res.extend([None] * (len(self.vals) - len(self.res)))
+        assert loss.node is not None  # _trace refuses a loss that depends on no parameter
         self.loss_node, self.loss_slot = loss.node, self.slot[loss.node]
         self.seed = np.ones_like(loss.value)
         self.wrt, self.wrt_slots = wrt, [self.slot[n] for n in wrt_nodes]
@@ -174,7 +176,8 @@ class _Plan:
         The steps are compiled after the pass because a parameter's buffer takes the shape and
         dtype of its final, accumulated gradient.
         """
-        seen, steps = {}, []
+        seen: dict[Node, object] = {}  # parent -> its gradient so far
+        steps: list[tuple] = []
 
         def observe(node, i, parent, cotangent, contribution, accumulated):
             first, before = parent not in seen, seen.get(parent)
@@ -195,7 +198,8 @@ class _Plan:
     def _backward_step(self, node, i, parent, cotangent, contribution, accumulated, first, aliased, dense_sum):
         fn, k, pk = node.op.vjp(i), self.slot[node], self.slot[parent]
         leaf, can_out = parent.op is None, accepts_out(fn) and _is_dense(contribution) and contribution.ndim
-        kw, buf = ({"ws": {}} if accepts(fn, "ws") else {}), None
+        kw: dict[str, object] = {"ws": {}} if accepts(fn, "ws") else {}
+        buf = None
         own = self.owned.get(pk) if leaf else None
         if own is not None:
             # every write goes straight into the parameter's own buffer: the first contribution
