@@ -219,8 +219,8 @@ def measure(name, reps):
     rng = np.random.default_rng(1)
     x, y = rng.random((batch, 784), dtype=np.float32), rng.integers(0, 10, batch)
     runs = variants(name)
-    wall = {label: [] for label, _, _ in runs}
-    cpu = {label: [] for label, _, _ in runs}
+    wall: dict[str, list[float]] = {label: [] for label, _, _ in runs}
+    cpu: dict[str, list[float]] = {label: [] for label, _, _ in runs}
     order = np.random.default_rng(2)
     for rep in range(reps + 2):  # two warm-up rounds (graph mode traces in the first)
         for i in order.permutation(len(runs)):

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         "eval small": [f"train.eval_every={a.evals}"],
         "eval large": [f"train.eval_every={a.steps}"],
     }
-    rates = {k: [] for k in settings}
+    rates: dict[str, list[float]] = {k: [] for k in settings}
     pauses, sizes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(a.reps):

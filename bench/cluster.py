@@ -75,7 +75,10 @@ def asyncps(*args: str, run_dir: Path | None = None, kind: str = "", steps: int 
     metrics.jsonl shows step >= 10% and >= 90% of `steps` (rows of `kind`), and returns CPU ms
     per step by role over that window: the steady state, without start-up or final evaluation."""
     env = dict(os.environ)
-    env.update(a[4:].split("=", 1) for a in args if a.startswith("env:"))
+    for a in args:
+        if a.startswith("env:"):
+            name, value = a[4:].split("=", 1)
+            env[name] = value
     args = tuple(a for a in args if not a.startswith("env:"))
     global _last_wall
     started = time.perf_counter()
@@ -225,9 +228,9 @@ def main() -> None:
         runs = [r for r in runs if r]
         if not runs:
             continue
-        med = {r: statistics.median(run.get(r, 0.0) for run in runs) for r in roles}
-        print(f"{key:<{width}} " + " ".join(f"{med[r]:>8.2f}" for r in roles) +
-              f" {(1 if key == 'train' else os.cpu_count()) * 1000 / med['total']:>22.0f}")
+        med_cpu = {r: statistics.median(run.get(r, 0.0) for run in runs) for r in roles}
+        print(f"{key:<{width}} " + " ".join(f"{med_cpu[r]:>8.2f}" for r in roles) +
+              f" {(1 if key == 'train' else os.cpu_count() or 1) * 1000 / med_cpu['total']:>22.0f}")
     print("per rep (steps/s): " + json.dumps({k: [round(v, 1) for v in vs] for k, vs in rates.items()}))
     print("per rep (CPU ms/step): " + json.dumps({k: [{r: round(v, 2) for r, v in run.items()} for run in runs]
                                                   for k, runs in CPU.items()}))

@@ -73,8 +73,9 @@ def pusher_process(address, n, dim, security, indices, seconds, start_at, out_qu
 
     def run(index):
         client = PSClient([address], placement(n, dim), cfg)
-        g = {"w": np.full(dim, STEP, np.float32), "counts": SparseRows(np.array([index]), np.ones((1, 1), np.float32))}
-        bad = {"w": np.full(dim, np.nan, np.float32)}
+        g: dict[str, np.ndarray | SparseRows] = {
+            "w": np.full(dim, STEP, np.float32), "counts": SparseRows(np.array([index]), np.ones((1, 1), np.float32))}
+        bad: dict[str, np.ndarray | SparseRows] = {"w": np.full(dim, np.nan, np.float32)}
         r = {"index": index, "sent": 0, "APPLIED": 0, "DUPLICATE": 0, "DROPPED": 0, "ACCUMULATED": 0,
              "rejected": 0, "failed": 0, "errors": {}, "latency": []}
         seq, version = 0, [0]
@@ -156,7 +157,7 @@ def one_level(n: int, args, tmp: Path, security: dict) -> dict:
         for p in procs:
             p.start()
         peak = rss_start
-        results = []
+        results: list[dict] = []  # one per pushing worker
         while len(results) < n:
             try:
                 results.append(queue.get(timeout=0.2))
@@ -218,7 +219,7 @@ def security_settings(kind: str, tmp: Path) -> dict:
         return {}
     token = tmp / "token"
     token.write_text("load-bench-token\n")
-    settings = {"token_file": str(token)}
+    settings: dict[str, str | bool] = {"token_file": str(token)}
     if kind in ("tls", "mtls"):
         from asyncps.cli.certs import make_certs
 

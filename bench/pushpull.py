@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+from multiprocessing.process import BaseProcess
 import os
 import statistics
 import sys
@@ -31,9 +32,9 @@ MLP_SHAPES = {"dense0/w": (784, 256), "dense0/b": (256,), "dense1/w": (256, 256)
               "dense2/w": (256, 10), "dense2/b": (10,)}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process, all threads (from /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
+def _cpu_seconds(proc: BaseProcess) -> float:
+    """user + system CPU seconds of a started process, all threads (from /proc)."""
+    with open(f"/proc/{proc.pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -107,20 +108,19 @@ def _raw_client_main(conn, ports: list[int], worker: int, calls: int, *_ignored)
 
 def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None,
                  compression: str = "none") -> None:
-    from asyncps.config import Config
+    from asyncps.config import from_dict
     from asyncps.partition import place
-    from asyncps.ps_client import PSClient
+    from asyncps.ps_client import UNARY_BYTES, PSClient
 
-    cfg = Config()
-    cfg.cluster.ps, cfg.cluster.workers = len(ports), 2
     compression, _, transport = compression.partition("@")
-    cfg.cluster.compression, cfg.cluster.transport = compression, transport or "grpc"
+    cfg = from_dict({"cluster": {"ps": len(ports), "workers": 2, "compression": compression,
+                                 "transport": transport or "grpc"}})  # validated: a typo is an error
     rng = np.random.default_rng(worker)
     params = {n: rng.standard_normal(s).astype(np.float32) * 0.01 for n, s in MLP_SHAPES.items()}
     grads = {n: (rng.standard_normal(s) * 1e-6).astype(np.float32) for n, s in MLP_SHAPES.items()}
     placement = place({n: (v.shape, v.dtype) for n, v in params.items()}, len(ports))
-    kw = {} if unary is None else {"unary_bytes": unary}
-    client = PSClient([f"127.0.0.1:{p}" for p in ports], placement, cfg, **kw)
+    client = PSClient([f"127.0.0.1:{p}" for p in ports], placement, cfg,
+                      unary_bytes=UNARY_BYTES if unary is None else unary)
     client.init(params)
     client.register(worker)
     _, versions = client.pull(worker=worker)
@@ -143,6 +143,7 @@ def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str |
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         if prof is not None:
             prof.disable()
+            assert profile is not None  # prof is made only when a path is given
             prof.dump_stats(profile)
         conn.send((wall, cpu))
     client.close()
@@ -175,13 +176,13 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
             if last and profile:
                 for _, conn, _ in servers:
                     conn.send("profile")
-            ps_cpu0 = [_cpu_seconds(p.pid) for p, _, _ in servers]
+            ps_cpu0 = [_cpu_seconds(p) for p, _, _ in servers]
             t0 = time.perf_counter()
             for _, conn in workers:
                 conn.send(msg)
             results = [conn.recv() for _, conn in workers]
             wall = time.perf_counter() - t0
-            ps_cpu = sum(_cpu_seconds(p.pid) - c for (p, _, _), c in zip(servers, ps_cpu0))
+            ps_cpu = sum(_cpu_seconds(p) - c for (p, _, _), c in zip(servers, ps_cpu0))
             n = calls * clients
             if rep:
                 rows.append({"calls_per_s": n / wall, "wall_ms": 1e3 * statistics.mean(r[0] for r in results) / calls,

@@ -79,7 +79,7 @@ def main() -> int:
     common = [f"train.max_steps={args.steps}", "train.eval_every=0", "telemetry.every_seconds=0"]
     cluster_mode = [f"cluster.mode={args.mode}", f"cluster.softsync_n={args.n}", f"cluster.staleness_bound={args.bound}"]
     sim_mode = f"mode: {args.mode}, n: {args.n}, staleness_bound: {args.bound}"
-    pooled = {"launch": {}, "sim": {}, "sim+o": {}}
+    pooled: dict[str, dict[int, int]] = {"launch": {}, "sim": {}, "sim+o": {}}  # staleness histograms
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         dist = f"{{kind: {args.kind}, mean_ms: {ms}}}"

@@ -93,7 +93,7 @@ def micro(args) -> None:
     for i in range(args.workers):
         shard.register_worker(i)
     grads = {k: np.full_like(v, 1e-6) for k, v in params.items()}
-    times = {True: [], False: []}
+    times: dict[bool, list[float]] = {True: [], False: []}
     seq = 0
     for block in range(40):  # interleaved blocks: recording on, off, on, ... (the machine is shared)
         on = block % 2 == 0
@@ -147,10 +147,10 @@ def round_trips(cfg, params, grads, args) -> None:
         counters.set_recording(True)
         client.close()
         server.stop(0)
-    on, off = statistics.median(times[True]), statistics.median(times[False])
+    on_us, off_us = statistics.median(times[True]), statistics.median(times[False])
     paired = statistics.median(a / b for a, b in zip(times[True], times[False]))
-    print(f"  gRPC push_pull round trip, CPU of client + shard ({args.blocks} x 100 calls each way, interleaved): on {on:.1f} us, "
-          f"off {off:.1f} us; median paired on/off = {paired:.4f}")
+    print(f"  gRPC push_pull round trip, CPU of client + shard ({args.blocks} x 100 calls each way, interleaved): on {on_us:.1f} us, "
+          f"off {off_us:.1f} us; median paired on/off = {paired:.4f}")
 
 
 def main() -> None:

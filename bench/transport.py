@@ -146,7 +146,7 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
 
     from asyncps.config import Config
     from asyncps.partition import place
-    from asyncps.ps_client import PSClient
+    from asyncps.ps_client import UNARY_BYTES, PSClient
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -161,8 +161,9 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
     rows = []
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}", options=OPTIONS)
-        kw = {} if unary_bytes is None else {"unary_bytes": unary_bytes}
-        clients = {k: PSClient([f"127.0.0.1:{p}"], placement, cfg, **kw) for k, p in (("sgd", sgd_port), ("noop", noop_port))}
+        unary = UNARY_BYTES if unary_bytes is None else unary_bytes
+        clients = {k: PSClient([f"127.0.0.1:{p}"], placement, cfg, unary_bytes=unary)
+                   for k, p in (("sgd", sgd_port), ("noop", noop_port))}
         for client in clients.values():
             client.init(variables)
             client.register(0)
