@@ -26,6 +26,12 @@ shard are shard-local (global row - start).
 {'b': ((10,), 'float32'), 'emb': ((500, 512), 'float32')}
 >>> Placement.from_json(p.to_json()) == p
 True
+
+Id-keyed embedding tables (ps/tables.py) have no rows to cut: their ids are any 64-bit values.
+An id's row lives on shard ``table_owners(ids, num_shards)``, a hash of the id alone (a
+SplitMix64 finalizer of the id under a fixed salt, modulo the shard count), so every process
+agrees without a table of ids, hot ids spread like cold ones, and a checkpoint restored into
+another shard count re-places each row by the same function.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from asyncps.hashing import splitmix64
 from asyncps.sparse import SparseRows
 
 SPLIT_BYTES = 1 << 20  # variables larger than this are split by rows across the shards
@@ -221,3 +228,27 @@ def _split_rows(rows: int, nbytes: int, loads: list[int]) -> tuple[Block, ...]:
         loads[shard] += nbytes * int(stop - start) // rows
         out.append(Block(shard, int(start), int(stop)))
     return tuple(out)
+
+
+_TABLE_SALT = np.uint64(0x7AB1E5EED0C0FFEE)  # not the rows' init salt: placement and values independent
+
+
+def table_owners(ids: np.ndarray, num_shards: int) -> np.ndarray:
+    """The shard (int64 in [0, num_shards)) that holds each id's row of an id-keyed table.
+
+    >>> table_owners(np.array([1, 2, 3, 1]), 2).tolist() == table_owners(np.array([1, 2, 3, 1]), 2).tolist()
+    True
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+    if num_shards == 1:
+        return np.zeros(len(ids), np.int64)
+    mixed = splitmix64(np.asarray(ids, dtype=np.int64).view(np.uint64) ^ _TABLE_SALT)
+    return (mixed % np.uint64(num_shards)).astype(np.int64)
+
+
+def split_ids(ids: np.ndarray, num_shards: int) -> list[np.ndarray]:
+    """Per shard, the positions in `ids` of the ids it owns (in order): ``ids[pos[i]]`` go to
+    shard i, and rows answered in that order go back to ``out[pos[i]]``."""
+    owners = table_owners(ids, num_shards)
+    return [np.flatnonzero(owners == i) for i in range(num_shards)]

@@ -9,6 +9,16 @@
     results, params, versions = client.push_pull(grads, versions, worker, seq, pull_age=r)
     future = client.push_pull_async(grads, versions, worker, seq)  # the same, in the background
 
+Id-keyed tables (docs/sparse.md; `tables` = {name: dim} given to the constructor):
+
+    params, versions, rows = client.pull_with_rows({"t": ids}, worker=worker)  # rows["t"] = (values, row versions)
+    results, params, versions, rows = client.push_pull_rows(grads, versions, worker, seq,
+                                                            table_grads={"t": TableGrad(ids, g, read)},
+                                                            table_ids={"t": next_ids})
+
+Each id goes to (and comes from) the shard `partition.table_owners` names; rows travel in the
+headers (protos/table_rows.py), on every transport. The ids of one call must be unique.
+
 `versions` is a list with one shard version per shard (see protos/ps.proto). Gradients are full
 arrays or `SparseRows` with global row indices; the placement cuts them per shard and joins
 pulled blocks back. Every shard gets every push, even an empty one, so that ssp clocks advance.
@@ -45,17 +55,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import numpy as np
 
 from asyncps import shm
 from asyncps.errors import UserError
-from asyncps.protos import codec, ps_pb2
+from asyncps.partition import split_ids
+from asyncps.protos import codec, ps_pb2, table_rows
+from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
 from asyncps.shard_types import PushResult, Snapshot
 from asyncps.sparse import SparseRows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PSClient", "PushResult", "SparseRows", "Snapshot", "channel_options"]
+__all__ = ["PSClient", "PushResult", "SparseRows", "Snapshot", "TableGrad", "channel_options"]
 
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
@@ -153,11 +166,12 @@ class PSClient:
     """
 
     def __init__(self, addresses: list[str], placement, cfg, chunk_bytes: int = codec.CHUNK_BYTES,
-                 unary_bytes: int = UNARY_BYTES, transport: str | None = None):
+                 unary_bytes: int = UNARY_BYTES, transport: str | None = None, tables: Mapping[str, int] | None = None):
         if len(addresses) != placement.num_shards:
             raise ValueError(f"{len(addresses)} shard addresses for a placement of {placement.num_shards} shards")
         self.addresses = list(addresses)
         self.placement = placement
+        self.tables = dict(tables or {})  # id-keyed tables: {name: dim}
         self.timeout = cfg.cluster.rpc_timeout
         self._chunk = chunk_bytes
         # Transfers whose both directions fit in `unary_bytes` use the unary ...One methods.
@@ -295,9 +309,11 @@ class PSClient:
     def init(self, params: Mapping[str, Any]) -> list[bool]:
         """Sends initial values (full arrays) to the shards; per shard, True if it created them."""
         pieces = self.placement.split(params)
+        header = ps_pb2.InitHeader(tables=[ps_pb2.TableSpec(name=n, dim=d) for n, d in sorted(self.tables.items())])
+        raw = header.SerializeToString() if self.tables else None  # a dense run's Init stays as it was
 
         def one(i, stub, values):
-            return self._call(stub.Init, self._stream(values)).created
+            return self._call(stub.Init, self._stream(values, raw)).created
 
         return self._each(one, [(p,) for p in pieces])
 
@@ -326,24 +342,111 @@ class PSClient:
         With `at_version` (the chief's evaluations), every shard serves its values of exactly
         that version (NOT_FOUND where not kept).
         """
+        params, versions, _ = self._pull(names, worker, age, at_version, None)
+        return params, versions
+
+    def pull_with_rows(self, table_ids: Mapping[str, Any], names: list[str] | None = None, worker: int | None = None,
+                       age: int = 0, at_version: int = 0) -> tuple[dict, list[int], dict]:
+        """`pull`, plus the rows of the unique `table_ids` ({table: ids}) from the shards that
+        own them: (params, versions, {table: (rows, row versions)}), rows in the order of the ids.
+        A worker's pull makes missing rows; the chief's (no `worker`) makes none."""
+        return self._pull(names, worker, age, at_version, table_ids)
+
+    def pull_rows(self, table_ids: Mapping[str, Any], worker: int | None = None) -> dict:
+        """Only the rows of the unique `table_ids` ({table: ids}): {table: (rows, row versions)}.
+        The chief's (no `worker`) make no rows: an unseen id reads its first values, version 0."""
+        return self._pull(None, worker, 0, 0, table_ids, values=False)[2]
+
+    def _pull(self, names, worker, age, at_version, table_ids, values: bool = True):
         wanted = list(self.placement.variables) if names is None else list(names)
         requests = [self._pull_request(i, names, worker, age, at_version) for i in range(len(self._stubs))]
+        asked, positions = self._split_ids(table_ids)
+        for i, request in enumerate(requests):
+            if (request is None or not values) and asked[i]:  # rows only from this shard
+                requests[i] = request = ps_pb2.PullRequest(age=age, at_version=at_version, no_values=True)
+                if worker is not None:
+                    request.worker = worker
+            elif not values:
+                requests[i] = request = None
+            if request is not None:
+                request.tables.extend(asked[i])
 
         def one(i, stub, req):
             if req is None:
                 return ps_pb2.PullHeader(version=-1), {}
             peer = self._peer(i, stub, worker) if not at_version else None
             if peer is not None:
-                out = self._shm_call(i, stub, peer, ps_pb2.ShmRequest(
-                    generation=peer.generation, pull=True, worker=worker, age=age, names=req.names))
-                if out is not None:
-                    return out
-            if self._pull_bytes[i] <= self._unary:
+                if not req.no_values:  # (a rows-only pull goes over gRPC: the segment has no such request)
+                    out = self._shm_call(i, stub, peer, ps_pb2.ShmRequest(
+                        generation=peer.generation, pull=True, worker=worker, age=age, names=req.names,
+                        tables=req.tables))
+                    if out is not None:
+                        return out
+            if self._pull_bytes[i] + table_rows.nbytes(req.tables) * (1 + 4 * self._max_dim()) <= self._unary:
                 return self._read_pull((self._call(stub.PullOne, req),))
             return self._read_pull(self._call(stub.Pull, req))
 
         results = self._each(one, [(r,) for r in requests])
-        return self.placement.join([v for _, v in results], wanted), [h.version for h, _ in results]
+        rows = self._join_rows(table_ids, positions, [h for h, _ in results])
+        if not values:
+            return {}, [], rows
+        return self.placement.join([v for _, v in results], wanted), [h.version for h, _ in results], rows
+
+    # -- id-keyed tables ------------------------------------------------------------------------
+
+    def _max_dim(self) -> int:
+        return max(self.tables.values(), default=0)
+
+    def _split_ids(self, table_ids: Mapping[str, Any] | None) -> tuple[list[list], dict]:
+        """Per shard, the TableRows (ids only) it owns; and {table: per-shard positions}."""
+        asked: list[list] = [[] for _ in self._stubs]
+        positions = {}
+        for name, ids in (table_ids or {}).items():
+            self._dim(name)
+            ids = np.asarray(ids, dtype=np.int64)
+            positions[name] = split_ids(ids, len(self._stubs))
+            for i, pos in enumerate(positions[name]):
+                if len(pos):
+                    asked[i].append(table_rows.ids_message(name, ids[pos]))
+        return asked, positions
+
+    def _split_grads(self, table_grads: Mapping[str, TableGrad] | None) -> list[list]:
+        """Per shard, the TableRows (row gradients with the versions read) of the ids it owns."""
+        out: list[list] = [[] for _ in self._stubs]
+        for name, g in (table_grads or {}).items():
+            self._dim(name)
+            ids = np.asarray(g.ids, dtype=np.int64)
+            for i, pos in enumerate(split_ids(ids, len(self._stubs))):
+                if len(pos):
+                    out[i].append(table_rows.rows_message(name, ids[pos], np.asarray(g.values)[pos],
+                                                          np.asarray(g.read_versions)[pos]))
+        return out
+
+    def _dim(self, name: str) -> int:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise ValueError(f"table {name!r} is not one of this client's tables {sorted(self.tables)}") from None
+
+    def _join_rows(self, table_ids, positions: dict, headers: list) -> dict:
+        """{table: (rows, versions)} in the order of `table_ids`, from each shard's answer."""
+        out = {}
+        for name, ids in (table_ids or {}).items():
+            dim = self._dim(name)
+            rows = np.empty((len(ids), dim), np.float32)
+            versions = np.empty(len(ids), np.int64)
+            for i, pos in enumerate(positions[name]):
+                if not len(pos):
+                    continue
+                got = [m for m in headers[i].tables if m.table == name]
+                if len(got) != 1:
+                    raise codec.CodecError(f"shard {i} answered {len(got)} row sets of table {name!r}, asked 1")
+                got_ids, values, got_versions = table_rows.read_rows(got[0], dim)
+                if not np.array_equal(got_ids, np.asarray(ids, dtype=np.int64)[pos]):
+                    raise codec.CodecError(f"shard {i} answered other ids of table {name!r} than asked")
+                rows[pos], versions[pos] = values, got_versions
+            out[name] = (rows, versions)
+        return out
 
     def _pull_request(self, shard: int, names: list[str] | None, worker: int | None, age: int = 0,
                       at_version: int = 0):
@@ -384,7 +487,20 @@ class PSClient:
 
         `pull_age`: the pull's `age` (controlled staleness; see `pull`).
         """
-        return self._send_push_pull(self._push_pull_requests(grads, versions, worker, seq, pull_age=pull_age))
+        return self._send_push_pull(self._push_pull_requests(grads, versions, worker, seq, pull_age=pull_age))[:3]
+
+    def push_pull_rows(self, grads: Mapping[str, Any], versions: list[int], worker: int, seq: int,
+                       table_grads: Mapping[str, TableGrad] | None = None, table_ids: Mapping[str, Any] | None = None,
+                       pull_age: int = 0):
+        """`push_pull` that also pushes row gradients of id-keyed tables (`table_grads`, unique
+        ids) and pulls the rows of `table_ids` (the worker's next batch) in the same round trip:
+        (results, params, versions, {table: (rows, row versions)})."""
+        pushed = self._split_grads(table_grads)
+        asked, positions = self._split_ids(table_ids)
+        requests = self._push_pull_requests(grads, versions, worker, seq, pull_age=pull_age,
+                                            tables=list(zip(pushed, asked)))
+        results, params, versions_after, headers = self._send_push_pull(requests)
+        return results, params, versions_after, self._join_rows(table_ids, positions, headers)
 
     def push_pull_async(self, grads: Mapping[str, Any], versions: list[int], worker: int, seq: int) -> Future:
         """`push_pull` with the round trip in this client's background thread: a Future of
@@ -400,28 +516,32 @@ class PSClient:
                 self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ps-client-bg")
                 self._pools.append(self._background)
             background = self._background
-        return background.submit(self._send_push_pull, requests)
+        return background.submit(lambda: self._send_push_pull(requests)[:3])
 
     def _push_pull_requests(self, grads, versions: list[int], worker: int, seq: int, eager: bool = False,
-                            pull_age: int = 0) -> list:
+                            pull_age: int = 0, tables: list | None = None) -> list:
         """Per shard (kind, request): "shm" ((peer, ShmRequest), the gradients already in the
         segment and its lock held until the call ends), "one" (one message) or "stream" (the
-        stream's messages, a list if `eager`)."""
+        stream's messages, a list if `eager`). `tables`: per shard (TableRows pushed, TableRows
+        of ids to pull), carried in the push header."""
         if self._compress is not None:  # error feedback: see asyncps.compression
             grads = self._compress(grads)
         peers = [self._peer(i, stub, worker) for i, stub in enumerate(self._stubs)]  # may open segments
         requests = []
         try:
             for i, part in enumerate(self.placement.split(grads)):
+                pushed, asked = tables[i] if tables else ((), ())
+                extra = table_rows.nbytes(pushed) + table_rows.nbytes(asked) * (1 + 4 * self._max_dim())
                 tensors = self._write_push(peers[i], part)
                 if tensors is not None:
-                    header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i], pull_age=pull_age)
+                    header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i], pull_age=pull_age,
+                                               table_grads=pushed, table_pull=asked)
                     requests.append(("shm", (peers[i], ps_pb2.ShmRequest(generation=peers[i].generation, push=header,
                                                                         tensors=tensors, pull=True))))
-                elif self._pull_bytes[i] <= self._unary and _nbytes(part) <= self._unary:
-                    requests.append(("one", self._push_message(part, versions[i], worker, seq, pull_age)))
+                elif self._pull_bytes[i] <= self._unary and _nbytes(part) + extra <= self._unary:
+                    requests.append(("one", self._push_message(part, versions[i], worker, seq, pull_age, pushed, asked)))
                 else:
-                    stream = self._push_stream(part, versions[i], worker, seq, pull_age)
+                    stream = self._push_stream(part, versions[i], worker, seq, pull_age, pushed, asked)
                     requests.append(("stream", list(stream) if eager else stream))
         except BaseException:
             for kind, request in requests:
@@ -454,19 +574,23 @@ class PSClient:
                 header, values = self._read_pull((self._call(stub.PushPullOne, request),))
             else:
                 header, values = self._read_pull(self._call(stub.PushPull, iter(request)))
-            return _push_result(header.push), values, header.version
+            return _push_result(header.push), values, header.version, header
 
         out = self._each(one, requests)
-        params = self.placement.join([values for _, values, _ in out])
-        return [r for r, _, _ in out], params, [v for _, _, v in out]
+        params = self.placement.join([values for _, values, _, _ in out])
+        return [r for r, _, _, _ in out], params, [v for _, _, v, _ in out], [h for _, _, _, h in out]
 
-    def _push_stream(self, part, read_version: int, worker: int, seq: int, pull_age: int = 0):
-        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version, pull_age=pull_age)
+    def _push_stream(self, part, read_version: int, worker: int, seq: int, pull_age: int = 0, table_grads=(),
+                     table_pull=()):
+        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version, pull_age=pull_age,
+                                   table_grads=table_grads, table_pull=table_pull)
         return self._stream(part, header.SerializeToString())
 
     @staticmethod
-    def _push_message(part, read_version: int, worker: int, seq: int, pull_age: int = 0) -> bytes:
-        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version, pull_age=pull_age)
+    def _push_message(part, read_version: int, worker: int, seq: int, pull_age: int = 0, table_grads=(),
+                      table_pull=()) -> bytes:
+        header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version, pull_age=pull_age,
+                                   table_grads=table_grads, table_pull=table_pull)
         return codec.encode_message(part, header.SerializeToString())
 
     def stats(self) -> list[ps_pb2.StatsReply]:

@@ -31,7 +31,7 @@ import grpc
 
 from asyncps.protos import codec, ps_pb2
 from asyncps.protos.codec import CodecError
-from asyncps.ps import validate
+from asyncps.ps import table_wire, validate
 from asyncps.ps.errors import ShardError
 from asyncps.ps.shard import Shard
 
@@ -140,15 +140,18 @@ class ParameterServerServicer:
     @_rpc
     def Init(self, request_iterator, context):
         """Creates the variables from the streamed initial values (first Init wins)."""
-        asm = codec.Assembler(self._init_admission())
+        asm, tables = codec.Assembler(self._init_admission()), {}
         try:
             for message in request_iterator:
-                asm.add_wire(message)
+                raw = asm.add_wire(message)
+                if raw:  # the header: the id-keyed tables
+                    header = codec.parse_header(ps_pb2.InitHeader, raw)
+                    tables = {t.name: t.dim for t in header.tables}
             values = asm.finish()
         except BaseException:
             asm.clear()
             raise
-        created = self._shard.init(values)
+        created = self._shard.init(values, tables)
         return ps_pb2.InitReply(created=created, num_variables=self._shard.num_variables, version=self._shard.version)
 
     @_rpc
@@ -162,7 +165,8 @@ class ParameterServerServicer:
         """Streams the requested values with the shard version (may wait: ssp/sync)."""
         worker = request.worker if request.HasField("worker") else None
         yield from self._shard.pull(worker, request.names, context.time_remaining(), self._export(), age=request.age,
-                                    at_version=request.at_version)
+                                    at_version=request.at_version, tables=self._wanted(request.tables),
+                                    values=not request.no_values)
 
     @_rpc
     def Push(self, request_iterator, context):
@@ -174,14 +178,15 @@ class ParameterServerServicer:
         """Push, then pull all values, in one round trip."""
         result, header = self._push(request_iterator, context, with_header=True)
         yield from self._shard.pull(header.worker, (), context.time_remaining(), self._export(_push_reply(result)),
-                                    age=header.pull_age)
+                                    age=header.pull_age, tables=self._wanted(header.table_pull))
 
     @_rpc
     def PullOne(self, request, context):
         """Pull as one unary reply message (all values unchunked)."""
         worker = request.worker if request.HasField("worker") else None
         return self._shard.pull(worker, request.names, context.time_remaining(), self._export(one=True),
-                                age=request.age, at_version=request.at_version)
+                                age=request.age, at_version=request.at_version, tables=self._wanted(request.tables),
+                                    values=not request.no_values)
 
     @_rpc
     def PushOne(self, request, context):
@@ -193,19 +198,24 @@ class ParameterServerServicer:
         """PushPull with one request and one reply message."""
         result, header = self._push((request,), context, with_header=True, streamed=False)
         return self._shard.pull(header.worker, (), context.time_remaining(), self._export(_push_reply(result), one=True),
-                                age=header.pull_age)
+                                age=header.pull_age, tables=self._wanted(header.table_pull))
 
     def _export(self, push_reply: ps_pb2.PushReply | None = None, one: bool = False):
         """Encodes pulled values into wire messages (run by the shard under its lock); with
         `one`, into a single message."""
 
-        def export(version, values):
-            header = ps_pb2.PullHeader(version=version, push=push_reply).SerializeToString()
+        def export(version, values, rows=None):
+            header = ps_pb2.PullHeader(version=version, push=push_reply,
+                                       tables=table_wire.answer(rows)).SerializeToString()
             if one:
                 return codec.encode_message(values, header)
             return list(codec.encode_wire(values, header, self._chunk))  # bytes.join copies
 
         return export
+
+    def _wanted(self, messages) -> dict | None:
+        """{table: ids} a pull asks for (None: no table rows)."""
+        return table_wire.requested_ids(messages, self._shard.tables) if len(messages) else None
 
     def _push(self, request_iterator, context, with_header=False, streamed=True):
         # streamed: charged to the byte budget (a unary push is one message, already received
@@ -239,8 +249,11 @@ class ParameterServerServicer:
             if header is None:
                 raise CodecError("empty push stream (no header)")
             try:
-                return header, asm.finish()
-            except CodecError:
+                grads = asm.finish()
+                if len(header.table_grads):
+                    grads.update(table_wire.pushed_rows(header.table_grads, self._shard.tables))
+                return header, grads
+            except (CodecError, ShardError):
                 self._shard.count_rejected(header.worker)
                 raise
         except BaseException:  # refused, malformed, cancelled or timed out: free what arrived now
@@ -320,6 +333,8 @@ class ParameterServerServicer:
         """The shard's counters: staleness per worker and histogram, applied/dropped/rejected."""
         stats = self._shard.stats()
         workers = [ps_pb2.WorkerStats(**w) for w in stats.pop("workers")]
+        stats["tables"] = [ps_pb2.TableStats(**{**t, "staleness": [ps_pb2.FrequencyBucket(**b) for b in t["staleness"]]})
+                           for t in stats["tables"]]
         if self.shm is not None:
             stats.update(self.shm.stats())
         return ps_pb2.StatsReply(workers=workers, **stats)

@@ -29,6 +29,16 @@ Cap (`cap_at`, `train.max_steps` in a shard process): once the version reaches t
 wait as if paused, whatever `resume` says, so a run applies exactly max_steps updates however
 late the chief notices; the chief's stop then ends those waits.
 
+Id-keyed tables (ps/tables.py; docs/sparse.md): besides its variables a shard may hold its
+hash-placed part of embedding tables declared at Init. A pull may ask for the rows of some ids
+(`tables`), read under the same lock after the consistency wait, with each row's version; a
+push may carry `TableGrad`s (protos/table_rows.py) that are applied in the same update as its
+dense gradients, at the same learning rate, through the optimizer's row-wise update. The shard
+version counts pushes as before; each row also counts its own updates, and the per-row
+staleness is recorded by the table. Tables need async or ssp (a sync round would average rows
+of different reads), no controlled staleness and no staleness policy other than none (they
+act on whole variables).
+
 Concurrency: one `threading.Condition` guards all state. Decoding and validation happen before
 taking it (variable shapes and dtypes never change after init), so only the update itself and
 the copies made for pulls are serialized.
@@ -56,6 +66,8 @@ from asyncps.ps.errors import (
     Unavailable,
 )
 from asyncps.ps.history import history_depth
+from asyncps.ps.tables import EmbeddingTable
+from asyncps.protos.table_rows import TableGrad
 from asyncps.shard_types import PushResult, Snapshot
 from asyncps.ps.observers import AgeObserver, ClockGap, Observers, UpdateLogObserver
 from asyncps.ps.update_rule import POLICY_SLOT, UpdateRule, Variable
@@ -75,6 +87,9 @@ class Shard:
                  rule: UpdateRule | None = None, consistency=None, observers=()):
         self.index = index
         self.num_workers = cfg.cluster.workers
+        self.seed = cfg.seed  # first values of table rows: a function of (seed, table, id)
+        self._policy_name = cfg.optimizer.staleness_policy.name
+        self._controlled = bool(cfg.staleness.controlled)
         self._frozen_patterns = tuple(cfg.train.frozen)
         if rule is None:
             rule = UpdateRule.from_config(cfg.optimizer)
@@ -84,6 +99,7 @@ class Shard:
         self.consistency = consistency or make_consistency(cfg.cluster)
         self._cond = threading.Condition()  # guards every attribute below
         self._vars: dict[str, Variable] = {}
+        self._tables: dict[str, EmbeddingTable] = {}  # id-keyed tables (ps/tables.py)
         self._initialized = False
         self.version = 0
         self.workers: dict[int, WorkerCounters] = {}
@@ -132,20 +148,55 @@ class Shard:
         """True when `name` matches a `train.frozen` pattern."""
         return any(fnmatch.fnmatchcase(name, p) for p in self._frozen_patterns)
 
-    def init(self, values: Mapping[str, np.ndarray]) -> bool:
-        """Creates the variables (copies of `values`); True if created, False if already there.
+    @property
+    def tables(self) -> Mapping[str, EmbeddingTable]:
+        """The id-keyed tables by name (fixed once initialized, like `variables`): for
+        validation outside the lock, names and dims only."""
+        return self._tables
 
-        A later Init with identical names, shapes and dtypes is a no-op; different specs raise
-        FailedPrecondition.
+    def init(self, values: Mapping[str, np.ndarray], tables: Mapping[str, int] | None = None) -> bool:
+        """Creates the variables (copies of `values`) and the id-keyed `tables` ({name: dim});
+        True if created, False if already there.
+
+        A later Init with identical names, shapes, dtypes and tables is a no-op; different specs
+        raise FailedPrecondition.
         """
         validate.check_initial_values(values, self.frozen)
+        tables = dict(tables or {})
+        self._check_table_specs(tables, values)
         with self._cond:
             if self._initialized:
                 self._check_same_specs(values, "Init")
+                if tables != self.table_specs():
+                    raise FailedPrecondition(f"Init declares tables {tables}, shard {self.index} holds "
+                                             f"{self.table_specs()}")
                 return False
             self._vars = {name: self.rule.new_variable(v, self.frozen(name)) for name, v in sorted(values.items())}
+            self._tables = self._new_tables(tables)
             self._initialized = True
             return True
+
+    def table_specs(self) -> dict[str, int]:
+        """{table name: dim} of the id-keyed tables."""
+        return {name: t.dim for name, t in self._tables.items()}
+
+    def _check_table_specs(self, tables: Mapping[str, int], values: Mapping) -> None:
+        """Tables need a mode, a policy and reads they make sense with (module docstring)."""
+        if not tables:
+            return
+        for name, dim in tables.items():
+            if not name or name in values or not 1 <= int(dim) <= 1 << 16:
+                raise InvalidArgument(f"table {name!r}: a table needs a name no variable has and a dim in "
+                                      f"[1, 65536], got dim {dim}")
+        if self.mode not in ("async", "ssp"):
+            raise InvalidArgument(f"id-keyed tables {sorted(tables)} need cluster.mode async or ssp, not {self.mode}")
+        if self._policy_name != "none" or self._controlled:
+            raise InvalidArgument(f"id-keyed tables {sorted(tables)} train without optimizer.staleness_policy "
+                                  "and staleness.controlled (they act on whole variables)")
+
+    def _new_tables(self, tables: Mapping[str, int]) -> dict[str, EmbeddingTable]:
+        return {name: EmbeddingTable(name, int(dim), self.seed, self.rule.optimizer)
+                for name, dim in sorted(tables.items())}
 
     def _check_same_specs(self, values: Mapping[str, np.ndarray], what: str) -> None:
         mine = {n: (v.value.shape, v.value.dtype.name) for n, v in self._vars.items()}
@@ -208,7 +259,8 @@ class Shard:
     # Pull and push
 
     def pull(self, worker: int | None, names: Iterable[str] = (), timeout: float | None = None, export=None,
-             age: int = 0, at_version: int = 0):
+             age: int = 0, at_version: int = 0, tables: Mapping[str, np.ndarray] | None = None,
+             values: bool = True):
         """(version, {name: copy of value}) of the named variables (all if `names` is empty).
 
         `age` (controlled staleness, ps/history.py): the values of ``age`` versions ago instead
@@ -221,24 +273,50 @@ class Shard:
         With `export`, returns ``export(version, live values)`` instead, computed under the lock:
         the servicer encodes straight from the live arrays (one copy instead of two); `export`
         must copy what it keeps.
+
+        `tables` ({table: ids}): the rows of those ids too, read after the wait under the same
+        lock, as {table: (ids, rows, versions)} copies: a worker's read makes missing rows (first
+        touch), the chief's (`worker` None) makes none. Then the answer is (version, values,
+        rows), or ``export(version, live values, rows=rows)``. `values` False: no variable
+        values (only the rows).
         """
         deadline = _deadline(timeout)
+        if tables:
+            self._check_table_names(tables)
         with self._cond:
             self._require_init()
-            wanted = self._names(names)
+            wanted = self._names(names) if values else []
             if worker is not None:
                 w = self._worker(worker)
                 self._wait(lambda: self.consistency.may_pull(self, w), deadline, f"worker {worker} pull (mode {self.mode})")
             version, live = self._read_at(worker, age, wanted, at_version)
+            extra = {"rows": self._read_rows(worker, tables)} if tables else {}
             keep_read = worker is not None and self.rule.needs_value_read
             if export is not None and not keep_read:
-                return export(version, live)
+                return export(version, live, **extra)
             values = {name: value.copy() for name, value in live.items()}
             if keep_read:
                 self.values_read.remember(worker, version, values)
             if export is not None:
-                return export(version, values)
-            return version, values
+                return export(version, values, **extra)
+            return (version, values, extra["rows"]) if tables else (version, values)
+
+    def _check_table_names(self, names: Iterable[str]) -> None:
+        for name in names:
+            if name not in self._tables:
+                raise NotFound(f"table {name!r} is not held by shard {self.index} (tables: {sorted(self._tables)})")
+
+    def _read_rows(self, worker: int | None, tables: Mapping[str, np.ndarray]) -> dict:
+        """{table: (ids, rows, versions)}; caller holds the lock."""
+        out = {}
+        for name, ids in tables.items():
+            table = self._tables[name]
+            if worker is None:
+                out[name] = (ids, table.peek(ids), table.peek_versions(ids))
+            else:
+                rows, versions = table.pull(ids)
+                out[name] = (ids, rows, versions)
+        return out
 
     def _read_at(self, worker: int | None, age: int, wanted: list[str], at_version: int = 0) -> tuple[int, dict]:
         """(version served, its live arrays) for a pull; caller holds the lock."""
@@ -265,7 +343,10 @@ class Shard:
             self._require_init()
             self._worker(worker)
         try:
-            clean = validate.check_gradients(grads, self._vars)  # outside the lock: specs are fixed
+            dense = {n: g for n, g in grads.items() if not isinstance(g, TableGrad)}
+            clean = validate.check_gradients(dense, self._vars)  # outside the lock: specs are fixed
+            clean.update(validate.check_table_grads({n: g for n, g in grads.items() if isinstance(g, TableGrad)},
+                                                    self._tables))
         except ShardError:
             self.count_rejected(worker)
             raise
@@ -305,6 +386,10 @@ class Shard:
         lr = self.rule.learning_rate(self.version)
         applied = not grads
         for name, grad in grads.items():
+            if isinstance(grad, TableGrad):  # checked at push: a known table, shapes, finite
+                self._tables[name].push(grad.ids, grad.values, grad.read_versions, lr)
+                applied = True
+                continue
             applied |= self.rule.apply(self._vars[name], grad, lr, staleness, value_read.get(name))
         return applied
 
@@ -414,6 +499,7 @@ class Shard:
                 "history_bytes": self.past.history.nbytes,
                 "max_clock_gap": self.clock_gap.max,
                 "milestones_dropped": self.milestones.dropped,
+                "tables": [table_stats(t) for t in self._tables.values()],
                 **self.consistency.stats(),
             }
 
@@ -462,3 +548,13 @@ def _worker_stats(w: WorkerCounters) -> dict:
         "histogram": w.trimmed_histogram(), "last_seq": w.last_seq, "active": w.active,
         "reapplied": w.reapplied,
     }
+
+
+def table_stats(table: EmbeddingTable) -> dict:
+    """One table's counters, shaped like the TableStats message."""
+    hot_ids, hot_updates = table.hottest(10)
+    buckets = [{"bucket": b, "histogram": np.trim_zeros(row, "b").tolist()}
+               for b, row in enumerate(table.staleness) if row.any()]
+    return {"name": table.name, "rows": table.rows, "bytes": table.nbytes, "created": table.created,
+            "evicted": table.evicted, "updates": table.updates, "staleness": buckets,
+            "hot_ids": hot_ids.tolist(), "hot_updates": hot_updates.tolist()}

@@ -13,6 +13,12 @@ memory the worker can change after the check; the copy costs one memcpy and rule
 Pulled values are written into the segment's pull region by the shard (under its lock, one
 memcpy, as the gRPC path encodes under it) at offsets the shard chooses; the worker copies them
 out after the reply.
+
+Rows of id-keyed tables (docs/sparse.md) ride in the control message, never in the segment:
+pushed row gradients in ``push.table_grads``, the ids wanted in ``push.table_pull`` (or
+``tables`` for a pull alone), the rows answered in ``header.tables``. They are a batch's unique
+ids (tens of KiB), their count changes every step, and protobuf has already copied them out of
+the worker's reach when they are validated, so the segment's copy-then-validate rule holds.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import threading
 from dataclasses import dataclass, field
 
 from asyncps.protos import codec, ps_pb2
-from asyncps.ps import validate
+from asyncps.ps import table_wire, validate
 from asyncps.ps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ShardError
 from asyncps.ps.shard import Shard
 from asyncps.shm import HEADER_BYTES, Segment, ShmError, proof, region_bytes
@@ -126,13 +132,16 @@ class ShmEndpoint:
             if pushing:
                 header = request.push
                 self._shard.check_pusher(worker)
-                grads = self._read_push(channel, request.tensors)
+                grads = self._read_push(channel, request.tensors, header.table_grads)
                 result = self._shard.push(worker, header.seq, header.read_version, grads, remaining())
                 del grads
                 reply.header.push.CopyFrom(push_reply(result))
             if request.pull:
                 age = request.push.pull_age if pushing else request.age
-                version = self._shard.pull(worker, request.names, remaining(), self._export(channel, reply), age=age)
+                wanted = request.push.table_pull if pushing else request.tables
+                tables = table_wire.requested_ids(wanted, self._shard.tables) if len(wanted) else None
+                version = self._shard.pull(worker, request.names, remaining(), self._export(channel, reply), age=age,
+                                           tables=tables)
                 reply.header.version = version
             elif pushing:
                 reply.header.version = reply.header.push.version
@@ -148,7 +157,7 @@ class ShmEndpoint:
                                      f"generation {generation} (shard restarted? open it again)")
         return channel
 
-    def _read_push(self, channel: _Channel, tensors) -> dict:
+    def _read_push(self, channel: _Channel, tensors, table_grads=()) -> dict:
         """Private copies of the pushed gradients (see the module docstring); a bad declaration is
         refused before anything is copied and counted against the worker."""
         variables = self._shard.variables
@@ -165,6 +174,8 @@ class ShmEndpoint:
                                                              f"variable {t.name!r}")
                 except ShmError as err:
                     raise InvalidArgument(str(err)) from None
+            if len(table_grads):
+                grads.update(table_wire.pushed_rows(table_grads, self._shard.tables))
         except (ShardError, codec.CodecError):
             self._shard.count_rejected(channel.worker)
             raise
@@ -173,7 +184,8 @@ class ShmEndpoint:
     def _export(self, channel: _Channel, reply: ps_pb2.ShmReply):
         """Writes pulled values into the pull region (run under the shard's lock); the version."""
 
-        def export(version, values):
+        def export(version, values, rows=None):
+            reply.header.tables.extend(table_wire.answer(rows))
             lo, hi = channel.pull
             wire = {name: codec.wire_array(value) for name, value in values.items()}
             placed = channel.segment.write(wire, lo, hi)

@@ -73,6 +73,7 @@ class EmbeddingTable:
         self.updates = 0  # pushes applied to the table (the optimizer's step)
         self.evicted = 0
         self.created = 0
+        self.rewound = 0  # pushed rows read at a version ahead of the row (evicted or restored since)
         self.staleness = np.zeros((FREQUENCY_BUCKETS, 64), np.int64)  # [frequency bucket, staleness]
 
     @property
@@ -180,6 +181,23 @@ class EmbeddingTable:
             out[where] = self.values[rows]
         return out
 
+    def peek_versions(self, ids: np.ndarray) -> np.ndarray:
+        """The versions of the rows of `ids` (0 for a row not made yet); nothing is made."""
+        out = np.zeros(len(ids), np.int64)
+        for k, i in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
+            r = self.index.get(i)
+            if r is not None:
+                out[k] = self.versions[r]
+        return out
+
+    def hottest(self, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, update counts) of the `k` most updated live rows, hottest first."""
+        rows = np.fromiter(self.index.values(), np.int64, len(self.index))
+        if not len(rows):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        top = rows[np.lexsort((self.ids[rows], -self.versions[rows]))[:k]]
+        return self.ids[top].copy(), self.versions[top].copy()
+
     def push(self, ids: np.ndarray, grads: np.ndarray, read_versions: np.ndarray, lr: float) -> np.ndarray:
         """Applies row gradients (duplicate ids are summed first); returns each unique id's
         staleness (its version now minus the version read), recorded per frequency bucket."""
@@ -199,8 +217,13 @@ class EmbeddingTable:
         np.maximum.at(read, inverse, read_versions)  # a duplicated id: the newest read of it
         rows = self.lookup(unique)
         staleness = self.versions[rows] - read
-        if (staleness < 0).any():
-            raise InvalidArgument(f"table {self.name!r}: a read version is ahead of its row (restored since?)")
+        # A read version ahead of its row: the row was evicted and made again, or the shard was
+        # restored from a checkpoint, since the worker read it. The updates the worker missed
+        # are unknowable then: counted as staleness 0, and the row as `rewound`.
+        behind = staleness < 0
+        if behind.any():
+            self.rewound += int(behind.sum())
+            staleness = np.maximum(staleness, 0)
         np.add.at(self.staleness, (frequency_bucket(self.versions[rows]), np.minimum(staleness, 63)), 1)
         self.optimizer.apply_sparse(self.values, rows, summed, self.slots, lr, self.updates)
         self.versions[rows] += 1
@@ -212,4 +235,4 @@ class EmbeddingTable:
         by_bucket = {int(b): {int(s): int(c) for s, c in enumerate(row) if c}
                      for b, row in enumerate(self.staleness) if row.any()}
         return {"rows": self.rows, "bytes": self.nbytes, "created": self.created, "evicted": self.evicted,
-                "updates": self.updates, "staleness_by_frequency": by_bucket}
+                "updates": self.updates, "rewound": self.rewound, "staleness_by_frequency": by_bucket}

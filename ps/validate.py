@@ -67,6 +67,27 @@ def check_gradients(grads: Mapping, variables: Mapping) -> dict:
     return {name: _check_one(name, grad, variables) for name, grad in grads.items()}
 
 
+def check_table_grads(grads: Mapping, tables: Mapping) -> dict:
+    """Validated row gradients of id-keyed tables (protos/table_rows.TableGrad): a known table,
+    (n, dim) float32 values for n ids, n read versions >= 0, finite values."""
+    out = {}
+    for name, grad in grads.items():
+        table = tables.get(name)
+        if table is None:
+            raise NotFound(f"table {name!r} is not held by this shard (tables: {sorted(tables)})")
+        n = len(grad.ids)
+        if grad.values.shape != (n, table.dim) or grad.read_versions.shape != (n,):
+            raise InvalidArgument(f"table {name!r}: {n} ids need row gradients of shape ({n}, {table.dim}) and {n} "
+                                  f"read versions, got {grad.values.shape} and {grad.read_versions.shape}")
+        if n and int(grad.read_versions.min()) < 0:
+            raise InvalidArgument(f"table {name!r}: a negative read version")
+        if not all_finite(np.ascontiguousarray(grad.values)):
+            bad = int(grad.values.size - np.count_nonzero(np.isfinite(grad.values)))
+            raise InvalidArgument(f"table {name!r}: {bad} non-finite row gradient value(s) (NaN or Inf)")
+        out[name] = grad
+    return out
+
+
 def _check_one(name: str, grad, variables: Mapping):
     var = variables.get(name)
     if var is None:

@@ -86,9 +86,15 @@ def test_bad_pushes_are_refused_and_change_nothing():
         t.push(np.array([1, 2]), np.ones((2, 5), np.float32), np.zeros(2, np.int64), lr=0.1)
     with pytest.raises(InvalidArgument, match="non-finite"):
         t.push(np.array([1, 2]), np.full((2, 4), np.nan, np.float32), np.zeros(2, np.int64), lr=0.1)
-    with pytest.raises(InvalidArgument, match="ahead of its row"):
-        t.push(np.array([1]), np.ones((1, 4), np.float32), np.array([3]), lr=0.1)
     np.testing.assert_array_equal(t.pull(np.array([1, 2]))[0], values)
+
+
+def test_a_read_version_ahead_of_its_row_counts_as_rewound():
+    """Evicted and made again, or restored, since the read: staleness 0, counted as rewound."""
+    t = table()
+    t.pull(np.array([1]))
+    assert t.push(np.array([1]), np.ones((1, 4), np.float32), np.array([3]), lr=0.1).tolist() == [0]
+    assert t.rewound == 1 and t.versions[t.index[1]] == 1
 
 
 def test_frequency_buckets_are_powers_of_two():

@@ -1,0 +1,192 @@
+"""The row-wise data plane of id-keyed tables on real shards (threads + real gRPC; shm too):
+placement by hash, first-touch rows, pushes of summed row gradients with per-row staleness,
+validation, and equality with training the table as a dense variable."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from asyncps import shm
+from asyncps.config import Config
+from asyncps.partition import place, table_owners
+from asyncps.protos import ps_pb2, table_rows
+from asyncps.ps.server import ShardServer
+from asyncps.ps.tables import initial_rows
+from asyncps.ps_client import PSClient, TableGrad
+from asyncps.sparse import SparseRows
+from asyncps.worker.autodiff import GradientTape, ops
+from asyncps.worker.tables import localize, rows_of
+
+TABLE, DIM, SEED = "t.embed", 4, 3
+DENSE = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
+
+
+def _cfg(shards: int, optimizer: str = "sgd", transport: str = "grpc") -> Config:
+    cfg = Config()
+    cfg.seed = SEED
+    cfg.cluster.ps, cfg.cluster.workers, cfg.cluster.rpc_timeout = shards, 2, 10.0
+    cfg.cluster.transport = transport
+    cfg.optimizer.name, cfg.optimizer.learning_rate = optimizer, 0.5
+    return cfg
+
+
+class Cluster:
+    """`shards` real shard servers and one client (with the table) on 127.0.0.1."""
+
+    def __init__(self, shards: int, params=DENSE, tables=None, **cfg_kw):
+        self.cfg = _cfg(shards, **cfg_kw)
+        self.servers = [ShardServer(self.cfg, i) for i in range(shards)]
+        addresses = [f"127.0.0.1:{s.start()}" for s in self.servers]
+        placement = place({n: (a.shape, a.dtype) for n, a in params.items()}, shards)
+        self.client = PSClient(addresses, placement, self.cfg, tables={TABLE: DIM} if tables is None else tables)
+        self.client.init(params)
+        self.client.register(0)
+
+    def close(self):
+        self.client.close()
+        for s in self.servers:
+            s.stop(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _transports():
+    return ["grpc"] + (["shm"] if shm.available() else [])
+
+
+@pytest.mark.parametrize("transport", _transports())
+def test_rows_are_pulled_from_their_owners_and_pushed_back(transport):
+    ids = np.array([5, 17, 1 << 40, -3, 99], np.int64)
+    with Cluster(2, transport=transport) as c:
+        params, versions, rows = c.client.pull_with_rows({TABLE: ids}, worker=0)
+        np.testing.assert_array_equal(params["w"], DENSE["w"])
+        values, row_versions = rows[TABLE]
+        np.testing.assert_array_equal(values, initial_rows(SEED, TABLE, ids, DIM, 0.05))  # first touch
+        assert row_versions.tolist() == [0] * 5
+        assert c.client.shm_shards() == [transport == "shm"] * 2
+        grads = np.ones((5, DIM), np.float32)
+        next_ids = np.array([5, 7], np.int64)
+        results, params, versions, rows = c.client.push_pull_rows(
+            {"w": np.ones((3, 4), np.float32)}, versions, 0, 0,
+            table_grads={TABLE: TableGrad(ids, grads, row_versions)}, table_ids={TABLE: next_ids})
+        assert [r.result for r in results] == ["APPLIED", "APPLIED"]
+        np.testing.assert_array_equal(params["w"], DENSE["w"] - 0.5)
+        first = initial_rows(SEED, TABLE, next_ids, DIM, 0.05)
+        np.testing.assert_array_equal(rows[TABLE][0][0], first[0] - np.float32(0.5))  # id 5: updated once
+        np.testing.assert_array_equal(rows[TABLE][0][1], first[1])  # id 7: made now
+        assert rows[TABLE][1].tolist() == [1, 0]
+        stats = c.client.stats()
+        owners = table_owners(np.append(ids, 7), 2)
+        assert [s.tables[0].rows for s in stats] == np.bincount(owners, minlength=2).tolist()
+        assert sum(sum(b.histogram) for s in stats for b in s.tables[0].staleness) == 5  # one row update each
+        # the chief's read makes no row: an unseen id reads its first values, version 0
+        peek = c.client.pull_rows({TABLE: np.array([5, 12345], np.int64)})
+        assert peek[TABLE][1].tolist() == [1, 0]
+        assert sum(s.tables[0].rows for s in c.client.stats()) == 6
+
+
+def _raw_push(c: Cluster, shard: int, seq: int, rows_msg) -> grpc.RpcError:
+    header = ps_pb2.PushHeader(worker=0, seq=seq, read_version=0, table_grads=[rows_msg])
+    stub = c.client._stubs[shard]
+    from asyncps.protos import codec
+
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushOne(codec.encode_message({}, header.SerializeToString()), timeout=10)
+    return err.value
+
+
+def test_bad_row_pushes_are_refused_and_change_nothing():
+    ids = np.array([1, 2], np.int64)
+    with Cluster(1) as c:
+        _, _, before = c.client.pull_with_rows({TABLE: ids}, worker=0)
+        good = np.ones((2, DIM), np.float32)
+        cases = [
+            (table_rows.rows_message("nope", ids, good, np.zeros(2)), grpc.StatusCode.NOT_FOUND, "nope"),
+            (table_rows.rows_message(TABLE, ids, good[:1], np.zeros(2)), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+            (table_rows.rows_message(TABLE, ids, good, np.zeros(1)), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+            (ps_pb2.TableRows(table=TABLE, ids=b"123", versions=b"", values=b""), grpc.StatusCode.INVALID_ARGUMENT,
+             "whole int64"),
+            (table_rows.rows_message(TABLE, ids, np.full((2, DIM), np.nan), np.zeros(2)),
+             grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+            (table_rows.rows_message(TABLE, ids, good, np.array([0, -1])), grpc.StatusCode.INVALID_ARGUMENT,
+             "negative"),
+        ]
+        for seq, (message, code, words) in enumerate(cases):
+            err = _raw_push(c, 0, seq, message)
+            assert err.code() == code and words in err.details(), err.details()
+        after = c.client.pull_rows({TABLE: ids})[TABLE]
+        np.testing.assert_array_equal(after[0], before[TABLE][0])
+        assert after[1].tolist() == [0, 0] and c.client.stats()[0].version == 0
+        with pytest.raises(grpc.RpcError) as err:  # a pull of an unknown table
+            c.client._stubs[0].PullOne(ps_pb2.PullRequest(worker=0, tables=[table_rows.ids_message("nope", ids)]),
+                                       timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_tables_are_refused_with_sync_mode():
+    cfg = _cfg(1)
+    cfg.cluster.mode = "sync"
+    server = ShardServer(cfg, 0)
+    address = f"127.0.0.1:{server.start()}"
+    client = PSClient([address], place({"w": ((3, 4), "float32")}, 1), cfg, tables={TABLE: DIM})
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.init(DENSE)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "async or ssp" in err.value.details()
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def _loss(table, x):
+    """A loss whose gradient depends on the rows (so optimizer state matters)."""
+    h = ops.gather(table, x)
+    return ops.sum(h * h) * 0.5 + ops.sum(h) * 0.25
+
+
+def _batches(steps: int, vocab: int):
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, vocab, size=(6, 3)) for _ in range(steps)]  # duplicates within a batch
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "ftrl"])
+def test_row_wise_training_equals_dense_training_bit_for_bit(optimizer):
+    """The same batches through (a) an id-keyed table, rows pulled by id, and (b) a dense
+    variable holding the same first rows, gradients as SparseRows: identical rows."""
+    vocab, steps = 40, 12
+    first = initial_rows(SEED, TABLE, np.arange(vocab), DIM, 0.05)
+    batches = _batches(steps, vocab)
+
+    with Cluster(2, optimizer=optimizer) as c:  # (a) rows by id, the next batch's rows pulled with the push
+        ids, local = localize(batches[0])
+        params, versions, rows = c.client.pull_with_rows({TABLE: ids}, worker=0)
+        for t in range(steps):
+            with GradientTape() as tape:
+                watched = tape.watch(rows[TABLE][0])
+                loss = _loss(watched, local)
+            touched, g = rows_of(tape.gradient(loss, {"t": watched})["t"], ids)
+            read = rows[TABLE][1][np.searchsorted(ids, touched)]
+            ids_next, local_next = localize(batches[(t + 1) % steps])
+            _, params, versions, rows = c.client.push_pull_rows(
+                {}, versions, 0, t, table_grads={TABLE: TableGrad(touched, g, read)}, table_ids={TABLE: ids_next})
+            ids, local = ids_next, local_next
+        table_path = c.client.pull_rows({TABLE: np.arange(vocab)})[TABLE][0]
+
+    dense = {"w": DENSE["w"], "emb": first}
+    with Cluster(2, params=dense, tables={}, optimizer=optimizer) as c:  # (b) a dense variable
+        params, versions = c.client.pull(worker=0)
+        for t in range(steps):
+            with GradientTape() as tape:
+                watched = tape.watch(params["emb"])
+                loss = _loss(watched, batches[t])
+            grad = tape.gradient(loss, {"emb": watched})["emb"]
+            assert isinstance(grad, SparseRows)
+            _, params, versions = c.client.push_pull({"emb": grad}, versions, 0, t)
+        dense_path = params["emb"]
+    assert not np.array_equal(table_path, first)
+    np.testing.assert_array_equal(table_path, dense_path)
