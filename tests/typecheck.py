@@ -12,7 +12,6 @@ The cache sits in build/typecheck-cache, so a second run takes a few seconds.
 """
 import ast
 import os
-import shutil
 import subprocess
 import sys
 
@@ -41,20 +40,36 @@ def role_packages():
 
 def build_tree():
     """Lay out build/typecheck/<package path>/<file> -> <role folder>/<file>; returns {link: real}
-    with both relative to the repository root, to rewrite mypy's paths back."""
-    shutil.rmtree(TREE, ignore_errors=True)
+    with both relative to the repository root, to rewrite mypy's paths back.
+
+    Updated in place, each link swapped in atomically and strays removed, never wiped: two runs
+    at once (two engineers' test runs in one tree) lay out the same tree without tripping over
+    each other, and mypy's cache, which is keyed by path, stays warm."""
     links = {}
     for package, folder in sorted(role_packages().items()):
         target_dir = os.path.join(TREE, *package.split("."))
         os.makedirs(target_dir, exist_ok=True)
         for name in sorted(os.listdir(os.path.join(REPO, folder))):
-            if not name.endswith(SOURCE_SUFFIXES):
-                continue
-            real = os.path.join(REPO, folder, name)
-            link = os.path.join(target_dir, name)
-            os.symlink(os.path.relpath(real, target_dir), link)
-            links[os.path.relpath(link, REPO)] = os.path.relpath(real, REPO)
-    return links
+            if name.endswith(SOURCE_SUFFIXES):
+                real = os.path.join(REPO, folder, name)
+                links[os.path.join(target_dir, name)] = os.path.relpath(real, target_dir)
+    for link, target in links.items():
+        if not (os.path.islink(link) and os.readlink(link) == target):
+            tmp = f"{link}.{os.getpid()}.tmp"
+            os.symlink(target, tmp)
+            os.replace(tmp, link)
+    for root, dirs, files in os.walk(TREE, topdown=False):  # a file or package that is gone
+        for name in files:
+            path = os.path.join(root, name)
+            if path not in links and not path.endswith(".tmp"):
+                os.unlink(path)
+        if root != TREE and not os.listdir(root):
+            try:
+                os.rmdir(root)
+            except OSError:  # another run just laid a file in it
+                pass
+    return {os.path.relpath(link, REPO): os.path.relpath(os.path.join(os.path.dirname(link), target), REPO)
+            for link, target in links.items()}
 
 
 def real_paths(text, links):
