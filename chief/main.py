@@ -31,7 +31,7 @@ from asyncps.atomic import atomic_write_bytes
 from asyncps.chief import checkpoint as ckpt
 from asyncps.chief.checkpointer import Checkpointer
 from asyncps.chief.membership import Membership
-from asyncps.chief.report import cluster_report, merged_histogram
+from asyncps.chief.report import cluster_report, merged_histogram, row_staleness_means
 from asyncps.chief.servicer import SERVICE_NAME, ChiefServicer
 from asyncps.chief.telemetry import RunTelemetry
 from asyncps.cluster import ClusterSpec, bind_host
@@ -52,7 +52,7 @@ from asyncps.runs import (
     write_report,
 )
 from asyncps.worker.data import load_dataset
-from asyncps.worker.main import FINAL_REPORT_KEY
+from asyncps.worker.main import FINAL_REPORT_KEY, id_tables_of
 from asyncps.worker.models import build_model
 from asyncps.worker.variables import initial_params, placement_for
 
@@ -100,7 +100,8 @@ class ChiefRun:
         self.model = build_model(cfg.model, self.data.meta)
         self.params0 = initial_params(cfg, self.model)
         self.placement = placement_for(self.params0, len(spec.ps))
-        self.ps = PSClient(list(spec.ps), self.placement, cfg)
+        self.tables = id_tables_of(self.model, cfg)  # id-keyed tables: rows by id (docs/sparse.md)
+        self.ps = PSClient(list(spec.ps), self.placement, cfg, tables=self.tables)
         self.checkpoints = Checkpointer(cfg, self.run_dir, self.ps, self.placement, self.log)
         self.stop = threading.Event()
         self.started = threading.Event()  # the start barrier has passed (workers train)
@@ -334,14 +335,23 @@ class ChiefRun:
         """
         if params is None:
             params, versions = self.ps.pull()
-        since = self._staleness_since_last_eval(self.ps.stats())
-        metrics = self.model.evaluate(params, self.data.x_test, self.data.y_test)
+        stats = self.ps.stats()
+        since = self._staleness_since_last_eval(stats)
+        rows = {"row_staleness": row_staleness_means(stats)} if self.tables else {}
+        metrics = self.model.evaluate({**params, **self.row_sources()}, self.data.x_test, self.data.y_test)
         step = global_step(versions)
-        self.log.write("eval", step, wall_time=time.time(), versions=versions, staleness=since, **metrics)
+        self.log.write("eval", step, wall_time=time.time(), versions=versions, staleness=since, **rows, **metrics)
         self.last_eval = metrics
         self.telemetry.evaluation(step, metrics)
         self.target.observe(step, self.elapsed() if seconds is None else seconds, metrics)
         return metrics
+
+    def row_sources(self) -> dict:
+        """The id-keyed tables as evaluation reads them: rows fetched by id from the shards that
+        own them, none made (an unseen id reads its first values). A milestone evaluation reads
+        the dense weights of its exact step and the tables' rows as they are when read (the
+        shards keep no past rows); the final one, with the shards paused, is exact."""
+        return {name: ShardRows(self.ps, name) for name in self.tables}
 
     def evaluate_milestone(self, version: int, seconds: float | None = None) -> None:
         """Scores the model as it was at global step `version` exactly (the shards keep those
@@ -423,3 +433,17 @@ def previous_incarnation(metrics_path: Path) -> dict:
     return {"failures": failures, "at_step": max((r["step"] for r in last), default=None),
             "time": max((r["time"] for r in last), default=0.0),
             "finished": any(r["kind"] == "final" for r in last)}
+
+
+class ShardRows:
+    """`worker.tables.RowSource` over the shards: ``rows(ids)`` pulls the rows of `ids`."""
+
+    def __init__(self, ps: PSClient, name: str):
+        self.ps, self.name = ps, name
+
+    def rows(self, ids):
+        import numpy as np
+
+        unique, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+        values, _ = self.ps.pull_rows({self.name: unique})[self.name]
+        return values[inverse.reshape(-1)]

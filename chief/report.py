@@ -115,5 +115,61 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         "failures": run.failures,
         "resumed_from": run.resumed_from,
         "checkpoints": run.checkpoints.summary(),
+        **tables_section(stats),
         "variables": small_variables(params),
     }
+
+
+def row_histograms(stats) -> dict[str, dict[int, dict[int, int]]]:
+    """{table: {frequency bucket: {staleness: row updates}}}, every shard's TableStats added."""
+    out: dict[str, dict[int, dict[int, int]]] = {}
+    for s in stats:
+        for t in s.tables:
+            buckets = out.setdefault(t.name, {})
+            for b in t.staleness:
+                buckets[b.bucket] = merge_histograms(buckets.get(b.bucket, {}), histogram_of(b.histogram))
+    return out
+
+
+def bucket_label(bucket: int) -> str:
+    """The row-update counts of frequency bucket k: 2^k..2^(k+1)-1 (bucket 0: 0-1)."""
+    return "0-1" if bucket == 0 else f"{1 << bucket}-{(1 << (bucket + 1)) - 1}" if bucket < 15 else f"{1 << bucket}+"
+
+
+def row_staleness_means(stats) -> dict:
+    """{table: {bucket label: mean per-row staleness}} (cumulative): for metrics.jsonl's eval rows."""
+    return {name: {bucket_label(b): round(summarize(h)["mean"], 3) for b, h in sorted(buckets.items())}
+            for name, buckets in row_histograms(stats).items()}
+
+
+def tables_section(stats) -> dict:
+    """report.json's `tables`: per id-keyed table, rows, bytes per shard, evictions, and the
+    per-row staleness histogram by row-frequency bucket, with the hottest bucket's mean next to
+    the coldest's ({} for a model without tables)."""
+    by_name: dict[str, list] = {}
+    for s in stats:
+        for t in s.tables:
+            by_name.setdefault(t.name, []).append((s.shard, t))
+    out = {}
+    histograms = row_histograms(stats)
+    for name, parts in by_name.items():
+        buckets = {bucket_label(b): summarize(h) for b, h in sorted(histograms.get(name, {}).items())}
+        hot_cold = {}
+        if buckets:
+            cold, hot = next(iter(buckets)), list(buckets)[-1]
+            hot_cold = {"cold_bucket": cold, "cold_mean": buckets[cold]["mean"], "hot_bucket": hot,
+                        "hot_mean": buckets[hot]["mean"]}
+        hot = sorted(((u, i) for _, t in parts for i, u in zip(t.hot_ids, t.hot_updates)), reverse=True)[:10]
+        out[name] = {
+            "rows": sum(t.rows for _, t in parts),
+            "rows_per_shard": {str(shard): t.rows for shard, t in parts},
+            "bytes_per_shard": {str(shard): t.bytes for shard, t in parts},
+            "created": sum(t.created for _, t in parts),
+            "evicted": sum(t.evicted for _, t in parts),
+            "row_updates": sum(t.updates for _, t in parts),
+            "row_staleness": summarize(merge_histograms(*histograms.get(name, {}).values())),
+            "row_staleness_by_frequency": buckets,
+            "hot_vs_cold": hot_cold,
+            "hottest_ids": [{"id": int(i), "updates": int(u)} for u, i in hot],
+        }
+    return {"tables": out} if out else {}

@@ -86,9 +86,6 @@ def refuse_train_only(cfg: Config) -> None:
     if cfg.staleness.simulate is not None:
         raise UserError("staleness.simulate simulates a cluster inside `asyncps train`; a launched cluster is "
                         "real: drop the key, or run `asyncps train`")
-    if cfg.model.name == "ctr":
-        raise UserError("model.name ctr (id-keyed embedding tables) trains in `asyncps train` for now; the "
-                        "cluster's row-wise pull and push are not on the wire yet")
     if cfg.staleness.workers > 1:
         raise UserError(f"staleness.workers={cfg.staleness.workers} (W workers per clock) runs in `asyncps train` "
                         "only; a launched cluster has cluster.workers real workers")

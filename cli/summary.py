@@ -28,9 +28,25 @@ def summary_lines(report: dict, logs: str | None = None) -> list[str]:
                          + (f", {target['metric']}={_fmt(value)} there" if value is not None else ""))
         else:
             lines.append(head + "NOT reached")
+    lines += table_lines(report)
     if logs:
         lines.append(f"logs: {logs}")
     return lines
+
+
+def table_lines(report: dict) -> list[str]:
+    """One line per id-keyed table of a cluster run: rows, and per-row staleness hot vs cold."""
+    out = []
+    for name, t in (report.get("tables") or {}).items():
+        hc = t.get("hot_vs_cold") or {}
+        if "rows_per_shard" not in t:
+            continue  # `asyncps train`'s table section (one store, no row staleness by shard)
+        line = f"table {name}: {t['rows']} rows on {len(t['rows_per_shard'])} shards"
+        if hc:
+            line += (f"; per-row staleness mean {hc['hot_mean']:.2f} for the hottest rows ({hc['hot_bucket']} updates) "
+                     f"vs {hc['cold_mean']:.2f} for the coldest ({hc['cold_bucket']})")
+        out.append(line)
+    return out
 
 
 def stopped_at_target(report: dict) -> bool:

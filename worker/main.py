@@ -4,6 +4,12 @@ Each step sends the gradient and receives the new weights in one round trip per 
 (PushPull), so the next step starts on the freshest weights the shards had when the push was
 applied. The data this worker reads is its own shard of the training set, chosen by the index
 the chief assigned, so a restarted worker that gets the same index reads the same shard.
+
+A model with an id-keyed table (`id_tables`, docs/sparse.md) reads its next batch before it
+pushes: the push of step t carries the summed row gradients of batch t (with the row versions
+it read) and asks for the rows of batch t+1's unique ids, which come back with the dense
+weights in the same round trip. So a step still costs one round trip per shard, and its bytes
+grow with the batch's unique ids, never with the table.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import numpy as np
 from asyncps.cluster import ClusterSpec
 from asyncps.config import Config
 from asyncps.errors import UserError
-from asyncps.ps_client import RETRIED_CODES, PSClient
+from asyncps.ps_client import RETRIED_CODES, PSClient, TableGrad
 from asyncps.telemetry import DurationWindow
 from asyncps.update_log import open_worker_log
 from asyncps.worker.chief_client import ChiefClient, Heartbeat
@@ -26,6 +32,7 @@ from asyncps.worker.data import BatchStream, load_dataset
 from asyncps.worker.delays import DelayModel, StalenessSampler
 from asyncps.worker.models import build_model
 from asyncps.worker.step import GradientComputer, limit_blas_threads
+from asyncps.worker.tables import TableBatches, table_grad
 from asyncps.worker.variables import initial_params, placement_for, trainable_names
 
 logger = logging.getLogger(__name__)
@@ -156,13 +163,16 @@ class WorkerLoop:
         self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
         model = build_model(cfg.model, self.data.meta)
         params0 = initial_params(cfg, model)
-        self.ps = PSClient(ps_addresses, placement_for(params0, len(ps_addresses)), cfg)
+        self.tables = id_tables_of(model, cfg)  # {name: dim}: rows by id from the shards (docs/sparse.md)
+        self.ps = PSClient(ps_addresses, placement_for(params0, len(ps_addresses)), cfg, tables=self.tables)
         clocks = self.ps.register(self.index)
         # A rejoining worker continues its sequence numbers, so no push of its is mistaken for a retry.
         self.seq = max(last_seq for _, last_seq in clocks) + 1
-        self.compute = GradientComputer(model, trainable_names(params0, cfg.train.frozen), cfg.train.graph_mode)
+        self.compute = GradientComputer(model, trainable_names(params0, cfg.train.frozen) + list(self.tables),
+                                        cfg.train.graph_mode)
         self.stream = BatchStream(len(self.data.x_train), cfg.train.batch_size, reply.data_shard,
                                   reply.num_data_shards, reply.seed, start_step=self.seq)
+        self.batches = TableBatches(next(iter(self.tables)), self.stream, self.data.x_train) if self.tables else None
         self.rng = np.random.default_rng([reply.seed, self.index, self.seq])
         self.delay = DelayModel(cfg.delay, self.index, reply.seed)  # injected after compute, before push
         self.rejoins = 0  # rejoins in a row without a successful push
@@ -174,6 +184,8 @@ class WorkerLoop:
         self.ages = StalenessSampler(cfg.staleness, reply.seed, self.index) if cfg.staleness.controlled else None
 
     def run(self, stop, chief) -> None:
+        if self.batches is not None:
+            return self.run_with_tables(stop, chief)
         if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async" and self.ages is None:
             return self.run_prefetching(stop, chief)  # (controlled staleness decides the reads itself)
         params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
@@ -184,6 +196,37 @@ class WorkerLoop:
             reporter.pull_to_push.add(time.perf_counter() - pulled)
             params, versions = self.push_or_rejoin(grads, versions, stop)
             reporter.add(self.seq, loss)
+
+    def run_with_tables(self, stop, chief) -> None:
+        """The loop of a model with an id-keyed table (module docstring): compute on batch t's
+        rows, push its row gradients and pull batch t+1's rows in one push-pull."""
+        params, versions, rows = self.rejoin(stop, self.pull_with_rows)
+        reporter = self.reporter = LossReporter(chief, self.index)
+        while not stop.is_set():
+            pulled = time.perf_counter()
+            indices, batch, ids, local = self.batches.advance()
+            if self.update_log is not None:
+                self.update_log.step(self.seq, self.stream.step_of(batch), self.rng, versions)
+            started = time.perf_counter()
+            (name, (values, row_versions)), = rows.items()
+            loss, grads = self.compute({**params, name: values}, local, self.data.y_train[indices], self.rng)
+            table_grads = {name: TableGrad(*table_grad(grads.pop(name), ids, row_versions))}
+            if self.delay.active:
+                self.delay.wait(self.seq, time.perf_counter() - started, stop)
+            reporter.pull_to_push.add(time.perf_counter() - pulled)
+            try:
+                _, params, versions, rows = self.ps.push_pull_rows(grads, versions, self.index, self.seq,
+                                                                   table_grads=table_grads,
+                                                                   table_ids=self.batches.wanted())
+                self.seq, self.rejoins = self.seq + 1, 0
+            except grpc.RpcError as err:
+                self.note_lost_view(err, stop)
+                params, versions, rows = self.rejoin(stop, self.pull_with_rows)
+            reporter.add(self.seq, loss)
+
+    def pull_with_rows(self):
+        """The dense weights and the rows of the upcoming batch's ids."""
+        return self.ps.pull_with_rows(self.batches.wanted(), worker=self.index)
 
     def gradient(self, params, versions, stop):
         """(loss, gradients) of the next batch on `params` (read at the shards' `versions`), then
@@ -254,13 +297,16 @@ class WorkerLoop:
             self.note_lost_view(err, stop)
             return self.rejoin(stop)
 
-    def rejoin(self, stop):
-        """Registers again with every shard and pulls, until the shards are back (or stop)."""
+    def rejoin(self, stop, pull=None):
+        """Registers again with every shard and pulls (`pull()`, default a pull of every
+        variable), until the shards are back (or stop)."""
         deadline = time.monotonic() + 2 * self.cfg.cluster.rpc_timeout
         while True:
             try:
                 clocks = self.ps.register(self.index)
                 self.seq = max(self.seq + 1, max(last_seq for _, last_seq in clocks) + 1)  # never reuse a seq
+                if pull is not None:
+                    return pull()
                 return self.ps.pull(worker=self.index, age=self.next_age())
             except grpc.RpcError as err:
                 if stop.is_set() or err.code() not in REJOIN_CODES or time.monotonic() > deadline:
@@ -275,3 +321,16 @@ class WorkerLoop:
         self.ps.close()
         if self.update_log is not None:
             self.update_log.close()
+
+
+def id_tables_of(model, cfg: Config) -> dict[str, int]:
+    """The model's id-keyed tables ({name: row width}); one at most, in a mode they train in."""
+    tables = dict(getattr(model, "id_tables", None) or {})
+    if len(tables) > 1:
+        raise UserError(f"model {model.name}: id-keyed tables read the batch's ids: one table per model, got "
+                        f"{sorted(tables)}")
+    if tables and (cfg.cluster.mode not in ("async", "ssp") or cfg.staleness.controlled or cfg.train.graph_mode
+                   or cfg.optimizer.staleness_policy.name != "none"):
+        raise UserError(f"model {model.name} (id-keyed table {next(iter(tables))}) trains with cluster.mode async or "
+                        "ssp, without staleness.controlled, train.graph_mode and optimizer.staleness_policy")
+    return tables

@@ -37,3 +37,40 @@ def rows_of(grad, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(grad, SparseRows):
         return ids[grad.rows], np.asarray(grad.values, dtype=np.float32)
     return ids, np.asarray(grad, dtype=np.float32)
+
+
+class TableBatches:
+    """A cluster worker's batches when its model has an id-keyed table (worker/main.py).
+
+    The batch after the current one is read ahead, so that its unique ids travel with the push
+    of the current one and its rows come back in the same round trip (PSClient.push_pull_rows):
+    one round trip per step, as for a dense model. `upcoming` is the batch whose rows the next
+    pull (or push-pull) brings; `advance` reads the one after it.
+    """
+
+    def __init__(self, name: str, stream, x: np.ndarray):
+        self.name, self.stream, self.x = name, stream, x
+        self.upcoming = self._read()
+
+    def _read(self):
+        indices, batch = next(self.stream)
+        ids, local = localize(self.x[indices])
+        return indices, batch, ids, local
+
+    def wanted(self) -> dict[str, np.ndarray]:
+        """{table: unique ids} of the upcoming batch."""
+        return {self.name: self.upcoming[2]}
+
+    def advance(self):
+        """The upcoming batch (indices, batch id, unique ids, x as local indices); the one after
+        it becomes upcoming."""
+        current, self.upcoming = self.upcoming, self._read()
+        return current
+
+
+def table_grad(grad, ids: np.ndarray, read_versions: np.ndarray):
+    """(ids, summed row gradients, versions read) of one table's gradient over local indices
+    (`read_versions`: the versions of the rows of `ids`, as pulled)."""
+    touched, values = rows_of(grad, ids)
+    read = read_versions[grad.rows] if isinstance(grad, SparseRows) else read_versions
+    return touched, values, read
