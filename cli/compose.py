@@ -19,11 +19,15 @@ few pinned so that file and compose project cannot disagree: the cluster shape (
 `cluster.workers`), `run_dir=/runs/NAME` on the named volume `runs`, and `data.cache_dir=/cache`
 on the named volume `cache` (one MNIST npz built once, under the loader's file lock).
 
-`--shm`: the shards and the workers mount one tmpfs volume (`shm`) at /dev/shm, so that
-``cluster.transport`` auto/shm can move tensors through shared memory between containers of one
-host (the handshake proves it, as on one machine: common/shm.py; every container runs the same
-image as the same user, which the segments' mode 0600 needs). Without it (the default) each
-container has its own /dev/shm, the handshake fails and the workers use gRPC (logged once).
+`--shm`: the shards and the workers mount one tmpfs volume (`shm`, mode 1777 like /dev/shm) at
+/dev/shm, so that ``cluster.transport`` auto/shm can move tensors through shared memory between
+containers of one host (the handshake proves it, as on one machine: common/shm.py; every
+container runs the same image as the same user, which the segments' mode 0600 needs). The mount
+is `nocopy`: without it Docker copies the image's own /dev/shm folder (root, 0755 in an image
+built from a rootfs) onto the empty volume each time a container starts, and the non-root
+shards then cannot create a segment (the first run found it: every handshake refused with
+EACCES, gRPC used). Without `--shm` (the default) each container has its own /dev/shm, the
+handshake fails and the workers use gRPC (logged once).
 
 A user's model or data loader (model.name / data.name ``module:attr``) must be importable in the
 chief and worker containers: ``--pythonpath DIR`` bind-mounts DIR read-only at
@@ -137,7 +141,7 @@ def render(cfg: Config, source: str, overrides: list[str] | tuple[str, ...] = ()
     volumes: dict[str, Any] = {RUNS_VOLUME: {}, CACHE_VOLUME: {}}
     if shm:  # --shm (module docstring)
         for name in [*shards, "worker"]:
-            services[name]["volumes"].append(f"{SHM_VOLUME}:{SHM_MOUNT}")
+            services[name]["volumes"].append(f"{SHM_VOLUME}:{SHM_MOUNT}:nocopy")
         volumes[SHM_VOLUME] = {"driver": "local", "driver_opts": {"type": "tmpfs", "device": "tmpfs", "o": "mode=1777"}}
     return {"services": services, "volumes": volumes}
 

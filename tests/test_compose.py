@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -271,10 +272,10 @@ def image() -> str:
 class Project:
     """A compose project rendered into a temporary folder, torn down with its volumes."""
 
-    def __init__(self, folder: Path, image: str, overrides: tuple[str, ...] = ()):
+    def __init__(self, folder: Path, image: str, overrides: tuple[str, ...] = (), flags: tuple[str, ...] = ()):
         self.name = f"asyncpstest{uuid.uuid4().hex[:8]}"
         self.file = folder / "docker-compose.yml"
-        assert main(["compose", str(DEFAULT_CONFIG), *overrides, "-o", str(self.file), "--image", image]) == 0
+        assert main(["compose", str(DEFAULT_CONFIG), *overrides, *flags, "-o", str(self.file), "--image", image]) == 0
         self.tool = [*compose_tool(), "-p", self.name, "-f", str(self.file)]
 
     def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -303,8 +304,8 @@ class Project:
 def project(tmp_path, image):
     created = []
 
-    def make(*overrides: str) -> Project:
-        created.append(Project(tmp_path, image, overrides))
+    def make(*overrides: str, flags: tuple[str, ...] = ()) -> Project:
+        created.append(Project(tmp_path, image, overrides, flags))
         return created[-1]
 
     yield make
@@ -360,14 +361,14 @@ def test_shards_become_healthy_and_come_back_after_a_crash(project):
     p.wait_healthy("ps0")
 
 
-def crash_running(p: Project, service: str, deadline: float) -> None:
-    """`crash` a container of `service` that is running. One may be restarting at that moment
-    (on a loaded machine a worker the chief declared dead exits 1 and comes back): then the
-    crash waits for a running one instead of failing on `docker exec`."""
+def crash_running(p: Project, service: str, deadline: float) -> str:
+    """`crash` a container of `service` that is running (returns its id). One may be restarting
+    at that moment (on a loaded machine a worker the chief declared dead exits 1 and comes
+    back): then the crash waits for a running one instead of failing on `docker exec`."""
     while True:
         for cid in p.containers(service):
             if sh("docker", "exec", cid, "sh", "-c", "kill -KILL -1", check=False).returncode == 0:
-                return
+                return cid
         assert time.monotonic() < deadline, (f"no running {service} container to crash:\n"
                                              + p("logs", "--tail", "40", service).stdout)
         time.sleep(1)
@@ -382,7 +383,10 @@ def cluster_missing(image: str) -> str | None:
 
 RUN_DIR = "/runs/mnist_softmax"
 # Long enough to crash containers mid-run and still reach 0.91; checkpoints to restore a shard from.
-CLUSTER_OVERRIDES = ("train.max_steps=3000", "checkpoint.every_steps=200")
+# Every worker step sleeps 10 ms: two workers make at most 200 steps a second however idle the
+# machine, so the run has >= 13 s left after the crashes at step 300, for the crashed worker and
+# shard to come back and handshake their shared memory again (unpaced, the run ended ~5 s after).
+CLUSTER_OVERRIDES = ("train.max_steps=3000", "checkpoint.every_steps=200", "delay.kind=constant", "delay.mean_ms=10")
 CRASH_AT_STEP = 300
 RUN_DEADLINE_S = 240  # the run takes about a minute on 2 cores
 
@@ -394,9 +398,10 @@ def run_steps(chief: str) -> int:
     return max(steps, default=0)
 
 
-def run_with_crashes(p: Project, image: str, services: tuple[str, ...]) -> dict:
+def run_with_crashes(p: Project, image: str, services: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
     """Start the project, crash one container of each of `services` once training is under way,
-    and return report.json after checking that the chief exited 0 in time."""
+    and return report.json (after checking that the chief exited 0 in time) and the id of the
+    container crashed per service."""
     p("up", "-d")
     chief = p.wait_healthy("chief", timeout=180)
     deadline = time.monotonic() + RUN_DEADLINE_S
@@ -405,8 +410,7 @@ def run_with_crashes(p: Project, image: str, services: tuple[str, ...]) -> dict:
             "the chief exited before the crashes:\n" + p("logs", "--tail", "40").stdout)
         assert time.monotonic() < deadline, "no training progress:\n" + p("logs", "--tail", "40").stdout
         time.sleep(1)
-    for service in services:
-        crash_running(p, service, deadline)
+    crashed = {service: crash_running(p, service, deadline) for service in services}
     try:
         code = int(sh("docker", "wait", chief, timeout=max(deadline - time.monotonic(), 1)).stdout)
     except subprocess.TimeoutExpired:
@@ -414,7 +418,7 @@ def run_with_crashes(p: Project, image: str, services: tuple[str, ...]) -> dict:
                              f"{services}:\n{p('logs', '--tail', '60').stdout}") from None
     assert code == 0, f"the chief exited {code}:\n{p('logs', '--tail', '60').stdout}"
     return json.loads(sh("docker", "run", "--rm", "-v", f"{p.volume('runs')}:/runs", "--entrypoint", "cat",
-                         image, f"{RUN_DIR}/report.json").stdout)
+                         image, f"{RUN_DIR}/report.json").stdout), crashed
 
 
 @pytest.fixture
@@ -423,16 +427,41 @@ def cluster(project, image):
     missing = cluster_missing(image)
     if missing:
         pytest.skip(f"the cluster is not runnable in the image yet ({missing})")
-    return project(*CLUSTER_OVERRIDES)
+    return project(*CLUSTER_OVERRIDES, flags=("--shm",))
+
+
+def container_log(cid: str) -> str:
+    done = sh("docker", "logs", cid)
+    return done.stdout + done.stderr
+
+
+def handshakes(log: str, shard: int) -> list[int]:
+    """The worker indices of shard `shard`'s shared-memory handshakes in its log, in order."""
+    return [int(w) for w in re.findall(rf"\bps {shard}: worker (\d+) on shared memory", log)]
 
 
 @docker_test
 def test_cluster_trains_mnist_to_target_despite_a_worker_and_a_shard_crash(cluster, image):
     """Mid-run, the processes of one worker and of one shard are killed. `restart: on-failure`
     brings both back: the worker registers again, the shard comes back empty and the chief
-    restores it from the latest checkpoint. The chief must still exit 0 with the target reached."""
-    report = run_with_crashes(cluster, image, ("worker", "ps1"))
+    restores it from the latest checkpoint. The chief must still exit 0 with the target reached.
+
+    The project is rendered with `--shm` (one tmpfs at /dev/shm for shards and workers), so the
+    default transport, auto, takes shared memory between the containers: every worker handshakes
+    with every shard, none falls back to gRPC, the restarted worker handshakes again, and so do
+    the workers with the restarted shard."""
+    report, crashed = run_with_crashes(cluster, image, ("worker", "ps1"))
     assert report["target"]["reached"], report["target"]
+    assert "no shared memory" not in cluster("logs", "--no-color", "worker").stdout
+    logs = {s: container_log(cluster.containers(f"ps{s}")[0]) for s in (0, 1)}
+    assert set(handshakes(logs[0], 0)) == {0, 1}, logs[0][-3000:]
+    restarted = container_log(crashed["worker"])
+    registered = [int(w) for w in re.findall(r"\bworker (\d+): registered", restarted)]
+    assert len(registered) >= 2, restarted[-3000:]  # before the crash and after its restart
+    assert handshakes(logs[0], 0).count(registered[-1]) >= 2, logs[0][-3000:]  # the restart handshook again
+    before, _, after = logs[1].rpartition("asyncps ps 1: serving on")  # the restarted shard's process
+    assert before and set(handshakes(before, 1)) == {0, 1}, logs[1][-3000:]
+    assert set(handshakes(after, 1)) == {0, 1}, logs[1][-3000:]
     # the run directory is complete as under `launch`: the chief wrote the resolved config, so
     # replay, eval and inspect can use it
     config = sh("docker", "run", "--rm", "-v", f"{cluster.volume('runs')}:/runs", "--entrypoint", "cat",
