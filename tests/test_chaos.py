@@ -3,7 +3,10 @@
 The chaos drill (`slow`) trains MNIST softmax with 2 shards and 3 workers, checkpoints often, and
 kills workers and shards several times with SIGKILL and SIGTERM. It checks what a user relies
 on (docs/failures.md): the run reaches its target, no push is applied twice on any shard, and
-every update a shard lost is accounted for in report.json.
+every update a shard lost is accounted for in report.json. It runs with the default transport
+(auto: shared memory on one host, asserted from the shards' logs; the fault tests in
+test_faults.py cover gRPC) and counts the job's segments in /dev/shm before and after: none may
+remain, though processes were SIGKILLed mid-handshake or mid-step.
 
 `CHAOS_SEED=N` replays one schedule, `CHAOS_KILLS=N` (default 6) makes a longer drill; the seed,
 the kills and the figures are printed.
@@ -19,11 +22,19 @@ import time
 
 import pytest
 
+from asyncps import shm
 from cli_runner import CONFIGS, report
-from test_faults import Launch, launch  # noqa: F401 (launch: the fixture, shared with the fault tests)
+from test_faults import Launch, assert_all_gone, launch, transport_used  # noqa: F401 (launch: the fixture)
 
 LINEAR = CONFIGS / "linear_regression.yaml"
 MNIST = CONFIGS / "mnist_softmax.yaml"
+
+
+def _read(path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def launcher_output(run: Launch) -> str:
@@ -45,6 +56,7 @@ def test_worker_pushing_nan_exits_at_once_naming_the_variable(tmp_path, launch):
     assert "worker 0: INVALID_ARGUMENT: variable 'linear." in line and "non-finite" in line, line
     assert run.wait(60) == 1
     assert "every worker exited with an error and none will be restarted" in launcher_output(run)
+    assert transport_used(tmp_path, 1, 1) == "shm"  # auto; test_faults.py checks the refusal on gRPC too
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,6 +72,17 @@ CHAOS_ARGS = [
     "cluster.heartbeat_timeout=15",  # generous: a loaded 2-core CI machine delays heartbeats
     f"cluster.restart_policy.max_restarts={len(KILLS) + 2}",
 ]
+
+
+def job_segments(run_dir, pids=()) -> list[str]:
+    """The job's entries in /dev/shm: named with the run's prefix (its shards' segments), or with
+    the own prefix of one of its processes (`asyncps.shm.prefix_for(None)`: a process without a
+    run directory), so a segment named either way is counted."""
+    prefixes = (shm.prefix_for(run_dir), *(f"{shm.NAME_PREFIX}p{pid}-" for pid in pids))
+    try:
+        return sorted(name for name in os.listdir(shm.SHM_DIR) if name.startswith(prefixes))
+    except OSError:  # no /dev/shm: nothing can be left there
+        return []
 
 
 def current_step(run: Launch) -> int:
@@ -124,6 +147,7 @@ def test_mnist_survives_random_kills_of_workers_and_shards_with_sigkill_and_sigt
     seed = int(os.environ.get("CHAOS_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
     started = time.monotonic()
+    before = job_segments(tmp_path)
     run = launch(tmp_path, MNIST, *CHAOS_ARGS)
     roles = rng.sample(KILLS, len(KILLS))
     done = []
@@ -136,13 +160,21 @@ def test_mnist_survives_random_kills_of_workers_and_shards_with_sigkill_and_sigt
         time.sleep(rng.uniform(0, 0.3))  # land anywhere inside a step, a push or a checkpoint
         done.append(kill_one(run, rng, role, rng.choice([signal.SIGKILL, signal.SIGTERM])))
     assert run.wait(300) == 0, run.tail()
+    run.pids()  # the last processes too, then every process of the job (killed or not) gone:
+    assert_all_gone(run.seen_pids)
+    after = job_segments(tmp_path, run.seen_pids)
+    handshakes = sum(_read(p).count("on shared memory") for p in tmp_path.glob("ps*.log"))
     r = report(tmp_path)
     rolled_back = reconcile(r)
     restores = [f for f in r["failures"] if f["role"] == "ps"]
     steps_lost = sum(f["steps_lost"] for f in restores)
     print(f"\nCHAOS_SEED={seed}: kills {done}; final accuracy {r['final']['accuracy']:.4f}, target "
           f"{r['target']}; steps lost {steps_lost} (updates rolled back per shard {rolled_back}); pushes "
-          f"{r['pushes']}; wall {time.monotonic() - started:.0f} s")
+          f"{r['pushes']}; shared-memory handshakes {handshakes}, job entries in /dev/shm before {len(before)}, "
+          f"after {len(after)}; wall {time.monotonic() - started:.0f} s")
+    assert before == [] and after == [], (before, after)  # no segment of the job left in /dev/shm
+    assert transport_used(tmp_path, 2, 3) == "shm"  # auto: every worker on shared memory with both shards
+    assert handshakes > 2 * 3  # and the restarted processes handshook again
     # the target (0.91) is reached, and the final weights stay near it (evals swing 0.91-0.925)
     assert r["target"]["reached"] and r["final"]["accuracy"] >= 0.90
     assert r["pushes"]["reapplied"] == 0  # no push applied twice on any shard

@@ -8,6 +8,14 @@ in place, the workers are frozen (SIGSTOP) until it is, or every worker step sle
 milliseconds (`delay:`), which bounds from below the time the run has left (`PACED`). Every
 process is reaped: the launcher reaps its children, the test reaps the launcher and checks
 that no process of the run is left.
+
+Transports (docs/failures.md holds on both, issue 14): `cluster.transport` auto (the default)
+takes shared memory on one host. The in-process test of what a worker sees when a shard
+refuses, restores or restarts runs on both transports; each end-to-end scenario runs once, on
+the transport named in its arguments (`GRPC`, else auto), and asserts from the shards' and
+workers' logs which one its workers used (`transport_used`), so that together they cover both:
+gRPC here for a worker kill, a shard kill and a chief kill with resume; shared memory for a
+worker declared dead, a chief restarted in place, the MLP drill and the chaos drill.
 """
 from __future__ import annotations
 
@@ -15,15 +23,21 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 
+from asyncps import shm
 from asyncps import update_log as ul
+from asyncps.ps.server import ShardServer
+from asyncps.ps_client import RETRIED_CODES
 from cli_runner import CONFIGS, REPO, report, run_ok
 
 LINEAR = CONFIGS / "linear_regression.yaml"
@@ -35,6 +49,34 @@ PATIENT = ["cluster.heartbeat_interval=0.5", "cluster.heartbeat_timeout=60", "tr
 # Every worker step sleeps 5 ms: two workers apply at most 400 updates a second however idle the
 # machine, so a run of max_steps N past step k has at least (N - k) / 400 s left.
 PACED = ["delay.kind=constant", "delay.mean_ms=5"]
+GRPC = ["cluster.transport=grpc"]  # the scenarios that run over gRPC (the others: auto, i.e. shared memory)
+TRANSPORTS = ["grpc", pytest.param("shm", marks=pytest.mark.skipif(not shm.available(), reason="no /dev/shm"))]
+
+
+def transport_used(run_dir: Path, shards: int, workers: int) -> str:
+    """"shm" when every shard's log says every worker index handshook its shared memory and no
+    worker fell back; "grpc" when no shard saw a handshake; else what was mixed (a failure).
+
+    The record: a shard logs `ps S: worker W on shared memory (...)` at each handshake (a
+    restarted worker or shard handshakes again), a worker under auto whose handshake failed logs
+    `... no shared memory (...); using gRPC`, and nothing is logged for cluster.transport grpc."""
+    on_shm = {}
+    for s in range(shards):
+        text = _read(Path(run_dir) / f"ps{s}.log")
+        on_shm[s] = {int(w) for w in re.findall(rf"\bps {s}: worker (\d+) on shared memory", text)}
+    fell_back = [w for w in range(workers) if "no shared memory" in _read(Path(run_dir) / f"worker{w}.log")]
+    if not any(on_shm.values()):
+        return "grpc"
+    if all(on_shm[s] == set(range(workers)) for s in range(shards)) and not fell_back:
+        return "shm"
+    return f"mixed: workers on shared memory per shard {on_shm}, workers that fell back to gRPC {fell_back}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 class Launch:
@@ -183,6 +225,83 @@ def launch():
 
 
 # ----------------------------------------------------------------------------------------------
+# What a worker sees, on both transports (in process: real shards and clients over 127.0.0.1)
+
+
+def _nan_grads() -> dict:
+    from test_shm_transport import PARAMS
+
+    return {n: np.full(a.shape, np.nan, np.float32) for n, a in PARAMS.items() if not n.startswith("frozen")}
+
+
+def _grads(i: int) -> dict:
+    from test_shm_transport import _grads as grads
+
+    return grads(i, sparse=False)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_worker_sees_refusals_restores_and_restarts_of_shards_alike_on_both_transports(transport):
+    """docs/failures.md, "A shard dies", from the worker's side: a gradient with NaN is refused
+    with INVALID_ARGUMENT naming the variable (never retried) and changes nothing; after the
+    chief restores the shards from a checkpoint, and after a shard restarts empty on its port and
+    is restored, the worker's next call fails with a code it rejoins on; registering again gives
+    it the saved last_seq, a retried seq is answered DUPLICATE (no push applied twice), and its
+    next pushes apply on the restored versions, over a fresh segment on shared memory."""
+    from test_shm_transport import Cluster
+
+    c = Cluster(2, transport)
+    chief = c.new_client()  # registers no worker: every call of the chief's goes over gRPC
+    on_shm = [transport == "shm"] * 2
+    try:
+        c.client.register(0)
+        _, versions = c.client.pull(worker=0)
+        assert c.client.shm_shards() == on_shm
+        with pytest.raises(grpc.RpcError) as err:
+            c.client.push_pull(_nan_grads(), versions, 0, 0)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.code() not in RETRIED_CODES
+        assert re.search(r"variable '\w+': \d+ non-finite value\(s\) \(NaN or Inf\)", err.value.details()), err.value.details()
+        assert [s.shard.version for s in c.servers] == [0, 0]
+        c.client.register(0)  # the worker exits 1 on INVALID_ARGUMENT; a new one registers
+        for seq in range(3):
+            _, _, versions = c.client.push_pull(_grads(seq), versions, 0, seq)
+        checkpoint = chief.snapshot()  # versions [3, 3], last_seq 2
+        for seq in range(3, 5):
+            _, _, versions = c.client.push_pull(_grads(seq), versions, 0, seq)
+        assert versions == [5, 5] and c.client.shm_shards() == on_shm
+
+        def rejoin(seq: int) -> list[int]:
+            """The worker's next call fails with a retried code; it registers again and re-pulls."""
+            with pytest.raises(grpc.RpcError) as err:
+                c.client.push_pull(_grads(seq), versions, 0, seq)
+            assert err.value.code() in RETRIED_CODES, err.value
+            last_seq = max(last for _, last in c.client.register(0))
+            assert last_seq == 2  # the checkpoint's
+            (dup,) = {r.result for r in c.client.push(_grads(2), [3, 3], 0, last_seq)}  # a retry of seq 2
+            assert dup == "DUPLICATE"
+            _, fresh = c.client.pull(worker=0)
+            assert fresh == [3, 3]
+            _, _, fresh = c.client.push_pull(_grads(seq), fresh, 0, last_seq + 1)
+            assert fresh == [4, 4] and c.client.shm_shards() == on_shm  # a fresh segment
+            return fresh
+
+        chief.pause(), chief.restore(checkpoint), chief.resume()  # a shard died: every shard restored
+        versions = rejoin(5)
+        port = c.servers[1].port
+        c.servers[1].stop(0)  # shard 1 dies and restarts empty on its port; the chief restores both
+        c.servers[1] = ShardServer(c.cfg, 1, port=port)
+        c.servers[1].start()
+        chief.pause(), chief.restore(checkpoint), chief.resume()
+        rejoin(6)
+        applied = [sum(w["applied"] for w in s.shard.stats()["workers"]) for s in c.servers]
+        assert applied == [5 + 1 + 1, 1]  # shard 1's counters start with its new process
+        assert all(w["reapplied"] == 0 for s in c.servers for w in s.shard.stats()["workers"])
+    finally:
+        chief.close()
+        c.close()
+
+
+# ----------------------------------------------------------------------------------------------
 # A worker dies
 
 
@@ -191,7 +310,7 @@ def test_worker_killed_mid_step_training_continues_and_the_run_replays_bit_for_b
     (no step lost), the launcher restarts the worker, which takes its own index back and
     continues its push sequence (no push applied twice), and the run still replays bit for bit
     (the killed process's last gradient may have reached the shard: its record was flushed)."""
-    run = launch(tmp_path, LINEAR, "train.max_steps=1000", *PACED, *PATIENT)
+    run = launch(tmp_path, LINEAR, "train.max_steps=1000", *PACED, *PATIENT, *GRPC)
     run.wait_until("both workers pushing", lambda: run.pushing(0) and run.pushing(1))
     with run.frozen("worker0"):  # no update applies until the new worker 1 trains: the run cannot end first
         killed = run.kill("worker1")
@@ -207,6 +326,7 @@ def test_worker_killed_mid_step_training_continues_and_the_run_replays_bit_for_b
     assert killed != run.pids()["worker1"]
     assert len(run.steps_logged(1)) == 2 and len(run.steps_logged(0)) == 1  # worker1.log: index 1 only
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+    assert transport_used(tmp_path, 1, 2) == "grpc"
 
 
 @pytest.mark.slow
@@ -230,6 +350,7 @@ def test_worker_declared_dead_while_alive_is_replaced_and_the_run_finishes(tmp_p
     assert r["steps"] >= 1500 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
     assert r["membership"]["deaths"] >= 1 and r["pushes"]["reapplied"] == 0
     assert "declared dead by the chief" in (tmp_path / "worker0.log").read_text()
+    assert transport_used(tmp_path, 1, 2) == "shm"  # auto, on one host
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +361,8 @@ def test_worker_declared_dead_while_alive_is_replaced_and_the_run_finishes(tmp_p
 def test_shard_killed_restores_every_shard_from_the_checkpoint(tmp_path, launch):
     """docs/failures.md, "A shard dies": restarted empty, every shard restored from the latest
     valid checkpoint, the failure's steps lost are what the versions show, the run finishes."""
-    run = launch(tmp_path, LINEAR, "cluster.ps=2", "checkpoint.every_steps=100", "train.max_steps=800", *PACED, *FAST)
+    run = launch(tmp_path, LINEAR, "cluster.ps=2", "checkpoint.every_steps=100", "train.max_steps=800", *PACED, *FAST,
+                 *GRPC)
     run.wait_until("a checkpoint at step >= 100", lambda: run.checkpoint_at_least(100))
     run.kill("ps1")  # >= 1.7 s before the end (PACED); no update applies on both shards until the restore
     run.wait_until("the restore", lambda: run.count("failure", role="ps"))
@@ -254,6 +376,7 @@ def test_shard_killed_restores_every_shard_from_the_checkpoint(tmp_path, launch)
     assert r["steps"] >= 800 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
     assert r["checkpoints"]["count"] >= 3 and r["checkpoints"]["pause_ms_max"] > 0
     assert r["pushes"]["reapplied"] == 0
+    assert transport_used(tmp_path, 2, 2) == "grpc"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +387,7 @@ def test_shard_killed_restores_every_shard_from_the_checkpoint(tmp_path, launch)
 def test_chief_killed_then_resume_continues_from_the_checkpoint(tmp_path, launch):
     """restart_policy.chief `never`: the launcher stops the run (no report); `--resume` restores
     the shards from the latest checkpoint and the run continues and records the chief's failure."""
-    args = [LINEAR, "checkpoint.every_steps=100", "train.max_steps=1000", *PACED, *FAST]
+    args = [LINEAR, "checkpoint.every_steps=100", "train.max_steps=1000", *PACED, *FAST, *GRPC]
     run = launch(tmp_path, *args)
     saved = run.wait_until("a checkpoint at step >= 200", lambda: run.checkpoint_at_least(200))
     run.kill("chief")  # >= 800 steps (2 s) before the end
@@ -278,6 +401,7 @@ def test_chief_killed_then_resume_continues_from_the_checkpoint(tmp_path, launch
     assert abs(r["variables"]["linear.w"][0] - 2) < 0.02
     starts = [row for row in run.rows() if row["kind"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from"] == r["resumed_from"]
+    assert transport_used(tmp_path, 1, 2) == "grpc"
 
 
 @pytest.mark.slow
@@ -301,6 +425,7 @@ def test_chief_killed_and_restarted_by_the_launcher_adopts_the_live_shards(tmp_p
     assert r["steps"] >= 1000 and abs(r["variables"]["linear.w"][0] - 2) < 0.02
     assert r["pushes"]["reapplied"] == 0
     assert all("the chief asked to stop" in (tmp_path / f"worker{i}.log").read_text() for i in (0, 1))
+    assert transport_used(tmp_path, 1, 2) == "shm"  # auto: the workers kept their segments through it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,3 +468,4 @@ def test_mnist_mlp_survives_worker_shard_and_chief_kills_and_reaches_97_percent(
     # two async workers: pushes computed on weights others had updated since (staleness > 0)
     assert r["staleness"]["max"] > 0 and sum(v for k, v in r["staleness"]["histogram"].items() if k != "0") > 0
     assert run.count("eval") > 0
+    assert transport_used(tmp_path / "run", 2, 2) == "shm"  # the README's command: auto, shared memory
