@@ -24,6 +24,20 @@ tools; it never decides which checkpoint is used.
 
 Restoring into a different number of shards joins the saved blocks with the saved placement and
 splits them with the new one, slots included; see `Checkpoint.snapshots_for`.
+
+Id-keyed tables (docs/sparse.md) are saved beside the shard files, in chunks of at most
+TABLE_CHUNK_ROWS rows, so neither the chief nor a shard ever holds a whole table:
+
+        table-00-s00000-c000000.npz     "ids", "versions", "values", "slot/<slot>" of one chunk
+                                        of table 0's rows on shard 0 (the manifest's `tables`
+                                        names each table, its dim, and per saved shard its
+                                        update count, rows and chunk files)
+
+They are streamed from the paused shards (SnapshotTable) into a hidden staging folder while the
+shards are paused (the pause grows with the tables' rows: measured in bench/sparse.py), then
+moved into the checkpoint's folder with the rest and verified like every file (sha256 in
+`files`). A restore reads them one chunk at a time and sends each shard the rows it owns by
+hash (`partition.table_owners`), whatever the saved shard count (`table_chunks_for`).
 """
 from __future__ import annotations
 
@@ -51,7 +65,9 @@ MAX_MANIFEST_BYTES = 64 << 20  # a manifest names files and counters: far below 
 MANIFEST_DIGEST = "manifest_sha256"
 POINTER = "checkpoint"
 _NAME = re.compile(r"^ckpt-(\d{9,})$")
-_LEFTOVER = re.compile(r"^\.ckpt-(\d{9,})\.(tmp|old)-\d+$")  # a write in progress, or a crash's leftover
+_LEFTOVER = re.compile(r"^\.ckpt-(\d{9,})\.(tmp|old|tables)-\d+$")  # a write in progress, or a crash's leftover
+_TABLE_FILE = re.compile(r"^table-\d{2}-s\d{5}-c\d{6}\.npz$")
+TABLE_CHUNK_ROWS = 65536
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -113,8 +129,34 @@ def snapshot_from(entry: dict, arrays: dict[str, np.ndarray]) -> Snapshot:
 # Writing
 
 
+def table_staging(folder: str | Path, step: int) -> Path:
+    """The hidden folder table chunks are streamed into before `write_checkpoint` moves them."""
+    return Path(folder) / f".{ckpt_name(step)}.tables-{os.getpid()}"
+
+
+def table_file(table: int, shard: int, chunk: int) -> str:
+    return f"table-{table:02d}-s{shard:05d}-c{chunk:06d}.npz"
+
+
+def write_table(staging: Path, k: int, name: str, dim: int, parts) -> dict:
+    """Writes table `name` (index k) into `staging`, chunk by chunk: `parts` yields per saved
+    shard (shard, updates, chunks); returns its manifest entry (files listed per part)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    entry: dict = {"name": name, "dim": int(dim), "parts": []}
+    for shard, updates, chunks in parts:
+        files, rows = [], 0
+        for c, chunk in enumerate(chunks):
+            arrays = {"ids": chunk["ids"], "versions": chunk["versions"], "values": chunk["values"],
+                      **{f"slot/{slot}": v for slot, v in chunk["slots"].items()}}
+            atomic_save_npz(staging / table_file(k, shard, c), arrays)
+            files.append(table_file(k, shard, c))
+            rows += len(chunk["ids"])
+        entry["parts"].append({"shard": shard, "updates": int(updates), "rows": rows, "files": files})
+    return entry
+
+
 def write_checkpoint(folder: str | Path, snapshots: list[Snapshot], placement: Placement, config: dict,
-                     extra: dict | None = None) -> Path:
+                     extra: dict | None = None, tables: tuple[Path, list] | None = None) -> Path:
     """Writes ckpt-<step>/ (tensor files, then manifest.json), then the pointer; returns the folder.
 
     The step is the global step of the snapshots (the smallest shard version). The files go to a
@@ -135,9 +177,11 @@ def write_checkpoint(folder: str | Path, snapshots: list[Snapshot], placement: P
             atomic_save_npz(tmp / name, snapshot_arrays(snap))
             entries.append(snapshot_entry(snap, name))
             files[name] = {"sha256": sha256_of(tmp / name), "bytes": (tmp / name).stat().st_size}
+        table_entries = _move_tables(tables, tmp, files) if tables is not None else None
         manifest = {"format": FORMAT, "step": step, "versions": [s.version for s in snapshots], "timestamp": time.time(),
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "placement": json.loads(placement.to_json()),
-                    "shards": entries, "files": files, "config": config, **(extra or {})}
+                    "shards": entries, "files": files, "config": config, **(extra or {}),
+                    **({"tables": table_entries} if table_entries else {})}
         atomic_write_json(tmp / MANIFEST, seal_manifest(manifest))
         if path.exists():  # the same step again (e.g. the final checkpoint): replaced once complete
             os.rename(path, old)
@@ -150,6 +194,8 @@ def write_checkpoint(folder: str | Path, snapshots: list[Snapshot], placement: P
         fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if tables is not None:
+            shutil.rmtree(tables[0], ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
     try:
@@ -157,6 +203,18 @@ def write_checkpoint(folder: str | Path, snapshots: list[Snapshot], placement: P
     except OSError:
         pass  # the pointer is a hint for other tools: loading goes by step (latest_valid)
     return path
+
+
+def _move_tables(tables: tuple[Path, list], tmp: Path, files: dict) -> list:
+    """Moves the staged table chunks into the checkpoint's temp folder; their `files` entries."""
+    staging, entries = tables
+    for entry in entries:
+        for part in entry["parts"]:
+            for name in part["files"]:
+                files[name] = {"sha256": sha256_of(staging / name), "bytes": (staging / name).stat().st_size}
+                os.rename(staging / name, tmp / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return entries
 
 
 def canonical_digest(manifest: dict) -> str:
@@ -279,6 +337,27 @@ class Checkpoint:
         """(values, slots {var: {slot: array}}, updates {var: n}) of whole variables."""
         return join_snapshots(self.snapshots(), self.placement)
 
+    @property
+    def tables(self) -> list[dict]:
+        """The manifest's id-keyed tables: [{"name", "dim", "parts": [{"shard", "updates", "rows",
+        "files"}]}] ([] for a dense model)."""
+        return list(self.manifest.get("tables") or [])
+
+    def table_chunks_for(self, table: dict, shard: int, num_shards: int):
+        """The saved rows of `table` that `shard` of `num_shards` owns by hash, chunk by chunk
+        (one file in memory at a time), whatever shard count they were saved from."""
+        from asyncps.partition import table_owners
+
+        for part in table["parts"]:
+            for file in part["files"]:
+                with np.load(self.path / file, allow_pickle=False) as z:
+                    ids = z["ids"]
+                    mine = table_owners(ids, num_shards) == shard
+                    if not mine.any():
+                        continue
+                    yield {"ids": ids[mine], "versions": z["versions"][mine], "values": z["values"][mine],
+                           "slots": {k[5:]: z[k][mine] for k in z.files if k.startswith("slot/")}}
+
     def snapshots_for(self, placement: Placement) -> list[Snapshot]:
         """Snapshots for `placement`: as saved when it is the saved one, re-split otherwise."""
         saved = self.placement
@@ -371,8 +450,11 @@ def manifest_problem(m, path: Path | None = None) -> str | None:
         if not (isinstance(meta, dict) and isinstance(meta.get("sha256"), str) and _SHA256.match(meta["sha256"])
                 and _is_int(meta.get("bytes"))):
             return f"files[{entry['file']!r}] has no sha256 and size"
-    if set(files) != {e["file"] for e in shards}:
-        return f"files {_short(sorted(files))} are not the shards' files"
+    problem, table_files = _tables_problem(m.get("tables", []), files)
+    if problem:
+        return problem
+    if set(files) != {e["file"] for e in shards} | table_files:
+        return f"files {_short(sorted(files))} are not the shards' and tables' files"
     if not isinstance(m.get("config"), dict):
         return "config is not an object"
     if "seconds" in m and not (isinstance(m["seconds"], (int, float)) and not isinstance(m["seconds"], bool)):
@@ -384,6 +466,28 @@ def manifest_problem(m, path: Path | None = None) -> str | None:
     if placement.num_shards != len(shards):
         return f"placement for {placement.num_shards} shards, {len(shards)} saved"
     return None
+
+
+def _tables_problem(tables, files: dict) -> tuple[str | None, set]:
+    """(what is wrong with the manifest's `tables`, or None; the table files it names)."""
+    named: set = set()
+    if not isinstance(tables, list):
+        return "tables is not a list", named
+    for k, t in enumerate(tables):
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and _is_int(t.get("dim"), 1)
+                and isinstance(t.get("parts"), list)):
+            return f"tables[{k}] has no name, dim >= 1 and parts", named
+        for part in t["parts"]:
+            if not (isinstance(part, dict) and _is_int(part.get("shard")) and _is_int(part.get("updates"))
+                    and _is_int(part.get("rows")) and isinstance(part.get("files"), list)):
+                return f"tables[{k}] has a part without shard, updates, rows and files", named
+            for name in part["files"]:
+                meta = files.get(name)
+                if not (isinstance(name, str) and _TABLE_FILE.match(name) and isinstance(meta, dict)
+                        and isinstance(meta.get("sha256"), str) and _SHA256.match(meta["sha256"])):
+                    return f"tables[{k}] names file {_short(name)!r} without a sha256 in files", named
+                named.add(name)
+    return None, named
 
 
 def latest_valid(folder: str | Path, warn=None) -> Checkpoint | None:

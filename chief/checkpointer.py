@@ -11,10 +11,17 @@ OSError while writing) is one line in the chief's log naming the cause, a `check
 row, and a count in report.json (`checkpoints.failed`, `last_error`); the run goes on, the
 earlier checkpoints stay as they were, and the next attempt is at the next interval. The shards
 are resumed whatever happens between the pause and the snapshot's end.
+
+Id-keyed tables (docs/sparse.md): while the shards are paused, each table's rows are streamed
+from every shard (SnapshotTable) chunk by chunk into a staging folder beside the checkpoints
+(chief/checkpoint.py), so the pause also covers writing them: the rows a checkpoint holds are
+exactly those of its version. A restore stages every table on every shard first (RestoreTable,
+rows re-placed by hash), then the Restore of the variables installs them at once.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -70,11 +77,17 @@ class Checkpointer:
         repairs a dead shard). The shards are resumed in every case.
         """
         started = time.perf_counter()
+        tables, table_error = None, None
         try:
             try:
                 if not already_paused:
                     self.ps.pause()
                 snapshots = self.ps.snapshot()
+                if getattr(self.ps, "tables", None):
+                    try:
+                        tables = self._save_tables(min(s.version for s in snapshots))
+                    except OSError as exc:  # the disk, not the shards: a checkpoint_failed row
+                        table_error = exc
             finally:
                 if not already_paused:
                     self.ps.resume()  # every shard, also when the pause reached only some
@@ -83,10 +96,12 @@ class Checkpointer:
             raise
         pause_ms = (time.perf_counter() - started) * 1e3
         step = min(s.version for s in snapshots)
+        if table_error is not None:
+            return self._failed(step, table_error)
         written = time.perf_counter()
         try:
             path = ckpt.write_checkpoint(self.folder, snapshots, self.placement, self.cfg.to_dict(),
-                                         {"seconds": seconds, "pause_ms": pause_ms})
+                                         {"seconds": seconds, "pause_ms": pause_ms}, tables=tables)
             size = sum(f.stat().st_size for f in path.iterdir())
         except OSError as exc:
             return self._failed(step, exc)
@@ -101,6 +116,21 @@ class Checkpointer:
         return self.log.write("checkpoint", step, path=str(path), versions=[s.version for s in snapshots],
                               pause_ms=round(pause_ms, 3), write_ms=round(write_ms, 3),
                               bytes=size, removed=[p.name for p in removed])
+
+    def _save_tables(self, step: int):
+        """(staging folder, manifest entries) of every table's rows, streamed from each shard."""
+        staging = ckpt.table_staging(self.folder, step)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            entries = []
+            for k, (name, dim) in enumerate(sorted(self.ps.tables.items())):
+                parts = ((i, *self.ps.snapshot_table(i, name, ckpt.TABLE_CHUNK_ROWS))
+                         for i in range(self.placement.num_shards))
+                entries.append(ckpt.write_table(staging, k, name, dim, parts))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging, entries
 
     def _failed(self, step: int, exc: OSError) -> dict:
         """One line, one row, one count; the next attempt at the next interval."""
@@ -124,8 +154,17 @@ class Checkpointer:
         return ckpt.latest_valid(self.folder, warn)
 
     def restore(self, checkpoint: ckpt.Checkpoint) -> list[int]:
-        """Restores EVERY shard from `checkpoint` (re-split for this placement); their versions."""
-        versions = self.ps.restore(checkpoint.snapshots_for(self.placement))
+        """Restores EVERY shard from `checkpoint` (re-split for this placement; table rows
+        re-placed by hash); their versions."""
+        snapshots = checkpoint.snapshots_for(self.placement)  # (checks the variables first)
+        n = self.placement.num_shards
+        for table in checkpoint.tables:
+            if table["name"] not in (getattr(self.ps, "tables", None) or {}):
+                raise ckpt.CheckpointError(f"{checkpoint.path}: table {table['name']!r} is not one of the model's")
+            updates = max((p["updates"] for p in table["parts"]), default=0)
+            for i in range(n):
+                self.ps.restore_table(i, table["name"], table["dim"], updates, checkpoint.table_chunks_for(table, i, n))
+        versions = self.ps.restore(snapshots)
         self.restart_from(min(versions))
         return versions
 

@@ -47,6 +47,7 @@ drops the segment: the next call after `register` opens a new one.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -616,6 +617,31 @@ class PSClient:
             return self._call(stub.Restore, codec.encode_snapshot(snap, self._chunk)).version
 
         return self._each(one, [(s,) for s in snapshots])
+
+    def snapshot_table(self, shard: int, name: str, chunk_rows: int = 65536):
+        """(updates, chunks) of table `name` on `shard`: its update count and an iterator of its
+        rows in chunks ({"ids", "versions", "values", "slots"}), streamed: one chunk in memory."""
+        replies = self._call(self._stubs[shard].SnapshotTable, ps_pb2.TableSnapshotRequest(table=name,
+                                                                                           chunk_rows=chunk_rows))
+        first = next(replies)
+        dim = first.spec.dim
+
+        def chunks():
+            for message in itertools.chain([first], replies):
+                if len(message.rows.ids):
+                    yield table_rows.read_chunk(message, dim)
+
+        return int(first.updates), chunks()
+
+    def restore_table(self, shard: int, name: str, dim: int, updates: int, chunks) -> int:
+        """Stages table `name` on `shard` from `chunks` (as `snapshot_table` gives them, rows
+        the shard owns by hash only); the next `restore` installs it."""
+        def messages():
+            yield table_rows.chunk_message(name, dim, updates, None, True)
+            for c in chunks:
+                yield table_rows.chunk_message(name, dim, 0, c, False)
+
+        return self._call(self._stubs[shard].RestoreTable, messages()).version
 
     def stop(self, grace: float = 5.0) -> None:
         """Asks every shard process to shut down."""

@@ -114,6 +114,16 @@ class ParameterServerStub:
                 request_serializer=asyncps_dot_protos_dot_ps__pb2.ShmRequest.SerializeToString,
                 response_deserializer=asyncps_dot_protos_dot_ps__pb2.ShmReply.FromString,
                 _registered_method=True)
+        self.SnapshotTable = channel.unary_stream(
+                '/asyncps.ParameterServer/SnapshotTable',
+                request_serializer=asyncps_dot_protos_dot_ps__pb2.TableSnapshotRequest.SerializeToString,
+                response_deserializer=asyncps_dot_protos_dot_ps__pb2.TableChunk.FromString,
+                _registered_method=True)
+        self.RestoreTable = channel.stream_unary(
+                '/asyncps.ParameterServer/RestoreTable',
+                request_serializer=asyncps_dot_protos_dot_ps__pb2.TableChunk.SerializeToString,
+                response_deserializer=asyncps_dot_protos_dot_ps__pb2.RestoreReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -249,6 +259,25 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotTable(self, request, context):
+        """Streams the rows of one id-keyed table (ids, versions, values and optimizer slots) in chunks
+        of at most `chunk_rows` rows, each chunk copied under the shard's lock: the chief calls it
+        with the shards paused, so the rows are those of the Snapshot's version (rows made by pulls
+        meanwhile are first-touch rows, the same whether saved or not).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreTable(self, request_iterator, context):
+        """Stages the rows of one id-keyed table (a stream shaped like SnapshotTable's; rows this
+        shard does not own by hash are refused); the next Restore installs every staged table at
+        once with the variables (a table not staged then starts empty).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -331,6 +360,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ShmPushPull,
                     request_deserializer=asyncps_dot_protos_dot_ps__pb2.ShmRequest.FromString,
                     response_serializer=asyncps_dot_protos_dot_ps__pb2.ShmReply.SerializeToString,
+            ),
+            'SnapshotTable': grpc.unary_stream_rpc_method_handler(
+                    servicer.SnapshotTable,
+                    request_deserializer=asyncps_dot_protos_dot_ps__pb2.TableSnapshotRequest.FromString,
+                    response_serializer=asyncps_dot_protos_dot_ps__pb2.TableChunk.SerializeToString,
+            ),
+            'RestoreTable': grpc.stream_unary_rpc_method_handler(
+                    servicer.RestoreTable,
+                    request_deserializer=asyncps_dot_protos_dot_ps__pb2.TableChunk.FromString,
+                    response_serializer=asyncps_dot_protos_dot_ps__pb2.RestoreReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -765,6 +804,60 @@ class ParameterServer:
             '/asyncps.ParameterServer/ShmPushPull',
             asyncps_dot_protos_dot_ps__pb2.ShmRequest.SerializeToString,
             asyncps_dot_protos_dot_ps__pb2.ShmReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotTable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/asyncps.ParameterServer/SnapshotTable',
+            asyncps_dot_protos_dot_ps__pb2.TableSnapshotRequest.SerializeToString,
+            asyncps_dot_protos_dot_ps__pb2.TableChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreTable(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/asyncps.ParameterServer/RestoreTable',
+            asyncps_dot_protos_dot_ps__pb2.TableChunk.SerializeToString,
+            asyncps_dot_protos_dot_ps__pb2.RestoreReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,8 @@ PS_METHODS = {
     "Stop": ("unary_unary", ps_pb2.StopRequest, ps_pb2.StopReply),
     "ShmOpen": ("unary_unary", ps_pb2.ShmOpenRequest, ps_pb2.ShmOpenReply),
     "ShmPushPull": ("unary_unary", ps_pb2.ShmRequest, ps_pb2.ShmReply),
+    "SnapshotTable": ("unary_stream", ps_pb2.TableSnapshotRequest, ps_pb2.TableChunk),
+    "RestoreTable": ("stream_unary", ps_pb2.TableChunk, ps_pb2.RestoreReply),
 }
 
 

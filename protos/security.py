@@ -256,7 +256,8 @@ DATA = frozenset({"chief", "worker"})
 READ = frozenset({"chief", "worker", "client"})
 _PS, _CHIEF = "/asyncps.ParameterServer/", "/asyncps.Chief/"
 POLICY: dict[str, frozenset[str]] = {
-    **{_PS + m: CHIEF_ONLY for m in ("Init", "Pause", "Resume", "Snapshot", "Restore", "Stop")},
+    **{_PS + m: CHIEF_ONLY for m in ("Init", "Pause", "Resume", "Snapshot", "Restore", "Stop",
+                                        "SnapshotTable", "RestoreTable")},
     **{_PS + m: DATA for m in ("RegisterWorker", "Push", "PushPull", "PushOne", "PushPullOne",
                                   "ShmOpen", "ShmPushPull")},
     **{_PS + m: READ for m in ("Pull", "PullOne", "Stats")},

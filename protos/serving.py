@@ -171,7 +171,7 @@ _EXPIRED = object()  # handed to a waiting handler in place of a message (see St
 LOG_EVERY_S = 10.0
 # The chief's control streams (Init, Restore: authorized before admission under mTLS) have their
 # own quota, so data streams, idle or hostile, can never leave the chief unable to repair a shard.
-CONTROL_STREAMS = frozenset({"Init", "Restore"})
+CONTROL_STREAMS = frozenset({"Init", "Restore", "RestoreTable"})
 CONTROL_STREAM_LIMIT = 4
 
 

@@ -63,3 +63,27 @@ def read_rows(message: ps_pb2.TableRows, dim: int) -> tuple[np.ndarray, np.ndarr
 def nbytes(messages) -> int:
     """Bytes of table rows in `messages` (ids, versions and values)."""
     return sum(len(m.ids) + len(m.versions) + len(m.values) for m in messages)
+
+
+def chunk_message(name: str, dim: int, updates: int, chunk: dict | None, first: bool) -> ps_pb2.TableChunk:
+    """One TableChunk (SnapshotTable): the spec in the first; rows, versions and slots."""
+    message = ps_pb2.TableChunk()
+    if first:
+        message.spec.name, message.spec.dim, message.updates = name, dim, updates
+    if chunk is not None:
+        message.rows.CopyFrom(rows_message(name, chunk["ids"], chunk["values"], chunk["versions"]))
+        for slot, values in sorted(chunk["slots"].items()):
+            message.slots.add(name=slot, values=np.ascontiguousarray(values, dtype="<f4").tobytes())
+    return message
+
+
+def read_chunk(message: ps_pb2.TableChunk, dim: int) -> dict:
+    """A TableChunk as {"ids", "versions", "values", "slots"}; counts and bytes must agree."""
+    ids, values, versions = read_rows(message.rows, dim)
+    slots = {}
+    for slot in message.slots:
+        if len(slot.values) != 4 * len(ids) * dim or slot.name in slots:
+            raise CodecError(f"table {message.rows.table!r}: slot {slot.name!r} of {len(slot.values)} bytes for "
+                             f"{len(ids)} rows of dim {dim} (or named twice)")
+        slots[slot.name] = np.frombuffer(slot.values, dtype="<f4").reshape(len(ids), dim)
+    return {"ids": ids, "versions": versions, "values": values, "slots": slots}

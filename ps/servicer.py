@@ -329,6 +329,27 @@ class ParameterServerServicer:
         return ps_pb2.RestoreReply(version=self._shard.restore(codec.decode_snapshot(request_iterator)))
 
     @_rpc
+    def SnapshotTable(self, request, context):
+        """Streams one table's rows, slots and versions in chunks (the chief, shards paused)."""
+        updates, chunks = self._shard.table_chunks(request.table, request.chunk_rows or 65536)
+        dim = self._shard.tables[request.table].dim
+        first = True
+        for c in chunks:
+            yield table_wire.chunk_message(request.table, dim, updates if first else 0, c, first)
+            first = False
+        if first:  # an empty table: one message with the spec
+            yield table_wire.chunk_message(request.table, dim, updates, None, True)
+
+    @_rpc
+    def RestoreTable(self, request_iterator, context):
+        """Stages one table's rows for the next Restore."""
+        name, dim, updates = table_wire.read_table_stream(request_iterator, self._shard.tables, self._stage)
+        return ps_pb2.RestoreReply(version=self._shard.version)
+
+    def _stage(self, name: str, dim: int, updates: int, chunks) -> None:
+        self._shard.stage_table(name, dim, updates, chunks)
+
+    @_rpc
     def Stats(self, request, context):
         """The shard's counters: staleness per worker and histogram, applied/dropped/rejected."""
         stats = self._shard.stats()

@@ -100,6 +100,8 @@ class Shard:
         self._cond = threading.Condition()  # guards every attribute below
         self._vars: dict[str, Variable] = {}
         self._tables: dict[str, EmbeddingTable] = {}  # id-keyed tables (ps/tables.py)
+        self._staged: dict[str, EmbeddingTable] = {}  # tables restored by RestoreTable, installed by `restore`
+        self.num_shards = cfg.cluster.ps  # restored table rows must be this shard's by hash
         self._initialized = False
         self.version = 0
         self.workers: dict[int, WorkerCounters] = {}
@@ -463,6 +465,8 @@ class Shard:
             if self._initialized:
                 self._check_same_specs(snap.values, "Restore")
             self._vars, self._initialized, self.version = fresh, True, snap.version
+            staged, self._staged = self._staged, {}
+            self._tables = {**self._new_tables(self.table_specs()), **staged}  # a table not staged starts empty
             for worker, seq in snap.last_seq.items():
                 w = self.workers.setdefault(worker, WorkerCounters(worker))
                 w.last_seq, w.clock = seq, snap.clocks.get(worker, 0)
@@ -471,6 +475,52 @@ class Shard:
             self.observers.restored(self.version)
             self._cond.notify_all()
             return self.version
+
+    def table_chunks(self, name: str, rows: int = 65536):
+        """(updates, chunks): the table's update count and an iterator of its live rows in
+        chunks of at most `rows` (ps/tables.py `chunk`), each copied under the lock."""
+        with self._cond:
+            self._require_init()
+            self._check_table_names([name])
+            table = self._tables[name]
+            updates = table.updates
+
+        def chunks():
+            start = 0
+            while True:
+                with self._cond:
+                    if self._tables.get(name) is not table:
+                        raise FailedPrecondition(f"shard {self.index}: table {name!r} was restored while being read")
+                    start, chunk = table.chunk(start, max(1, rows))
+                if chunk is None:
+                    return
+                if len(chunk["ids"]):
+                    yield chunk
+
+        return updates, chunks()
+
+    def stage_table(self, name: str, dim: int, updates: int, chunks) -> int:
+        """Builds table `name` from saved chunks ({"ids", "versions", "values", "slots"}) and
+        keeps it for the next `restore`; returns its rows. Rows another shard owns by hash, or
+        that disagree with `dim`, are refused (InvalidArgument) and nothing is staged."""
+        from asyncps.partition import table_owners
+
+        table = self._new_tables({name: dim})[name]
+        table.updates = int(updates)
+        for c in chunks:
+            ids = np.asarray(c["ids"], dtype=np.int64)
+            n = len(ids)
+            if c["values"].shape != (n, dim) or c["versions"].shape != (n,) or (n and c["versions"].min() < 0) \
+                    or any(v.shape != (n, dim) for v in c["slots"].values()):
+                raise InvalidArgument(f"table {name!r}: a restored chunk of {n} rows does not have rows of dim {dim}")
+            if n and (table_owners(ids, self.num_shards) != self.index).any():
+                raise InvalidArgument(f"table {name!r}: restored rows that shard {self.index} of {self.num_shards} "
+                                      "does not own by hash")
+            validate.check_finite(name, c["values"])
+            table.load(ids, c["versions"], c["values"], c["slots"])
+        with self._cond:
+            self._staged[name] = table
+        return table.rows
 
     def _check_snapshot_counters(self, snap: Snapshot) -> None:
         """Restore: a version >= 0 and per-worker counters of workers of this cluster only."""

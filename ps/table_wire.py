@@ -3,15 +3,17 @@ asks for or pushes, encode what a pull answers. Shared by the gRPC servicer and 
 shared-memory endpoint, which both carry rows in the header (docs/sparse.md)."""
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
 from asyncps.protos import ps_pb2
-from asyncps.protos.table_rows import TableGrad, ids_message, read_ids, read_rows, rows_message
+from asyncps.protos.table_rows import TableGrad, chunk_message, ids_message, read_chunk, read_ids, read_rows, rows_message
 from asyncps.ps.errors import InvalidArgument, NotFound
 
-__all__ = ["TableGrad", "ids_message", "requested_ids", "pushed_rows", "answer"]
+__all__ = ["TableGrad", "answer", "chunk_message", "ids_message", "pushed_rows", "read_chunk", "read_table_stream",
+           "requested_ids"]
 
 
 def _table(name: str, tables: Mapping):
@@ -48,3 +50,26 @@ def pushed_rows(messages: Iterable[ps_pb2.TableRows], tables: Mapping) -> dict[s
 def answer(rows: Mapping[str, tuple] | None) -> list[ps_pb2.TableRows]:
     """The TableRows of a pull's answer ({table: (ids, rows, versions)})."""
     return [rows_message(name, ids, values, versions) for name, (ids, values, versions) in (rows or {}).items()]
+
+
+def read_table_stream(messages, tables: Mapping, stage) -> tuple[str, int, int]:
+    """Reads a RestoreTable stream, handing its chunks to ``stage(name, dim, updates, chunks)``
+    as they arrive (one chunk in memory at a time); (name, dim, updates)."""
+    it = iter(messages)
+    first = next(it, None)
+    if first is None or not first.HasField("spec") or not first.spec.name or first.spec.dim < 1:
+        raise InvalidArgument("a table restore stream must start with the table's spec (name, dim >= 1)")
+    name, dim = first.spec.name, int(first.spec.dim)
+    if name in tables and tables[name].dim != dim:
+        raise InvalidArgument(f"table {name!r}: restored rows of dim {dim}, the shard's table has dim {tables[name].dim}")
+
+    def chunks():
+        for m in itertools.chain([first], it):
+            if not (m.HasField("rows") and len(m.rows.ids)):
+                continue
+            if m.rows.table != name:
+                raise InvalidArgument(f"table restore of {name!r} carries rows of {m.rows.table!r}")
+            yield read_chunk(m, dim)
+
+    stage(name, dim, int(first.updates), chunks())
+    return name, dim, int(first.updates)

@@ -230,6 +230,31 @@ class EmbeddingTable:
         self.updates += 1
         return staleness
 
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def chunk(self, start: int, rows: int) -> tuple[int, dict | None]:
+        """Copies of the live rows among storage rows [start, start + rows): (next start, {"ids",
+        "versions", "values", "slots": {name: rows}}), None once past the end. Bounded memory:
+        a checkpoint reads a table one chunk at a time (the caller holds the shard's lock for
+        each chunk only)."""
+        if start >= self.size:
+            return start, None
+        stop = min(self.size, start + rows)
+        where = np.arange(start, stop)
+        live = where[[self.index.get(int(i)) == r for i, r in zip(self.ids[start:stop].tolist(), where.tolist())]]
+        return stop, {"ids": self.ids[live].copy(), "versions": self.versions[live].copy(),
+                      "values": self.values[live].copy(), "slots": {k: v[live].copy() for k, v in self.slots.items()}}
+
+    def load(self, ids: np.ndarray, versions: np.ndarray, values: np.ndarray, slots: Mapping[str, np.ndarray]) -> None:
+        """Puts saved rows in (a restore): values, versions and slots as given, made if missing."""
+        if set(slots) != set(self.slots):
+            raise InvalidArgument(f"table {self.name!r}: saved slots {sorted(slots)}, the optimizer keeps "
+                                  f"{sorted(self.slots)}")
+        rows = self.lookup(ids)
+        self.values[rows], self.versions[rows] = values, versions
+        for name, saved in slots.items():
+            self.slots[name][rows] = saved
+
     def stats(self) -> Mapping:
         """Rows, bytes, creations, evictions and the staleness histogram by frequency bucket."""
         by_bucket = {int(b): {int(s): int(c) for s, c in enumerate(row) if c}
