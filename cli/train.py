@@ -48,7 +48,16 @@ def run(args: argparse.Namespace) -> int:
     report = train(cfg)
     for line in summary_lines(report):
         print(line)
+    if report.get("reference"):
+        print(reference_line(report["reference"], report["final"]))
     return 0
+
+
+def reference_line(reference: dict, final: dict) -> str:
+    """The data's own model (click_logs: the planted one, the best achievable) beside this run's."""
+    ref = " ".join(f"{k}={v:.4f}" for k, v in reference.items())
+    gaps = ", ".join(f"{k} {final[k] - v:+.4f}" for k, v in reference.items() if k in final)
+    return f"planted model: {ref} (best achievable); this run: {gaps}"
 
 
 def train(cfg: Config) -> dict:
@@ -133,6 +142,7 @@ def train(cfg: Config) -> dict:
         "staleness": summarize({0: step}) if stale is None and sim is None else (sim or stale).summary(),
         "trainable": trainable,
         **({"tables": tables.report()} if tables else {}),
+        **({"reference": data.reference} if data.reference else {}),
         "variables": small_variables(params),
     }
     save_params(run_dir / PARAMS_FILE, params)

@@ -41,8 +41,8 @@ MAX_STRING = 4096  # characters of any string value (paths, names, patterns)
 INT64_MAX = 2**63 - 1
 MAX_SECONDS = 365 * 86400.0  # upper bound of every duration (sleep/wait/deadline must not overflow)
 MAX_PEERS = 1024  # cluster.ps and cluster.workers
-MODEL_NAMES = ("linear", "softmax", "mlp", "cnn", "charlm", "ctr")  # built-in models (asyncps.worker.models)
-DATA_NAMES = ("mnist", "linear", "charlm", "npz", "csv", "ctr")  # built-in data sets and formats (asyncps.worker.data)
+MODEL_NAMES = ("linear", "softmax", "mlp", "cnn", "charlm", "ctr", "ctr_lr", "ctr_deep")  # built-in models (asyncps.worker.models)
+DATA_NAMES = ("mnist", "linear", "charlm", "npz", "csv", "ctr", "click_logs", "criteo")  # built-in data sets and formats (asyncps.worker.data)
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 
 
@@ -92,7 +92,18 @@ class DataConfig:
     num_train: int = 1000  # linear, ctr: synthetic training examples
     num_test: int = 10000  # ctr: synthetic test examples
     fields: int = 8  # ctr: categorical features per example (each a 64-bit hashed id)
-    vocab: int = 100000  # ctr: values per field (Zipf-distributed: a few hot, a long tail)
+    vocab: int = 100000  # ctr: values per field (Zipf-distributed: a few hot, a long tail); click_logs: field 0's
+    # (the largest; the others shrink geometrically to 4)
+    # click_logs (Criteo-like logs with a planted logistic truth, worker/data/click_logs.py):
+    numeric: int = 13  # numeric (count) fields after the `fields` categorical ones
+    zipf: float = 1.1  # exponent of the values' power law
+    weight_std: float = 0.6  # std of a rank-1 value's planted weight
+    rank_decay: float = 0.3  # planted weight std falls as rank^-rank_decay
+    numeric_std: float = 0.3  # std of the planted slopes on log(1 + count)
+    interactions: int = 0  # field pairs with a planted interaction (only an MLP can learn them)
+    interaction_std: float = 0.5  # std of a planted interaction weight
+    click_bias: float = -1.6  # the planted logit's constant (sets the click rate)
+    test_fraction: float = 0.1  # criteo without test_path: the share of lines held out (by a hash of the line number)
     noise: float = 0.0  # linear: std of additive noise on y = 2x
     text: str | None = None  # charlm: a text file; None -> text shipped with Python
     test_path: str | None = None  # csv: the test CSV file (same columns as `path`)
@@ -726,6 +737,15 @@ _RANGES = [
     (DataConfig, "fields", lambda v: 1 <= v <= 1024, "in [1, 1024]"),
     (DataConfig, "vocab", lambda v: 1 <= v <= 100_000_000, "in [1, 100000000]"),
     (DataConfig, "noise", lambda v: v >= 0, "0 or more"),
+    (DataConfig, "numeric", lambda v: 0 <= v <= 1024, "in [0, 1024]"),
+    (DataConfig, "zipf", lambda v: 0 < v <= 10, "in (0, 10]"),
+    (DataConfig, "weight_std", lambda v: 0 <= v <= 100, "in [0, 100]"),
+    (DataConfig, "rank_decay", lambda v: 0 <= v <= 10, "in [0, 10]"),
+    (DataConfig, "numeric_std", lambda v: 0 <= v <= 100, "in [0, 100]"),
+    (DataConfig, "interactions", lambda v: 0 <= v <= 512, "in [0, 512]"),
+    (DataConfig, "interaction_std", lambda v: 0 <= v <= 100, "in [0, 100]"),
+    (DataConfig, "click_bias", lambda v: -100 <= v <= 100, "in [-100, 100]"),
+    (DataConfig, "test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     (ScheduleConfig, "decay_steps", lambda v: v >= 1, "at least 1"),
     (ScheduleConfig, "decay_rate", lambda v: v >= 0, "0 or more"),
     (ScheduleConfig, "boundaries", lambda v: v >= 0, "0 or more (each a step)"),
@@ -886,7 +906,7 @@ def _check_pluggable(obj, prefix: str, source: str) -> None:
     if obj.options and not is_import_path(obj.name):
         raise ConfigError(f"{source}: {prefix}options is only for a name that is an import path (module:attr); "
                           f"{obj.name} takes the keys of the schema, got {_show(obj.options)}")
-    if isinstance(obj, DataConfig) and obj.name in ("npz", "csv") and not obj.path:
+    if isinstance(obj, DataConfig) and obj.name in ("npz", "csv", "criteo") and not obj.path:
         raise ConfigError(f"{source}: {prefix}path must name the {obj.name} file (data.name {obj.name}), got null")
     if isinstance(obj, DataConfig) and obj.name == "csv" and not obj.test_path:
         raise ConfigError(f"{source}: {prefix}test_path must name the test CSV file (data.name csv), got null")

@@ -4,6 +4,11 @@
   10,000 validation images as ``x_valid, y_valid``; see `asyncps.worker.data.mnist`.
 - ``linear``: y = 2x (+ noise), shapes (n, 1); see `asyncps.worker.data.synthetic`.
 - ``charlm``: the previous `context` character ids -> the next one; see `asyncps.worker.data.text`.
+- ``ctr``: 8 hashed categorical fields with a logistic truth; see `asyncps.worker.data.ctr`.
+- ``click_logs``: Criteo-like logs (26 categorical + 13 numeric fields) with a planted model,
+  whose held-out log loss and AUC are the best achievable (`Dataset.reference`); see
+  `asyncps.worker.data.click_logs`.
+- ``criteo``: the Criteo display-advertising TSV format, streamed; see `asyncps.worker.data.criteo`.
 - ``npz``, ``csv``: a user's own files; see `asyncps.worker.data.formats`.
 - an import path ``module:attr``: a user's function returning a `Dataset` (docs/own_model.md).
 
@@ -62,6 +67,9 @@ class Dataset:
     meta: DatasetMeta
     x_valid: np.ndarray | None = None
     y_valid: np.ndarray | None = None
+    # metrics of the data's own generating model on the test set (click_logs: the planted
+    # model's log loss and AUC, the best achievable), printed beside a trained model's
+    reference: dict[str, float] | None = None
 
     @classmethod
     def from_arrays(cls, x_train, y_train, x_test, y_test, *, name: str = "data", num_classes: int | None = None,
@@ -84,7 +92,8 @@ def load_dataset(data_cfg: DataConfig, context: int = 8, *, seed: int = 0,
     """
     if is_import_path(data_cfg.name):
         return _user_data(data_cfg, seed=seed)
-    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm, "npz": _npz, "csv": _csv, "ctr": _ctr}
+    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm, "npz": _npz, "csv": _csv, "ctr": _ctr,
+               "click_logs": _click_logs, "criteo": _criteo}
     return loaders[data_cfg.name](data_cfg, context=context, seed=seed, cache_dir=cache_dir)
 
 
@@ -149,6 +158,24 @@ def _linear(cfg: DataConfig, *, seed: int, **_) -> Dataset:
 def _ctr(cfg: DataConfig, *, seed: int, **_) -> Dataset:
     x_train, y_train, x_test, y_test = make_ctr(cfg.num_train, cfg.num_test, cfg.fields, cfg.vocab, seed)
     return Dataset(x_train, y_train, x_test, y_test, DatasetMeta("ctr", (cfg.fields,), num_classes=2))
+
+
+def _click_logs(cfg: DataConfig, *, seed: int, **_) -> Dataset:
+    from asyncps.worker.data.click_logs import generate, spec_of
+    from asyncps.worker.models.metrics import auc, log_loss
+
+    spec = spec_of(cfg)
+    train, test = generate(spec, cfg.num_train, seed, "train"), generate(spec, cfg.num_test, seed, "test")
+    reference = {"loss": log_loss(test.p, test.y), "auc": auc(test.p, test.y)}
+    meta = DatasetMeta("click_logs", (spec.fields + spec.numeric,), num_classes=2)
+    return Dataset(train.x, train.y, test.x, test.y, meta, reference=reference)
+
+
+def _criteo(cfg: DataConfig, *, seed: int, **_) -> Dataset:
+    from asyncps.worker.data.criteo import load_criteo
+
+    x_train, y_train, x_test, y_test = load_criteo(cfg.path, cfg.test_path, cfg.test_fraction, seed)
+    return Dataset(x_train, y_train, x_test, y_test, DatasetMeta("criteo", (x_train.shape[1],), num_classes=2))
 
 
 def _charlm(cfg: DataConfig, *, context: int, **_) -> Dataset:

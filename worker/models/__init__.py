@@ -14,10 +14,13 @@ from asyncps.worker.models.charlm import CharLM
 from asyncps.worker.models.check import check_model
 from asyncps.worker.models.cnn import CNN
 from asyncps.worker.models.ctr import CTR
+from asyncps.worker.models.ctr_deep import CTRDeep
+from asyncps.worker.models.ctr_lr import CTRLogistic
 from asyncps.worker.models.linear import LinearRegression, SoftmaxRegression
 from asyncps.worker.models.mlp import MLP
 
-MODELS = {cls.name: cls for cls in (LinearRegression, SoftmaxRegression, MLP, CNN, CharLM, CTR)}
+MODELS = {cls.name: cls for cls in (LinearRegression, SoftmaxRegression, MLP, CNN, CharLM, CTR, CTRLogistic,
+                                       CTRDeep)}
 
 
 def build_model(model_cfg, data_meta) -> Model:
