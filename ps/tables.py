@@ -139,7 +139,12 @@ class EmbeddingTable:
 
     def _create(self, ids: np.ndarray, missing: list[int], out: np.ndarray) -> None:
         new_ids = list(dict.fromkeys(ids[missing].tolist()))  # unique, in order of arrival
-        protected = {int(out[k]) for k in range(len(ids)) if k not in set(missing)}
+        if self.capacity is not None:  # rows this call needs are never the victim (only with a capacity)
+            known = np.ones(len(ids), bool)
+            known[missing] = False
+            protected = set(out[known].tolist())
+        else:
+            protected = set()
         made: dict[int, int] = {}
         for i in new_ids:
             if self.free:
