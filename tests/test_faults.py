@@ -250,6 +250,7 @@ def test_a_worker_sees_refusals_restores_and_restarts_of_shards_alike_on_both_tr
     next pushes apply on the restored versions, over a fresh segment on shared memory."""
     from test_shm_transport import Cluster
 
+    segments_before = shm.count_segments(shm.prefix_for(None))  # in-process shards: this process's prefix
     c = Cluster(2, transport)
     chief = c.new_client()  # registers no worker: every call of the chief's goes over gRPC
     on_shm = [transport == "shm"] * 2
@@ -299,6 +300,7 @@ def test_a_worker_sees_refusals_restores_and_restarts_of_shards_alike_on_both_tr
     finally:
         chief.close()
         c.close()
+    assert shm.count_segments(shm.prefix_for(None)) == segments_before  # nothing left in /dev/shm
 
 
 # ----------------------------------------------------------------------------------------------
