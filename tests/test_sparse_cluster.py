@@ -236,6 +236,11 @@ def test_table_checkpoint_restores_into_another_shard_count(tmp_path, rng):
         assert [t["name"] for t in checkpoint.tables] == [TABLE]
         assert sum(p["rows"] for p in checkpoint.tables[0]["parts"]) == len(saved)
         assert not list((tmp_path / "checkpoints").glob(".ckpt-*"))  # the staging folder is gone
+    from asyncps.cli.inspect import describe  # `asyncps inspect`: rows, memory, hottest ids
+
+    shown = describe(checkpoint)["tables"][TABLE]
+    assert shown["rows"] == len(saved) and shown["memory_bytes"] > len(saved) * DIM * 4
+    assert shown["hottest"][0]["updates"] == max(v for _, v, _ in saved.values())
     for shards in (3, 2):
         with Cluster(shards, optimizer="adagrad") as c:
             c.cfg.checkpoint.every_steps = 1
