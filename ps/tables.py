@@ -21,6 +21,7 @@ lazy Adam keep per-row state that is created with the row).
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -83,7 +84,12 @@ class EmbeddingTable:
 
     @property
     def nbytes(self) -> int:
-        return self.values.nbytes + sum(s.nbytes for s in self.slots.values())
+        """Bytes the table holds: its arrays (values, slots, versions, ids, last use; reserved
+        rows included, storage grows by doubling) and its id index (the dict, plus about 60
+        bytes of Python ints per entry: an estimate)."""
+        arrays = self.values.nbytes + sum(s.nbytes for s in self.slots.values())
+        arrays += self.versions.nbytes + self.last_used.nbytes + self.ids.nbytes
+        return arrays + sys.getsizeof(self.index) + 60 * len(self.index)
 
     # -- rows -----------------------------------------------------------------------------------
 
