@@ -389,7 +389,7 @@ class ChiefRun:
         if self.checkpoints.enabled:
             self.checkpoints.save(seconds, already_paused=True)
         self._wait_for_workers_to_see_stop()  # and their last pull-to-push windows to arrive
-        stats = self.ps.stats()
+        stats = self.ps.stats(hot_ids=bool(self.tables))
         if self.telemetry.every:
             self.telemetry.row(global_step(versions), stats, final=True)
         report = cluster_report(self, final, stats, params, seconds)

@@ -383,7 +383,7 @@ class PSClient:
                         tables=req.tables))
                     if out is not None:
                         return out
-            if self._pull_bytes[i] + table_rows.nbytes(req.tables) * (1 + 4 * self._max_dim()) <= self._unary:
+            if self._pull_bytes[i] + self._rows_bytes(req.tables) <= self._unary:
                 return self._read_pull((self._call(stub.PullOne, req),))
             return self._read_pull(self._call(stub.Pull, req))
 
@@ -395,8 +395,9 @@ class PSClient:
 
     # -- id-keyed tables ------------------------------------------------------------------------
 
-    def _max_dim(self) -> int:
-        return max(self.tables.values(), default=0)
+    def _rows_bytes(self, asked) -> int:
+        """Bytes of the ids `asked` (TableRows, ids only) and of the rows answering them."""
+        return sum(len(m.ids) // 8 * (8 + 8 + 8 + 4 * self.tables.get(m.table, 0)) for m in asked)
 
     def _split_ids(self, table_ids: Mapping[str, Any] | None) -> tuple[list[list], dict]:
         """Per shard, the TableRows (ids only) it owns; and {table: per-shard positions}."""
@@ -532,7 +533,7 @@ class PSClient:
         try:
             for i, part in enumerate(self.placement.split(grads)):
                 pushed, asked = tables[i] if tables else ((), ())
-                extra = table_rows.nbytes(pushed) + table_rows.nbytes(asked) * (1 + 4 * self._max_dim())
+                extra = table_rows.nbytes(pushed) + self._rows_bytes(asked)
                 tensors = self._write_push(peers[i], part)
                 if tensors is not None:
                     header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i], pull_age=pull_age,
@@ -594,9 +595,11 @@ class PSClient:
                                    table_grads=table_grads, table_pull=table_pull)
         return codec.encode_message(part, header.SerializeToString())
 
-    def stats(self) -> list[ps_pb2.StatsReply]:
-        """Every shard's counters (StatsReply messages), by shard index."""
-        return self._each(lambda i, stub: self._call(stub.Stats, ps_pb2.StatsRequest()))
+    def stats(self, hot_ids: bool = False) -> list[ps_pb2.StatsReply]:
+        """Every shard's counters (StatsReply messages), by shard index; `hot_ids`: with each
+        id-keyed table's hottest ids (a pass over its rows)."""
+        request = ps_pb2.StatsRequest(hot_ids=hot_ids)
+        return self._each(lambda i, stub: self._call(stub.Stats, request))
 
     def pause(self) -> list[int]:
         """Pauses update application on every shard; the versions at which they stopped."""

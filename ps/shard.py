@@ -532,8 +532,9 @@ class Shard:
                     raise InvalidArgument(f"snapshot {what}[{worker}] = {value}: worker outside [0, "
                                           f"{self.num_workers}) or count below {low}")
 
-    def stats(self) -> dict:
-        """Counters as a dict shaped like the StatsReply message."""
+    def stats(self, hot_ids: bool = False) -> dict:
+        """Counters as a dict shaped like the StatsReply message (`hot_ids`: each table's
+        hottest ids too, a pass over its rows)."""
         with self._cond:
             workers = [{**_worker_stats(w), **self.ages.stats(i)} for i, w in sorted(self.workers.items())]
             return {
@@ -549,7 +550,7 @@ class Shard:
                 "history_bytes": self.past.history.nbytes,
                 "max_clock_gap": self.clock_gap.max,
                 "milestones_dropped": self.milestones.dropped,
-                "tables": [table_stats(t) for t in self._tables.values()],
+                "tables": [table_stats(t, hot_ids) for t in self._tables.values()],
                 **self.consistency.stats(),
             }
 
@@ -600,9 +601,9 @@ def _worker_stats(w: WorkerCounters) -> dict:
     }
 
 
-def table_stats(table: EmbeddingTable) -> dict:
-    """One table's counters, shaped like the TableStats message."""
-    hot_ids, hot_updates = table.hottest(10)
+def table_stats(table: EmbeddingTable, hot: bool = False) -> dict:
+    """One table's counters, shaped like the TableStats message (`hot`: with the 10 hottest ids)."""
+    hot_ids, hot_updates = table.hottest(10) if hot else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     buckets = [{"bucket": b, "histogram": np.trim_zeros(row, "b").tolist()}
                for b, row in enumerate(table.staleness) if row.any()]
     return {"name": table.name, "rows": table.rows, "bytes": table.nbytes, "created": table.created,

@@ -206,6 +206,8 @@ class EmbeddingTable:
         rows = np.fromiter(self.index.values(), np.int64, len(self.index))
         if not len(rows):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if len(rows) > k:  # the k largest in O(rows), then sorted
+            rows = rows[np.argpartition(-self.versions[rows], k - 1)[:k]]
         top = rows[np.lexsort((self.ids[rows], -self.versions[rows]))[:k]]
         return self.ids[top].copy(), self.versions[top].copy()
 

@@ -84,6 +84,9 @@ def test_rows_are_pulled_from_their_owners_and_pushed_back(transport):
         owners = table_owners(np.append(ids, 7), 2)
         assert [s.tables[0].rows for s in stats] == np.bincount(owners, minlength=2).tolist()
         assert sum(sum(b.histogram) for s in stats for b in s.tables[0].staleness) == 5  # one row update each
+        assert not any(s.tables[0].hot_ids for s in stats)  # the chief's polls: no pass over the rows
+        hot = {i: u for s in c.client.stats(hot_ids=True) for i, u in zip(s.tables[0].hot_ids, s.tables[0].hot_updates)}
+        assert hot == {**dict.fromkeys(ids.tolist(), 1), 7: 0}
         # the chief's read makes no row: an unseen id reads its first values, version 0
         peek = c.client.pull_rows({TABLE: np.array([5, 12345], np.int64)})
         assert peek[TABLE][1].tolist() == [1, 0]
