@@ -95,6 +95,9 @@ class Replayer:
         self.cfg = cfg
         self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
         self.model = build_model(cfg.model, self.data.meta)
+        if getattr(self.model, "id_tables", None):  # the update log orders pushes; it keeps no rows
+            raise ReplayError(f"model {cfg.model.name} has id-keyed tables ({sorted(self.model.id_tables)}): "
+                              "`asyncps replay` recomputes dense variables only (docs/sparse.md)")
         params0 = initial_params(cfg, self.model)
         self.placement = placement_for(params0, cfg.cluster.ps)
         self.compute = GradientComputer(self.model, trainable_names(params0, cfg.train.frozen), cfg.train.graph_mode)
