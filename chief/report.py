@@ -124,7 +124,7 @@ def row_histograms(stats) -> dict[str, dict[int, dict[int, int]]]:
     """{table: {frequency bucket: {staleness: row updates}}}, every shard's TableStats added."""
     out: dict[str, dict[int, dict[int, int]]] = {}
     for s in stats:
-        for t in s.tables:
+        for t in getattr(s, "tables", ()):
             buckets = out.setdefault(t.name, {})
             for b in t.staleness:
                 buckets[b.bucket] = merge_histograms(buckets.get(b.bucket, {}), histogram_of(b.histogram))
@@ -148,7 +148,7 @@ def tables_section(stats) -> dict:
     the coldest's ({} for a model without tables)."""
     by_name: dict[str, list] = {}
     for s in stats:
-        for t in s.tables:
+        for t in getattr(s, "tables", ()):
             by_name.setdefault(t.name, []).append((s.shard, t))
     out = {}
     histograms = row_histograms(stats)

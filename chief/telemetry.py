@@ -120,6 +120,10 @@ class RunTelemetry:
             "pull_to_push_ms_per_worker": {k: w.summary() for k, w in sorted(windows.items())},
             "final": final,
         }
+        if any(getattr(s, "tables", ()) for s in stats):  # id-keyed tables: per-row staleness by row frequency (cumulative)
+            from asyncps.chief.report import row_staleness_means
+
+            values["row_staleness"] = row_staleness_means(stats)
         row = self.log.write("telemetry", step, **values)
         self.latest = row
         self._to_tensorboard(step, row, shards)

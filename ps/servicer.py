@@ -352,7 +352,7 @@ class ParameterServerServicer:
     @_rpc
     def Stats(self, request, context):
         """The shard's counters: staleness per worker and histogram, applied/dropped/rejected."""
-        stats = self._shard.stats(hot_ids=request.hot_ids)
+        stats = self._shard.stats(hot_ids=bool(getattr(request, "hot_ids", False)))  # (tests pass None)
         workers = [ps_pb2.WorkerStats(**w) for w in stats.pop("workers")]
         stats["tables"] = [ps_pb2.TableStats(**{**t, "staleness": [ps_pb2.FrequencyBucket(**b) for b in t["staleness"]]})
                            for t in stats["tables"]]
