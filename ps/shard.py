@@ -314,7 +314,7 @@ class Shard:
         for name, ids in tables.items():
             table = self._tables[name]
             if worker is None:
-                out[name] = (ids, table.peek(ids), table.peek_versions(ids))
+                out[name] = (ids, *table.peek_with_versions(ids))
             else:
                 rows, versions = table.pull(ids)
                 out[name] = (ids, rows, versions)

@@ -192,14 +192,18 @@ class EmbeddingTable:
             out[where] = self.values[rows]
         return out
 
-    def peek_versions(self, ids: np.ndarray) -> np.ndarray:
-        """The versions of the rows of `ids` (0 for a row not made yet); nothing is made."""
-        out = np.zeros(len(ids), np.int64)
-        for k, i in enumerate(np.asarray(ids, dtype=np.int64).tolist()):
-            r = self.index.get(i)
-            if r is not None:
-                out[k] = self.versions[r]
-        return out
+    def peek_with_versions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`peek`, and the rows' versions (0 for a row not made yet): one pass over the ids."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = initial_rows(self.seed, self.name, ids, self.dim, self.scale)
+        versions = np.zeros(len(ids), np.int64)
+        get = self.index.get
+        rows = np.fromiter((get(i, -1) for i in ids.tolist()), np.int64, len(ids))
+        known = rows >= 0
+        if known.any():
+            out[known] = self.values[rows[known]]
+            versions[known] = self.versions[rows[known]]
+        return out, versions
 
     def hottest(self, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(ids, update counts) of the `k` most updated live rows, hottest first."""

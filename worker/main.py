@@ -185,6 +185,8 @@ class WorkerLoop:
 
     def run(self, stop, chief) -> None:
         if self.batches is not None:
+            if self.cfg.cluster.prefetch:
+                logger.info(f"worker {self.index}: cluster.prefetch is not used with id-keyed tables (docs/sparse.md)")
             return self.run_with_tables(stop, chief)
         if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async" and self.ages is None:
             return self.run_prefetching(stop, chief)  # (controlled staleness decides the reads itself)
