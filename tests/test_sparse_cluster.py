@@ -346,3 +346,29 @@ def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(
     evals = [row for row in _rows(tmp_path) if row["kind"] == "eval"]
     assert evals and all("row_staleness" in row for row in evals)
     assert "per-row staleness" in (tmp_path / "launch.out").read_text()
+
+
+def test_bytes_per_step_follow_the_unique_ids_not_the_table():
+    """One push-pull of 10 rows costs the same bytes with a table of 10 rows or of 20,010."""
+    from asyncps.protos import codec
+
+    def step_bytes(c: Cluster, ids, seq: int) -> int:
+        _, versions, rows = c.client.pull_with_rows({TABLE: ids}, worker=0)
+        pushed = c.client._split_grads({TABLE: TableGrad(ids, np.ones((len(ids), DIM), np.float32), rows[TABLE][1])})
+        asked, _ = c.client._split_ids({TABLE: ids})
+        total = 0
+        for i, stub in enumerate(c.client._stubs):
+            header = ps_pb2.PushHeader(worker=0, seq=seq, read_version=versions[i], table_grads=pushed[i],
+                                       table_pull=asked[i])
+            request = codec.encode_message({}, header.SerializeToString())
+            total += len(request) + len(stub.PushPullOne(request, timeout=10))  # raw wire bytes both ways
+        return total
+
+    ids = np.arange(10, dtype=np.int64)
+    with Cluster(2) as c:
+        small = step_bytes(c, ids, 0)
+        c.client.pull_with_rows({TABLE: np.arange(100, 20100, dtype=np.int64)}, worker=0)  # 20,000 more rows
+        assert sum(s.tables[0].rows for s in c.client.stats()) == 20010
+        large = step_bytes(c, ids, 1)
+        assert abs(large - small) <= 32  # varints of versions and seq (a zero field is not sent at all)
+        assert large < 10 * (8 + 8 + 4 * DIM) * 3 + 2 * DENSE["w"].nbytes + 400
