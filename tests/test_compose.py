@@ -384,8 +384,9 @@ def cluster_missing(image: str) -> str | None:
 RUN_DIR = "/runs/mnist_softmax"
 # Long enough to crash containers mid-run and still reach 0.91; checkpoints to restore a shard from.
 # Every worker step sleeps 10 ms: two workers make at most 200 steps a second however idle the
-# machine, so the run has >= 13 s left after the crashes at step 300, for the crashed worker and
-# shard to come back and handshake their shared memory again (unpaced, the run ended ~5 s after).
+# machine, so the run has >= 13 s left after the worker's crash at step 300 for the worker to come
+# back and handshake its shared memory again (unpaced, the run ended ~5 s after). The shard's
+# crash comes next; no step counts while a shard is down, and the restore rewinds to a checkpoint.
 CLUSTER_OVERRIDES = ("train.max_steps=3000", "checkpoint.every_steps=200", "delay.kind=constant", "delay.mean_ms=10")
 CRASH_AT_STEP = 300
 RUN_DEADLINE_S = 240  # the run takes about a minute on 2 cores
@@ -398,10 +399,12 @@ def run_steps(chief: str) -> int:
     return max(steps, default=0)
 
 
-def run_with_crashes(p: Project, image: str, services: tuple[str, ...]) -> tuple[dict, dict[str, str]]:
+def run_with_crashes(p: Project, image: str, services: tuple[str, ...],
+                     then: dict | None = None) -> tuple[dict, dict[str, str]]:
     """Start the project, crash one container of each of `services` once training is under way,
     and return report.json (after checking that the chief exited 0 in time) and the id of the
-    container crashed per service."""
+    container crashed per service. `then[service]`, called just before that service's crash,
+    returns a predicate to wait for after it (before the next crash)."""
     p("up", "-d")
     chief = p.wait_healthy("chief", timeout=180)
     deadline = time.monotonic() + RUN_DEADLINE_S
@@ -410,7 +413,13 @@ def run_with_crashes(p: Project, image: str, services: tuple[str, ...]) -> tuple
             "the chief exited before the crashes:\n" + p("logs", "--tail", "40").stdout)
         assert time.monotonic() < deadline, "no training progress:\n" + p("logs", "--tail", "40").stdout
         time.sleep(1)
-    crashed = {service: crash_running(p, service, deadline) for service in services}
+    crashed = {}
+    for service in services:
+        done = (then or {}).get(service, lambda: None)()
+        crashed[service] = crash_running(p, service, deadline)
+        while done is not None and not done():
+            assert time.monotonic() < deadline, f"nothing after the crash of {service}:\n" + p("logs", "--tail", "40").stdout
+            time.sleep(0.5)
     try:
         code = int(sh("docker", "wait", chief, timeout=max(deadline - time.monotonic(), 1)).stdout)
     except subprocess.TimeoutExpired:
@@ -450,18 +459,25 @@ def test_cluster_trains_mnist_to_target_despite_a_worker_and_a_shard_crash(clust
     default transport, auto, takes shared memory between the containers: every worker handshakes
     with every shard, none falls back to gRPC, the restarted worker handshakes again, and so do
     the workers with the restarted shard."""
-    report, crashed = run_with_crashes(cluster, image, ("worker", "ps1"))
+    seen = []  # shard 0's handshakes before the worker's crash: only its restart handshakes next
+
+    def worker_handshakes_again():
+        ps0 = cluster.containers("ps0")[0]
+        seen[:] = handshakes(container_log(ps0), 0)
+        return lambda: len(handshakes(container_log(ps0), 0)) > len(seen)
+
+    report, crashed = run_with_crashes(cluster, image, ("worker", "ps1"), then={"worker": worker_handshakes_again})
     assert report["target"]["reached"], report["target"]
     assert "no shared memory" not in cluster("logs", "--no-color", "worker").stdout
-    logs = {s: container_log(cluster.containers(f"ps{s}")[0]) for s in (0, 1)}
-    assert set(handshakes(logs[0], 0)) == {0, 1}, logs[0][-3000:]
+    log0, log1 = (container_log(cluster.containers(f"ps{i}")[0]) for i in (0, 1))
+    assert set(seen) == {0, 1}, log0[-3000:]  # both workers on shared memory with shard 0 before the crash
     restarted = container_log(crashed["worker"])
     registered = [int(w) for w in re.findall(r"\bworker (\d+): registered", restarted)]
     assert len(registered) >= 2, restarted[-3000:]  # before the crash and after its restart
-    assert handshakes(logs[0], 0).count(registered[-1]) >= 2, logs[0][-3000:]  # the restart handshook again
-    before, _, after = logs[1].rpartition("asyncps ps 1: serving on")  # the restarted shard's process
-    assert before and set(handshakes(before, 1)) == {0, 1}, logs[1][-3000:]
-    assert set(handshakes(after, 1)) == {0, 1}, logs[1][-3000:]
+    assert handshakes(log0, 0)[len(seen)] == registered[-1], log0[-3000:]  # the restarted one handshook first
+    before, _, after = log1.rpartition("asyncps ps 1: serving on")  # the restarted shard's process
+    assert before and set(handshakes(before, 1)) == {0, 1}, log1[-3000:]
+    assert set(handshakes(after, 1)) == {0, 1}, log1[-3000:]
     # the run directory is complete as under `launch`: the chief wrote the resolved config, so
     # replay, eval and inspect can use it
     config = sh("docker", "run", "--rm", "-v", f"{cluster.volume('runs')}:/runs", "--entrypoint", "cat",
