@@ -10,7 +10,8 @@ deploy/build-image.sh (the base image only when missing, from Debian packages wi
 no registry needed; `apt-get install debootstrap` first, as the README says), then real
 containers run: the image's entrypoint, shards becoming healthy and coming back after a crash,
 the MNIST cache built once on a shared volume with no network, and a whole cluster training MNIST
-while a worker and a shard are killed. Where they cannot run, they are skipped with one line
+while a worker and a shard are killed, over shared memory (`--shm`; the handshakes, also after
+both restarts, are checked in the containers' logs). Where they cannot run, they are skipped with one line
 (`pytest -ra`, the default here) saying why: no engine, no compose tool, no debootstrap.
 """
 from __future__ import annotations
