@@ -1,5 +1,6 @@
-"""The CTR model over an id-keyed table (worker/models/ctr.py, cli/id_tables.py): hashed feature
-ids, rows made on first touch, row-wise pull/push per batch, AUC; refused by launch for now."""
+"""The CTR models over id-keyed tables (worker/models/ctr.py, ctr_lr.py, ctr_deep.py;
+cli/id_tables.py): hashed feature ids, rows made on first touch, row-wise pull/push per batch, log
+loss and AUC beside the planted model's (cluster runs: tests/test_sparse_cluster.py)."""
 import numpy as np
 
 from asyncps.config import load_config
@@ -7,9 +8,12 @@ from asyncps.worker.data import load_dataset
 from asyncps.worker.data.ctr import make_ctr
 from asyncps.worker.models.ctr import auc
 from asyncps.worker.tables import localize
-from cli_runner import CONFIGS, asyncps, report, run_ok
+from cli_runner import CONFIGS, report, run_ok
 
 CTR = CONFIGS / "ctr.yaml"
+# a small case of the click logs: 6 categorical fields over vocabularies 300 .. 4, 3 counts
+TINY = ["data.num_train=30000", "data.num_test=10000", "data.fields=6", "data.numeric=3", "data.vocab=300",
+        "train.batch_size=256", "train.eval_every=0", "train.target.value=null"]
 SMALL = ["data.num_train=20000", "data.num_test=4000", "data.vocab=2000", "train.max_steps=400", "train.eval_every=200"]
 
 
@@ -46,6 +50,27 @@ def test_ctr_trains_in_one_process_with_rows_made_on_first_touch(tmp_path):
     assert r["final"]["auc"] > 0.6 and 0 < r["final"]["loss"] < 0.69
 
 
-def test_launch_refuses_id_tables_in_one_line(tmp_path):
-    proc = asyncps("launch", CTR, f"run_dir={tmp_path / 'r'}", timeout=60)
-    assert proc.returncode == 2 and "asyncps train" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def _planted_run(tmp_path, config, *overrides):
+    proc = run_ok("train", CONFIGS / config, f"run_dir={tmp_path}", *TINY, *overrides, timeout=300)
+    r = report(tmp_path)
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("planted model: loss=") and "(best achievable); this run: loss +" in line
+    return r, r["final"], r["reference"]
+
+
+def test_ctr_lr_comes_near_the_planted_model(tmp_path):
+    r, final, planted = _planted_run(tmp_path, "ctr_lr.yaml", "train.max_steps=700")
+    assert set(final) >= {"loss", "auc"} and set(planted) == {"loss", "auc"}
+    assert planted["loss"] < final["loss"] < planted["loss"] + 0.01  # +0.004 measured
+    assert final["auc"] > planted["auc"] - 0.02
+    assert r["tables"]["ctr_lr.weights"]["rows"] > 0 and "bias" in r["variables"]
+
+
+def test_ctr_deep_learns_the_interactions_logistic_regression_cannot(tmp_path):
+    """With planted interactions, wide & deep ends nearer the planted loss than logistic
+    regression trained alike (which cannot represent them)."""
+    shared = ["data.interactions=2", "data.interaction_std=1.0", "train.max_steps=700"]
+    _, deep, planted = _planted_run(tmp_path / "deep", "ctr_deep.yaml", *shared, "model.hidden=[32]")
+    _, lr, planted_again = _planted_run(tmp_path / "lr", "ctr_lr.yaml", *shared)
+    assert planted == planted_again  # the same data
+    assert planted["loss"] < deep["loss"] < lr["loss"] - 0.01, (deep, lr, planted)
