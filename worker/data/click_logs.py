@@ -30,6 +30,7 @@ its own seeded stream, so the training set does not depend on `num_test` nor the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +55,7 @@ class ClickLogSpec:
     numeric_std: float = 0.3  # std of the numeric slopes a_j
     interactions: int = 0  # field pairs with a planted interaction
     interaction_std: float = 0.5
-    bias: float = -1.6
+    bias: float = -1.6  # the logit's constant (data.base_ctr = its sigmoid)
 
     def vocabularies(self) -> np.ndarray:
         """V_f: geometric from `vocab` down to min(vocab, 4)."""
@@ -157,4 +158,5 @@ def spec_of(cfg) -> ClickLogSpec:
     """The law a `DataConfig` (data.name click_logs) describes."""
     return ClickLogSpec(fields=cfg.fields, numeric=cfg.numeric, vocab=cfg.vocab, zipf=cfg.zipf,
                         cat_std=cfg.weight_std, decay=cfg.rank_decay, numeric_std=cfg.numeric_std,
-                        interactions=cfg.interactions, interaction_std=cfg.interaction_std, bias=cfg.click_bias)
+                        interactions=cfg.interactions, interaction_std=cfg.interaction_std,
+                        bias=math.log(cfg.base_ctr / (1.0 - cfg.base_ctr)))
