@@ -26,7 +26,7 @@ Restoring into a different number of shards joins the saved blocks with the save
 splits them with the new one, slots included; see `Checkpoint.snapshots_for`.
 
 Id-keyed tables (docs/sparse.md) are saved beside the shard files, in chunks of at most
-TABLE_CHUNK_ROWS rows, so neither the chief nor a shard ever holds a whole table:
+TABLE_CHUNK_ROWS rows (and about TABLE_CHUNK_BYTES), so neither the chief nor a shard ever holds a whole table:
 
         table-00-s00000-c000000.npz     "ids", "versions", "values", "slot/<slot>" of one chunk
                                         of table 0's rows on shard 0 (the manifest's `tables`
@@ -68,6 +68,12 @@ _NAME = re.compile(r"^ckpt-(\d{9,})$")
 _LEFTOVER = re.compile(r"^\.ckpt-(\d{9,})\.(tmp|old|tables)-\d+$")  # a write in progress, or a crash's leftover
 _TABLE_FILE = re.compile(r"^table-\d{2}-s\d{5}-c\d{6}\.npz$")
 TABLE_CHUNK_ROWS = 65536
+TABLE_CHUNK_BYTES = 8 << 20  # a chunk's rows with up to 3 slots stay far below a server's 64 MiB message limit
+
+
+def table_chunk_rows(dim: int) -> int:
+    """Rows per saved chunk of a table of width `dim`: TABLE_CHUNK_ROWS, fewer for wide rows."""
+    return max(1, min(TABLE_CHUNK_ROWS, TABLE_CHUNK_BYTES // (dim * 4 * 4 + 16)))
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

@@ -124,7 +124,7 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             entries = []
             for k, (name, dim) in enumerate(sorted(self.ps.tables.items())):
-                parts = ((i, *self.ps.snapshot_table(i, name, ckpt.TABLE_CHUNK_ROWS))
+                parts = ((i, *self.ps.snapshot_table(i, name, ckpt.table_chunk_rows(dim)))
                          for i in range(self.placement.num_shards))
                 entries.append(ckpt.write_table(staging, k, name, dim, parts))
         except BaseException:
