@@ -1,7 +1,10 @@
 """The CTR models over id-keyed tables (worker/models/ctr.py, ctr_lr.py, ctr_deep.py;
 cli/id_tables.py): hashed feature ids, rows made on first touch, row-wise pull/push per batch, log
 loss and AUC beside the planted model's (cluster runs: tests/test_sparse_cluster.py)."""
+import json
+
 import numpy as np
+import pytest
 
 from asyncps.config import load_config
 from asyncps.worker.data import load_dataset
@@ -74,3 +77,16 @@ def test_ctr_deep_learns_the_interactions_logistic_regression_cannot(tmp_path):
     _, lr, planted_again = _planted_run(tmp_path / "lr", "ctr_lr.yaml", *shared)
     assert planted == planted_again  # the same data
     assert planted["loss"] < deep["loss"] < lr["loss"] - 0.01, (deep, lr, planted)
+
+
+@pytest.mark.slow
+def test_eval_scores_a_cluster_checkpoint_of_id_tables_as_the_run_did(tmp_path):
+    """`asyncps eval` reads the table files of a checkpoint (rows by id, unseen ids' first values)
+    and gets the run's own final evaluation."""
+    run_ok("launch", CONFIGS / "ctr_lr.yaml", f"run_dir={tmp_path}", *TINY, "train.max_steps=200",
+           "checkpoint.every_steps=200", timeout=300)
+    final = report(tmp_path)["final"]
+    scored = json.loads(run_ok("eval", tmp_path, "--json", timeout=300).stdout)
+    assert scored["step"] == 200
+    for key in ("loss", "auc", "accuracy"):
+        assert scored[key] == pytest.approx(final[key], rel=1e-9), key
