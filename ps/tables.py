@@ -257,8 +257,9 @@ class EmbeddingTable:
         if start >= self.size:
             return start, None
         stop = min(self.size, start + rows)
-        where = np.arange(start, stop)
-        live = where[[self.index.get(int(i)) == r for i, r in zip(self.ids[start:stop].tolist(), where.tolist())]]
+        live = np.arange(start, stop)
+        if self.free:  # storage rows given back (none today: an evicted row is reused at once)
+            live = live[~np.isin(live, np.asarray(self.free, np.int64))]
         return stop, {"ids": self.ids[live].copy(), "versions": self.versions[live].copy(),
                       "values": self.values[live].copy(), "slots": {k: v[live].copy() for k, v in self.slots.items()}}
 
