@@ -372,3 +372,25 @@ def test_bytes_per_step_follow_the_unique_ids_not_the_table():
         large = step_bytes(c, ids, 1)
         assert abs(large - small) <= 32  # varints of versions and seq (a zero field is not sent at all)
         assert large < 10 * (8 + 8 + 4 * DIM) * 3 + 2 * DENSE["w"].nbytes + 400
+
+
+def test_workers_and_chief_refuse_what_tables_do_not_train_with():
+    from types import SimpleNamespace
+
+    from asyncps.errors import UserError
+    from asyncps.worker.main import id_tables_of
+
+    model = SimpleNamespace(name="ctr", id_tables={TABLE: DIM})
+    assert id_tables_of(model, _cfg(2)) == {TABLE: DIM}
+    assert id_tables_of(SimpleNamespace(name="mlp"), _cfg(2)) == {}
+    for key, value in (("mode", "sync"), ("mode", "softsync")):
+        cfg = _cfg(2)
+        setattr(cfg.cluster, key, value)
+        with pytest.raises(UserError, match="async or ssp"):
+            id_tables_of(model, cfg)
+    cfg = _cfg(2)
+    cfg.optimizer.staleness_policy.name = "lr_scale"
+    with pytest.raises(UserError, match="staleness_policy"):
+        id_tables_of(model, cfg)
+    with pytest.raises(UserError, match="one table per model"):
+        id_tables_of(SimpleNamespace(name="two", id_tables={"a": 1, "b": 2}), _cfg(2))
