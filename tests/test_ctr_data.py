@@ -173,3 +173,10 @@ def test_log_loss_and_auc_against_hand_computation():
     assert auc(p, y) == 0.875
     assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
     assert auc(np.ones(5), np.array([0, 1, 0, 1, 1])) == 0.5 and auc(p, np.ones(4)) == 0.5
+
+
+def test_criteo_without_a_path_is_a_config_error():
+    from asyncps.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.path must name the criteo file"):
+        load_config(CONFIGS / "ctr_lr.yaml", ["data.name=criteo"])
