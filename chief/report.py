@@ -156,10 +156,10 @@ def tables_section(stats) -> dict:
         buckets = {bucket_label(b): summarize(h) for b, h in sorted(histograms.get(name, {}).items())}
         hot_cold = {}
         if buckets:
-            cold, hot = next(iter(buckets)), list(buckets)[-1]
-            hot_cold = {"cold_bucket": cold, "cold_mean": buckets[cold]["mean"], "hot_bucket": hot,
-                        "hot_mean": buckets[hot]["mean"]}
-        hot = sorted(((u, i) for _, t in parts for i, u in zip(t.hot_ids, t.hot_updates)), reverse=True)[:10]
+            coldest, hottest = next(iter(buckets)), list(buckets)[-1]
+            hot_cold = {"cold_bucket": coldest, "cold_mean": buckets[coldest]["mean"], "hot_bucket": hottest,
+                        "hot_mean": buckets[hottest]["mean"]}
+        hot_ids = sorted(((u, i) for _, t in parts for i, u in zip(t.hot_ids, t.hot_updates)), reverse=True)[:10]
         out[name] = {
             "rows": sum(t.rows for _, t in parts),
             "rows_per_shard": {str(shard): t.rows for shard, t in parts},
@@ -170,6 +170,6 @@ def tables_section(stats) -> dict:
             "row_staleness": summarize(merge_histograms(*histograms.get(name, {}).values())),
             "row_staleness_by_frequency": buckets,
             "hot_vs_cold": hot_cold,
-            "hottest_ids": [{"id": int(i), "updates": int(u)} for u, i in hot],
+            "hottest_ids": [{"id": int(i), "updates": int(u)} for u, i in hot_ids],
         }
     return {"tables": out} if out else {}

@@ -166,7 +166,7 @@ class ParameterServerServicer:
         worker = request.worker if request.HasField("worker") else None
         yield from self._shard.pull(worker, request.names, context.time_remaining(), self._export(), age=request.age,
                                     at_version=request.at_version, tables=self._wanted(request.tables),
-                                    values=not request.no_values)
+                                    with_values=not request.no_values)
 
     @_rpc
     def Push(self, request_iterator, context):
@@ -186,7 +186,7 @@ class ParameterServerServicer:
         worker = request.worker if request.HasField("worker") else None
         return self._shard.pull(worker, request.names, context.time_remaining(), self._export(one=True),
                                 age=request.age, at_version=request.at_version, tables=self._wanted(request.tables),
-                                    values=not request.no_values)
+                                    with_values=not request.no_values)
 
     @_rpc
     def PushOne(self, request, context):

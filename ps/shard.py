@@ -262,7 +262,7 @@ class Shard:
 
     def pull(self, worker: int | None, names: Iterable[str] = (), timeout: float | None = None, export=None,
              age: int = 0, at_version: int = 0, tables: Mapping[str, np.ndarray] | None = None,
-             values: bool = True):
+             with_values: bool = True):
         """(version, {name: copy of value}) of the named variables (all if `names` is empty).
 
         `age` (controlled staleness, ps/history.py): the values of ``age`` versions ago instead
@@ -279,7 +279,7 @@ class Shard:
         `tables` ({table: ids}): the rows of those ids too, read after the wait under the same
         lock, as {table: (ids, rows, versions)} copies: a worker's read makes missing rows (first
         touch), the chief's (`worker` None) makes none. Then the answer is (version, values,
-        rows), or ``export(version, live values, rows=rows)``. `values` False: no variable
+        rows), or ``export(version, live values, rows=rows)``. `with_values` False: no variable
         values (only the rows).
         """
         deadline = _deadline(timeout)
@@ -287,7 +287,7 @@ class Shard:
             self._check_table_names(tables)
         with self._cond:
             self._require_init()
-            wanted = self._names(names) if values else []
+            wanted = self._names(names) if with_values else []
             if worker is not None:
                 w = self._worker(worker)
                 self._wait(lambda: self.consistency.may_pull(self, w), deadline, f"worker {worker} pull (mode {self.mode})")

@@ -202,11 +202,13 @@ class WorkerLoop:
     def run_with_tables(self, stop, chief) -> None:
         """The loop of a model with an id-keyed table (module docstring): compute on batch t's
         rows, push its row gradients and pull batch t+1's rows in one push-pull."""
+        batches = self.batches
+        assert batches is not None  # (run() calls this only for a model with a table)
         params, versions, rows = self.rejoin(stop, self.pull_with_rows)
         reporter = self.reporter = LossReporter(chief, self.index)
         while not stop.is_set():
             pulled = time.perf_counter()
-            indices, batch, ids, local = self.batches.advance()
+            indices, batch, ids, local = batches.advance()
             if self.update_log is not None:
                 self.update_log.step(self.seq, self.stream.step_of(batch), self.rng, versions)
             started = time.perf_counter()
@@ -219,7 +221,7 @@ class WorkerLoop:
             try:
                 _, params, versions, rows = self.ps.push_pull_rows(grads, versions, self.index, self.seq,
                                                                    table_grads=table_grads,
-                                                                   table_ids=self.batches.wanted())
+                                                                   table_ids=batches.wanted())
                 self.seq, self.rejoins = self.seq + 1, 0
             except grpc.RpcError as err:
                 self.note_lost_view(err, stop)
@@ -228,6 +230,7 @@ class WorkerLoop:
 
     def pull_with_rows(self):
         """The dense weights and the rows of the upcoming batch's ids."""
+        assert self.batches is not None
         return self.ps.pull_with_rows(self.batches.wanted(), worker=self.index)
 
     def gradient(self, params, versions, stop):
