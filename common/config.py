@@ -237,6 +237,11 @@ class ClusterConfig:
     # a handshake proves they share a host (gRPC carries a small control message), grpc always
     # over gRPC, auto shm where the handshake succeeds and grpc elsewhere (asyncps.shm)
     transport: Literal["auto", "grpc", "shm"] = "auto"
+    # id-keyed tables (docs/sparse.md): at most this many rows of a table on each shard (null: no
+    # limit); a new row beyond it evicts the least recently used (lru) or least frequently updated
+    # (lfu) row, counted in report.json's `tables` (an evicted id that comes back starts afresh)
+    table_capacity: int | None = None
+    table_eviction: Literal["lru", "lfu"] = "lru"
     security: SecurityConfig = field(default_factory=SecurityConfig)
     restart_policy: RestartPolicyConfig = field(default_factory=lambda: RestartPolicyConfig())
 
@@ -784,6 +789,7 @@ _RANGES = [
     (ClusterConfig, "heartbeat_interval", lambda v: 0 < v <= MAX_SECONDS, f"in (0, {_SECONDS}] seconds"),
     (ClusterConfig, "heartbeat_timeout", lambda v: 0 < v <= MAX_SECONDS, f"in (0, {_SECONDS}] seconds"),
     (ClusterConfig, "start_timeout", lambda v: 0 < v <= 86400, "in (0, 86400]"),
+    (ClusterConfig, "table_capacity", lambda v: 1 <= v <= 1 << 40, "at least 1 (rows per shard), or null"),
     (RestartPolicyConfig, "max_restarts", lambda v: v >= 0, "0 or more"),
     (CheckpointConfig, "every_steps", lambda v: v >= 0, "0 or more"),
     (CheckpointConfig, "every_seconds", lambda v: 0 <= v <= MAX_SECONDS, f"in [0, {_SECONDS}] seconds (0: never)"),

@@ -90,6 +90,8 @@ class Shard:
         self.seed = cfg.seed  # first values of table rows: a function of (seed, table, id)
         self._policy_name = cfg.optimizer.staleness_policy.name
         self._controlled = bool(cfg.staleness.controlled)
+        self._capacity = getattr(cfg.cluster, "table_capacity", None)  # rows per table on this shard
+        self._eviction = getattr(cfg.cluster, "table_eviction", "lru")
         self._frozen_patterns = tuple(cfg.train.frozen)
         if rule is None:
             rule = UpdateRule.from_config(cfg.optimizer)
@@ -197,7 +199,8 @@ class Shard:
                                   "and staleness.controlled (they act on whole variables)")
 
     def _new_tables(self, tables: Mapping[str, int]) -> dict[str, EmbeddingTable]:
-        return {name: EmbeddingTable(name, int(dim), self.seed, self.rule.optimizer)
+        return {name: EmbeddingTable(name, int(dim), self.seed, self.rule.optimizer, capacity=self._capacity,
+                                     eviction=self._eviction)
                 for name, dim in sorted(tables.items())}
 
     def _check_same_specs(self, values: Mapping[str, np.ndarray], what: str) -> None:

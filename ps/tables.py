@@ -268,10 +268,12 @@ class EmbeddingTable:
         if set(slots) != set(self.slots):
             raise InvalidArgument(f"table {self.name!r}: saved slots {sorted(slots)}, the optimizer keeps "
                                   f"{sorted(self.slots)}")
-        rows = self.lookup(ids)
-        self.values[rows], self.versions[rows] = values, versions
-        for name, saved in slots.items():
-            self.slots[name][rows] = saved
+        step = len(ids) if self.capacity is None else max(1, self.capacity // 2)  # a lookup must fit the capacity
+        for a in range(0, len(ids), max(step, 1)):
+            rows = self.lookup(ids[a:a + step])
+            self.values[rows], self.versions[rows] = values[a:a + step], versions[a:a + step]
+            for name, saved in slots.items():
+                self.slots[name][rows] = saved[a:a + step]
 
     def stats(self) -> Mapping:
         """Rows, bytes, creations, evictions and the staleness histogram by frequency bucket."""

@@ -394,3 +394,26 @@ def test_workers_and_chief_refuse_what_tables_do_not_train_with():
         id_tables_of(model, cfg)
     with pytest.raises(UserError, match="one table per model"):
         id_tables_of(SimpleNamespace(name="two", id_tables={"a": 1, "b": 2}), _cfg(2))
+
+
+def test_table_capacity_evicts_and_counts_on_the_shards():
+    from asyncps.chief.report import tables_section
+    from asyncps.config import from_dict
+    from asyncps.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="table_capacity"):
+        from_dict({"cluster": {"table_capacity": 0}})
+    c = Cluster.__new__(Cluster)
+    cfg = _cfg(1)
+    cfg.cluster.table_capacity, cfg.cluster.table_eviction = 5, "lfu"
+    c.cfg, c.servers = cfg, [ShardServer(cfg, 0)]
+    c.client = PSClient([f"127.0.0.1:{c.servers[0].start()}"], place({"w": ((3, 4), "float32")}, 1), cfg,
+                        tables={TABLE: DIM})
+    with c:
+        c.client.init(DENSE)
+        c.client.register(0)
+        c.client.pull_with_rows({TABLE: np.arange(5, dtype=np.int64)}, worker=0)
+        c.client.pull_with_rows({TABLE: np.arange(5, 8, dtype=np.int64)}, worker=0)  # 3 more: 3 evicted
+        (stats,) = c.client.stats()
+        assert stats.tables[0].rows == 5 and stats.tables[0].evicted == 3
+        assert tables_section([stats])["tables"][TABLE]["evicted"] == 3

@@ -99,3 +99,10 @@ def test_a_read_version_ahead_of_its_row_counts_as_rewound():
 
 def test_frequency_buckets_are_powers_of_two():
     assert frequency_bucket(np.array([0, 1, 2, 3, 4, 7, 8, 1 << 40])).tolist() == [0, 0, 1, 1, 2, 2, 3, 15]
+
+
+def test_a_restore_larger_than_the_capacity_keeps_the_last_rows():
+    t = table(capacity=4)
+    ids = np.arange(10, dtype=np.int64)
+    t.load(ids, np.arange(10), np.ones((10, 4), np.float32), {k: np.zeros((10, 4), np.float32) for k in t.slots})
+    assert t.rows == 4 and t.evicted == 6
