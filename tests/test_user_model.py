@@ -265,7 +265,7 @@ def test_config_accepts_import_paths_and_keeps_built_ins_strict():
     assert from_dict(cfg.to_dict()) == cfg  # what launch writes is what every role reads
     assert "options" not in from_dict({}).to_dict()["model"]  # built-ins are written as before
     for raw, expected in [
-        ({"model": {"name": "resnet"}}, "model.name must be one of linear, softmax, mlp, cnn, charlm, ctr or an import path"),
+        ({"model": {"name": "resnet"}}, "model.name must be one of linear, softmax, mlp, cnn, charlm, ctr, ctr_lr, ctr_deep or an import path"),
         ({"model": {"name": "mlp", "width": 3}}, "unknown key model.width"),
         ({"model": {"name": "mlp", "options": {"width": 3}}}, "model.options is only for a name that is an import path"),
         ({"data": {"name": "pkg:load", "n": float("inf")}}, "data.n must be a finite number"),
