@@ -116,8 +116,17 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         "resumed_from": run.resumed_from,
         "checkpoints": run.checkpoints.summary(),
         **tables_section(stats),
+        **reference_section(run),
         "variables": small_variables(params),
     }
+
+
+def reference_section(run) -> dict:
+    """report.json's `reference`, as `asyncps train` writes it: the data's own model on the test
+    set the chief evaluates on (click_logs: the planted model, the best achievable); {} for data
+    without one."""
+    reference = getattr(getattr(run, "data", None), "reference", None)
+    return {"reference": dict(reference)} if reference else {}
 
 
 def row_histograms(stats) -> dict[str, dict[int, dict[int, int]]]:

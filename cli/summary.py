@@ -2,7 +2,9 @@
 
 Read from report.json, so what the terminal says is what the run recorded: the final metrics
 (and which evaluation they are), the target (reached at step N in S s, or NOT reached), the
-steps applied against the steps requested, and where the run directory and the logs are.
+steps applied against the steps requested, the data's own model beside the run's where the data
+has one (click_logs: the planted model, `reference` in report.json), and where the run directory
+and the logs are.
 """
 from __future__ import annotations
 
@@ -28,10 +30,19 @@ def summary_lines(report: dict, logs: str | None = None) -> list[str]:
                          + (f", {target['metric']}={_fmt(value)} there" if value is not None else ""))
         else:
             lines.append(head + "NOT reached")
+    if report.get("reference"):
+        lines.append(reference_line(report["reference"], final))
     lines += table_lines(report)
     if logs:
         lines.append(f"logs: {logs}")
     return lines
+
+
+def reference_line(reference: dict, final: dict) -> str:
+    """The data's own model (click_logs: the planted one, the best achievable) beside this run's."""
+    ref = " ".join(f"{k}={v:.4f}" for k, v in reference.items())
+    gaps = ", ".join(f"{k} {final[k] - v:+.4f}" for k, v in reference.items() if k in final)
+    return f"planted model: {ref} (best achievable); this run: {gaps}"
 
 
 def table_lines(report: dict) -> list[str]:

@@ -46,18 +46,9 @@ def run(args: argparse.Namespace) -> int:
     preflight(cfg)  # a user's model.name / data.name (module:attr) before any download
     fetch_before_run(cfg.data, lambda m: print(f"asyncps train: {m}", file=sys.stderr, flush=True))
     report = train(cfg)
-    for line in summary_lines(report):
+    for line in summary_lines(report):  # the planted model's line too, where the data has one
         print(line)
-    if report.get("reference"):
-        print(reference_line(report["reference"], report["final"]))
     return 0
-
-
-def reference_line(reference: dict, final: dict) -> str:
-    """The data's own model (click_logs: the planted one, the best achievable) beside this run's."""
-    ref = " ".join(f"{k}={v:.4f}" for k, v in reference.items())
-    gaps = ", ".join(f"{k} {final[k] - v:+.4f}" for k, v in reference.items() if k in final)
-    return f"planted model: {ref} (best achievable); this run: {gaps}"
 
 
 def train(cfg: Config) -> dict:

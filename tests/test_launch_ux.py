@@ -44,6 +44,35 @@ def test_launch_ends_with_the_summary_train_prints(linear_run):
     assert out[3] == f"logs: {run_dir}/*.log"
 
 
+def test_the_summary_puts_the_planted_model_beside_the_run_for_train_and_launch():
+    """One formatter (cli/summary.py) for both commands: a report with `reference` (click_logs)
+    gets the planted line after the target, before the tables and the logs; a report without one
+    gets none. The chief's report takes `reference` from the test set it evaluates on."""
+    from asyncps.chief.report import reference_section
+    from asyncps.cli.summary import summary_lines
+    from asyncps.worker.data import load_dataset
+
+    report = {"run_dir": "/r", "final": {"loss": 0.4306, "auc": 0.75}, "steps": 9, "requested_steps": 9,
+              "target": {"metric": "loss", "value": 0.44, "reached": True, "step": 8, "seconds": 1.5},
+              "reference": {"loss": 0.4206, "auc": 0.7712},
+              "tables": {"w": {"rows": 5, "rows_per_shard": {"0": 2, "1": 3}, "hot_vs_cold": {}}}}
+    lines = summary_lines(report, logs="/r/*.log")
+    assert lines[3] == "planted model: loss=0.4206 auc=0.7712 (best achievable); this run: loss +0.0100, auc -0.0212"
+    assert lines[4].startswith("table w: 5 rows on 2 shards") and lines[5] == "logs: /r/*.log"
+    del report["reference"]
+    assert not any(line.startswith("planted model") for line in summary_lines(report))
+
+    cfg = load_config(CONFIGS / "ctr_lr.yaml", ["data.num_train=200", "data.num_test=200", "data.vocab=50"])
+
+    class Chief:  # what cluster_report reads of a ChiefRun here: the data it evaluates on
+        data = load_dataset(cfg.data, seed=cfg.seed)
+
+    assert set(Chief.data.reference) == {"loss", "auc"}
+    assert reference_section(Chief()) == {"reference": Chief.data.reference}
+    Chief.data = load_dataset(load_config(LINEAR).data, seed=0)
+    assert reference_section(Chief()) == {}
+
+
 def test_max_steps_is_exactly_the_updates_applied(linear_run):
     run_dir, _ = linear_run
     r = report(run_dir)

@@ -345,7 +345,9 @@ def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(
     assert r["final"]["auc"] > 0.6
     evals = [row for row in _rows(tmp_path) if row["kind"] == "eval"]
     assert evals and all("row_staleness" in row for row in evals)
-    assert "per-row staleness" in (tmp_path / "launch.out").read_text()
+    printed = (tmp_path / "launch.out").read_text()
+    assert "per-row staleness" in printed
+    assert "reference" not in r and "planted model" not in printed  # data ctr has no planted model to show
 
 
 def test_bytes_per_step_follow_the_unique_ids_not_the_table():
