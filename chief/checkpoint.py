@@ -117,7 +117,8 @@ def snapshot_entry(snap: Snapshot, file: str) -> dict:
 
 def snapshot_from(entry: dict, arrays: dict[str, np.ndarray]) -> Snapshot:
     """The Snapshot saved as one manifest entry plus its npz arrays."""
-    values, slots = {}, {}
+    values: dict[str, np.ndarray] = {}
+    slots: dict[str, dict[str, np.ndarray]] = {}
     for key, array in arrays.items():
         kind, _, rest = key.partition("/")
         if kind == "value":
@@ -255,8 +256,11 @@ def read_pointer(folder: Path) -> str | None:
 
 
 def step_of(path: Path) -> int:
-    """The step a ckpt-* folder's name says."""
-    return int(_NAME.match(Path(path).name).group(1))
+    """The step a ckpt-* folder's name says; ValueError for a name that is not ckpt-<step>."""
+    named = _NAME.match(Path(path).name)
+    if named is None:
+        raise ValueError(f"{path}: not a checkpoint folder name (ckpt-<step>)")
+    return int(named.group(1))
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -265,7 +269,7 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def recover_interrupted(folder: Path) -> list[Path]:
@@ -429,7 +433,7 @@ def manifest_problem(m, path: Path | None = None) -> str | None:
         return f"step {_short(step)!r} is not an integer >= 0"
     named = _NAME.match(path.name) if path is not None else None
     if named and int(named.group(1)) != step:
-        return f"step {step} in folder {path.name}"
+        return f"step {step} in folder {named.group(0)}"
     if not (isinstance(versions, list) and versions and all(_is_int(v) for v in versions)):
         return "versions is not a list of integers >= 0"
     if step != min(versions):
@@ -557,7 +561,8 @@ def config_mismatches(manifest: dict, config: dict) -> list[str]:
     """`key saved -> new` for each key of `config` (a Config.to_dict()) that cannot continue the
     checkpoint whose manifest is `manifest`; empty when it can. Keys the saved config lacks (an
     older version) are not compared."""
-    saved = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    saved_config = manifest.get("config")
+    saved: dict = saved_config if isinstance(saved_config, dict) else {}
     plain = json.loads(json.dumps(config, default=jsonable))
     out = []
     for key in MUST_MATCH:
@@ -573,7 +578,8 @@ def config_mismatches(manifest: dict, config: dict) -> list[str]:
                 out.append(f"model.{key} {old_model.get(key, '(unset)')!r} -> {new_model.get(key, '(unset)')!r} "
                            f"(an option of the user model {model})")
     name = _lookup(plain, "optimizer.name")
-    names = {e.get("optimizer") for e in manifest.get("shards", []) if isinstance(e, dict)} - {"", None}
+    names = {e["optimizer"] for e in manifest.get("shards", [])
+             if isinstance(e, dict) and isinstance(e.get("optimizer"), str) and e["optimizer"]}
     if names and names != {name} and not any(k.startswith("optimizer.name ") for k in out):
         out.append(f"optimizer.name {sorted(names)[0]!r} (the shards' slots) -> {name!r}")
     if name == "rmsprop" and _lookup(saved, "optimizer.name") == "rmsprop":  # momentum 0: no `mom` slot
@@ -619,7 +625,7 @@ def split_snapshots(snaps: list[Snapshot], saved: Placement, placement: Placemen
     """
     values, slots, updates = join_snapshots(snaps, saved)
     value_parts = placement.split(values)
-    slot_parts = [dict() for _ in range(placement.num_shards)]
+    slot_parts: list[dict[str, dict[str, np.ndarray]]] = [{} for _ in range(placement.num_shards)]
     for slot in sorted({k for sl in slots.values() for k in sl}):
         for shard, part in enumerate(placement.split({n: sl[slot] for n, sl in slots.items() if slot in sl})):
             for name, array in part.items():

@@ -47,7 +47,8 @@ class Checkpointer:
         self.last_time = time.monotonic()
         self.pauses_ms: list[float] = []
         self.last: Path | None = None
-        self.failed, self.last_error = 0, None
+        self.failed = 0
+        self.last_error: str | None = None
         if cfg.checkpoint.enabled:
             try:
                 ckpt.cleanup(self.folder, cfg.checkpoint.keep)  # leftovers of a crash mid-write

@@ -78,8 +78,9 @@ def run_chief(cfg: Config, spec: ClusterSpec) -> int:
     return 0
 
 
-def global_step(versions: list[int]) -> int:
-    """Updates applied by every shard: each push (a sync round) bumps each shard's version once."""
+def global_step(versions: list[int] | None) -> int:
+    """Updates applied by every shard: each push (a sync round) bumps each shard's version once;
+    0 when no versions are known (an evaluation of given params without them)."""
     return min(versions) if versions else 0
 
 
@@ -95,7 +96,8 @@ class ChiefRun:
         self.previous = previous_incarnation(self.run_dir / "metrics.jsonl")
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", hold=True)  # times count from step 0 (start())
         self.telemetry = RunTelemetry(cfg, self.run_dir, self.log, notice=lambda m: logger.info(f"chief: {m}"))
-        self.last_stats, self.last_eval = None, {}
+        self.last_stats = None
+        self.last_eval: dict[str, float] = {}
         self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
         self.model = build_model(cfg.model, self.data.meta)
         self.params0 = initial_params(cfg, self.model)

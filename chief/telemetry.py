@@ -59,7 +59,7 @@ class RunTelemetry:
         self._pull_to_push: dict[str, DurationStats] = {}  # worker -> the whole run
         self._losses: list[float] = []
         self.latest: dict = {}  # the last row, for /metrics
-        self.metrics_server = None
+        self.metrics_server: MetricsServer | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -81,10 +81,12 @@ class RunTelemetry:
 
     # -- rows -----------------------------------------------------------------------------------
 
-    def baseline(self, step: int, stats) -> None:
-        """The cumulative state the first row is measured from (the run's start)."""
+    def baseline(self, step: int, stats) -> dict:
+        """The cumulative state the first row is measured from (the run's start); returns it (the
+        next row measures from it)."""
         self._last = {"time": time.monotonic(), "step": step, "shards": per_shard_histograms(stats),
                       "workers": per_worker_histograms(stats), "pushes": push_counters(stats)}
+        return self._last
 
     def due(self, now: float | None = None) -> bool:
         if not self.every:
@@ -96,8 +98,7 @@ class RunTelemetry:
         """Writes one `telemetry` row (and its TensorBoard summaries) for the interval since the
         previous one; returns the row."""
         last = self._last
-        self.baseline(step, stats)
-        state = self._last
+        state = self.baseline(step, stats)
         last = last or {**state, "shards": {}, "workers": {}, "pushes": {}}
         seconds = state["time"] - last["time"]
         steps = max(0, step - last["step"])
@@ -182,13 +183,13 @@ class RunTelemetry:
 
 def chief_families(run, telemetry: RunTelemetry):
     """The chief's Prometheus metric families (read at scrape time)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
     gauges = [("asyncps_chief_global_step", "Global step (updates applied by every shard).", run.step),
               ("asyncps_chief_workers_alive", "Workers registered and beating.", len(run.membership.alive())),
               ("asyncps_chief_steps_per_second", "Global steps per second over the last telemetry interval.",
                telemetry.latest.get("steps_per_second") or 0.0)]
-    out = []
+    out: list[Metric] = []
     for name, doc, value in gauges:
         family = GaugeMetricFamily(name, doc)
         family.add_metric([], value)
@@ -196,9 +197,9 @@ def chief_families(run, telemetry: RunTelemetry):
     for name, doc, value in (("asyncps_chief_worker_joins", "Worker registrations.", run.membership.joins),
                              ("asyncps_chief_worker_deaths", "Workers declared dead.", run.membership.deaths),
                              ("asyncps_chief_failures", "Process failures recorded.", len(run.failures))):
-        family = CounterMetricFamily(name, doc)
-        family.add_metric([], value)
-        out.append(family)
+        counter = CounterMetricFamily(name, doc)
+        counter.add_metric([], value)
+        out.append(counter)
     evaluation = GaugeMetricFamily("asyncps_chief_eval", "Latest test-set metric.", labels=["metric"])
     for metric, value in sorted(getattr(run, "last_eval", {}).items()):
         evaluation.add_metric([metric], value)

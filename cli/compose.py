@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -181,7 +182,7 @@ def restart_policy(cfg: Config, role: str) -> str:
 
 
 def _service(cfg: Config, role: str, tf_config: str, source: str, args: list[str], image: str, *,
-             healthy: bool, after: list[str] = (), data: bool = False, code=()) -> dict[str, Any]:
+             healthy: bool, after: Sequence[str] = (), data: bool = False, code=()) -> dict[str, Any]:
     """One service: the image, the role's command, TF_CONFIG, volumes, readiness and restarts."""
     volumes = [f"{source}:{CONFIG_MOUNT}:ro", f"{RUNS_VOLUME}:{RUNS_MOUNT}"]
     if data:

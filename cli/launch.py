@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if found is not None:  # not on --dry-run: it moves folders
         from asyncps.chief.checkpointer import checkpoint_dir
 
-        set_aside_newer(found, checkpoint_dir(cfg, Path(cfg.run_dir)))
+        set_aside_newer(found, checkpoint_dir(cfg, resolved_run_dir(cfg)))
     check_ports_free(cfg)
     fetch_before_run(cfg.data, lambda m: print(f"asyncps launch: {m}", file=sys.stderr, flush=True))
     cfg.run_dir = str(resolve_run_dir(cfg).resolve())
@@ -229,9 +229,17 @@ def _reroot(cfg: Config, old_roots: list, new_root: Path) -> None:
                 break
 
 
+def resolved_run_dir(cfg: Config) -> Path:
+    """`run_dir`, which is set before anything needs it: by run() (resolve_run_dir), prepare_resume
+    or dry_run; a caller that skipped that step gets this error, not a TypeError from Path(None)."""
+    if not cfg.run_dir:
+        raise ValueError("run_dir is not resolved yet (runs.resolve_run_dir sets it)")
+    return Path(cfg.run_dir)
+
+
 def write_run_config(cfg: Config) -> Path:
     """The resolved config every child reads, so all of them see exactly the same run."""
-    path = Path(cfg.run_dir) / "config.yaml"
+    path = resolved_run_dir(cfg) / "config.yaml"
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     return path
 
@@ -239,7 +247,7 @@ def write_run_config(cfg: Config) -> Path:
 def plan_children(cfg: Config, config_path: Path | None = None) -> list[Child]:
     """Shards first, then the chief, then the workers: the order they are started in."""
     spec = spec_for_launch(cfg)
-    run_dir = Path(cfg.run_dir)
+    run_dir = resolved_run_dir(cfg)
     config_path = config_path or write_run_config(cfg)
     tasks = [("ps", i) for i in range(cfg.cluster.ps)] + [("chief", 0)]
     tasks += [("worker", i) for i in range(cfg.cluster.workers)]
@@ -270,8 +278,8 @@ def supervise(children: list[Child], cfg: Config | None = None, stream=None) -> 
     """
     chief = next(c for c in children if c.name == "chief")
     policy = cfg.cluster.restart_policy if cfg is not None else None
-    pids_path = Path(cfg.run_dir) / PIDS_FILE if cfg is not None else None
-    watcher = RunWatcher(cfg.run_dir, cfg.train.max_steps, cfg.cluster.workers,
+    pids_path = resolved_run_dir(cfg) / PIDS_FILE if cfg is not None else None
+    watcher = RunWatcher(resolved_run_dir(cfg), cfg.train.max_steps, cfg.cluster.workers,
                          stream=stream or sys.stderr) if cfg is not None else None
     say = watcher.event if watcher is not None else (lambda m: print(f"asyncps launch: {m}", file=sys.stderr))
     try:
@@ -283,7 +291,7 @@ def supervise(children: list[Child], cfg: Config | None = None, stream=None) -> 
                 say(f"error: {bad.name}: {last_line(bad.log_path)} (see {bad.log_path})")
                 return 2
             for child in children:
-                if died(child) and may_restart(child, policy):
+                if died(child) and policy is not None and may_restart(child, policy):
                     say(f"{child.name} exited with code {child.poll()}; restarting it "
                         f"({child.restarts + 1} of {policy.max_restarts})")
                     child.restart()

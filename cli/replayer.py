@@ -18,11 +18,15 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from asyncps.errors import UserError
 from asyncps import update_log as ul
+
+if TYPE_CHECKING:  # for the annotation only: load_run imports it when it reads a run
+    from asyncps.config import Config
 
 SUPPORTED_MODES = ("async", "ssp", "sync")
 
@@ -36,7 +40,7 @@ class RunLog:
     """What a run directory holds for a replay."""
 
     run_dir: Path
-    cfg: object
+    cfg: Config
     shards: list[np.ndarray]  # per shard: its log records (update_log.SHARD_FIELDS)
     steps: dict  # (worker, seq) -> update_log.Step
     final_versions: list[int] | None  # report.json's `versions`
@@ -95,8 +99,9 @@ class Replayer:
         self.cfg = cfg
         self.data = load_dataset(cfg.data, context=cfg.model.context, seed=cfg.seed)
         self.model = build_model(cfg.model, self.data.meta)
-        if getattr(self.model, "id_tables", None):  # the update log orders pushes; it keeps no rows
-            raise ReplayError(f"model {cfg.model.name} has id-keyed tables ({sorted(self.model.id_tables)}): "
+        id_tables = getattr(self.model, "id_tables", None)
+        if id_tables:  # the update log orders pushes; it keeps no rows
+            raise ReplayError(f"model {cfg.model.name} has id-keyed tables ({sorted(id_tables)}): "
                               "`asyncps replay` recomputes dense variables only (docs/sparse.md)")
         params0 = initial_params(cfg, self.model)
         self.placement = placement_for(params0, cfg.cluster.ps)
@@ -151,7 +156,8 @@ class Replayer:
 
 def _previous_steps(steps: dict) -> dict:
     """(worker, seq) -> the key of the same worker process's previous logged step (None: first)."""
-    previous, last = {}, {}
+    previous: dict[tuple[int, int], tuple[int, int] | None] = {}
+    last: dict[int, tuple[int, int]] = {}  # worker -> its latest key so far
     for key in sorted(steps):
         step = steps[key]
         before = last.get(step.worker)
@@ -184,7 +190,7 @@ def replay(run: RunLog) -> Outcome:
     """Replays every shard's log in order (see the module docstring); the final weights."""
     rp = Replayer(run.cfg, run.steps)
     referenced = Counter((int(r["worker"]), int(r["seq"])) for log in run.shards for r in log if r["kind"] == ul.PUSH)
-    need = Counter()  # (shard, version) -> pending uses of that past version
+    need: Counter[tuple[int, int]] = Counter()  # (shard, version) -> pending uses of that past version
     for key in referenced:
         step = run.steps.get(key)
         if step is None:

@@ -69,7 +69,7 @@ def train(cfg: Config) -> dict:
     optimizer, schedule = make_optimizer(cfg.optimizer), make_schedule(cfg.optimizer)
     slots = {n: optimizer.init_slots(params[n]) for n in trainable}
     tables = make_id_tables(cfg, model)  # id-keyed embedding tables (model.name ctr), rows per batch
-    compute = GradientComputer(model, trainable + (list(model.id_tables) if tables else []), cfg.train.graph_mode)
+    compute = GradientComputer(model, trainable + ([tables.name] if tables else []), cfg.train.graph_mode)
     stream = iter(BatchStream(len(data.x_train), cfg.train.batch_size, 0, 1, cfg.seed))
     from asyncps.cli.simulate import make_stepper  # staleness.simulate, or W workers per clock
     sim = make_stepper(cfg, data, compute, optimizer, schedule, params, slots, trainable)
@@ -130,7 +130,8 @@ def train(cfg: Config) -> dict:
             "steps_per_second": step / train_seconds if train_seconds else 0.0,
             "examples_per_second": step * cfg.train.batch_size / train_seconds if train_seconds else 0.0,
         },
-        "staleness": summarize({0: step}) if stale is None and sim is None else (sim or stale).summary(),
+        "staleness": (sim.summary() if sim is not None else stale.summary() if stale is not None
+                      else summarize({0: step})),
         "trainable": trainable,
         **({"tables": tables.report()} if tables else {}),
         **({"reference": data.reference} if data.reference else {}),

@@ -83,8 +83,8 @@ class RunWatcher:
             self.last_eval = (step, metrics)
         elif kind == "telemetry" and (row.get("staleness") or {}).get("count"):
             self.staleness_mean = row["staleness"]["mean"]
-        elif kind in ("worker_joined", "worker_adopted"):
-            self.alive.add(row.get("worker"))
+        elif kind in ("worker_joined", "worker_adopted") and isinstance(row.get("worker"), int):
+            self.alive.add(row["worker"])
         elif kind == "worker_dead":
             self.alive.discard(row.get("worker"))
             if not self.stopping:

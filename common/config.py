@@ -18,17 +18,24 @@ import select
 import stat
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from yaml.composer import Composer, ComposerError
 from yaml.constructor import SafeConstructor
-from yaml.events import AliasEvent
+from yaml.events import AliasEvent, Event, NodeEvent
 from yaml.resolver import Resolver
 
 from asyncps.errors import ConfigError
+
+if TYPE_CHECKING:  # an event's mark comes from PyYAML's parser or libyaml's (CParser)
+    from yaml._yaml import Mark as _CMark
+    from yaml.error import Mark as _PyMark
+
+    _Mark = _PyMark | _CMark
 
 # What a config may be (issue 12): a few KB in practice; the limits keep a hostile or mistaken file
 # (a 50 MB YAML, /dev/zero, a binary, 200,000 nested lists, an alias bomb) to one line and well under
@@ -465,6 +472,13 @@ class _Refused(ComposerError):
     """A YAML document over one of the limits (a ComposerError, so it carries the line)."""
 
 
+def _refused(problem: str, mark: _Mark | None) -> _Refused:
+    """The error for `problem` at `mark`, an event's start mark from either parser."""
+    # libyaml's Mark (CParser) has the fields of PyYAML's that the message reads; the stubs type
+    # MarkedYAMLError with PyYAML's only, while they type every event's marks with both
+    return _Refused(None, None, problem, mark)  # type: ignore[arg-type]
+
+
 class _LimitedComposer(Composer):
     """PyYAML's composer with a depth limit and a count of nodes after alias expansion.
 
@@ -479,25 +493,27 @@ class _LimitedComposer(Composer):
         self._values = 0
         self._sizes: dict[str, int] = {}
 
-    def _count(self, n: int, mark) -> None:
+    # PyYAML's Parser (or libyaml's CParser), which the _Loader below mixes in, supplies it
+    peek_event: Callable[[], Event]
+
+    def _count(self, n: int, mark: _Mark | None) -> None:
         self._values += n
         if self._values > MAX_VALUES:
-            raise _Refused(None, None, f"more than {MAX_VALUES} values once aliases are expanded "
-                           "(the limit of a config)", mark)
+            raise _refused(f"more than {MAX_VALUES} values once aliases are expanded (the limit of a config)", mark)
 
     def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, AliasEvent):
-            anchor = event.anchor
+            anchor = event.anchor  # never None: an alias is `*name`
             if anchor in self.anchors and anchor not in self._sizes:
-                raise _Refused(None, None, f"alias *{_clip(anchor, 40)} refers to a node that contains it",
-                               event.start_mark)
+                raise _refused(f"alias *{_clip(anchor, 40)} refers to a node that contains it", event.start_mark)
             node = super().compose_node(parent, index)  # an undefined alias is PyYAML's error
-            self._count(self._sizes[anchor], event.start_mark)
+            if anchor is not None:
+                self._count(self._sizes[anchor], event.start_mark)
             return node
         if self._depth >= MAX_DEPTH:
-            raise _Refused(None, None, f"lists and mappings nested deeper than {MAX_DEPTH} levels "
-                           "(the limit of a config)", event.start_mark)
+            raise _refused(f"lists and mappings nested deeper than {MAX_DEPTH} levels (the limit of a config)",
+                           event.start_mark)
         before = self._values
         self._count(1, event.start_mark)
         self._depth += 1
@@ -505,7 +521,7 @@ class _LimitedComposer(Composer):
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
-        if event.anchor is not None:
+        if isinstance(event, NodeEvent) and event.anchor is not None:  # a node's first event: always one
             self._sizes[event.anchor] = self._values - before
         return node
 

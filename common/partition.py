@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,7 @@ class Placement:
                     out[block.shard][name] = piece
         return out
 
-    def join(self, pieces: list[Mapping[str, np.ndarray]], names=None) -> dict[str, np.ndarray]:
+    def join(self, pieces: Sequence[Mapping[str, np.ndarray]], names=None) -> dict[str, np.ndarray]:
         """Full arrays from the per-shard pieces of dense values (the inverse of `split`).
 
         Checks, like ps-lite's slicer on merge, that every block of every variable came back

@@ -31,8 +31,11 @@ class SparseRows(NamedTuple):
         return cls(uniq, summed, None if dense_shape is None else tuple(dense_shape))
 
     def to_dense(self, shape: tuple | None = None) -> np.ndarray:
-        """The full array (zeros outside `rows`)."""
-        dense = np.zeros(shape or self.dense_shape, dtype=self.values.dtype)
+        """The full array (zeros outside `rows`); `shape` is needed when `dense_shape` is unknown."""
+        shape = shape or self.dense_shape
+        if shape is None:
+            raise ValueError("SparseRows.to_dense: no shape given and dense_shape unknown (rows from the wire)")
+        dense = np.zeros(shape, dtype=self.values.dtype)
         dense[self.rows] = self.values
         return dense
 
