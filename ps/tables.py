@@ -18,10 +18,12 @@ lazy Adam keep per-row state that is created with the row).
 - Capacity (optional): at most `capacity` rows; a new row beyond it evicts the least recently used
   (`lru`) or least frequently updated (`lfu`) row, counted. An evicted id that comes back is a new
   row (deterministic initial values, fresh slots, version 0).
+- Memory: a row costs its values and slots, 16 bytes of counters (version, id), 16 more with a
+  capacity (last use and creation order, for eviction), and 6-12 bytes of id index (`IdIndex`: int32 rows in an
+  open-addressing array, where a dict of Python ints cost about 110); storage grows by half.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -30,6 +32,7 @@ from asyncps.hashing import name_key, splitmix64
 from asyncps.ps.errors import InvalidArgument
 
 FREQUENCY_BUCKETS = 16  # row-frequency buckets: updates in [2^k, 2^(k+1)), the last open-ended
+GROWTH = 1.5  # storage grows by half when full: at most a third of it reserved, not half as by doubling
 
 
 def initial_rows(seed: int, table: str, ids: np.ndarray, dim: int, scale: float) -> np.ndarray:
@@ -45,6 +48,102 @@ def initial_rows(seed: int, table: str, ids: np.ndarray, dim: int, scale: float)
 def frequency_bucket(updates: np.ndarray) -> np.ndarray:
     """Bucket k holds rows with 2^k <= updates < 2^(k+1) (bucket 0: 0 or 1 update so far)."""
     return np.minimum(np.floor(np.log2(np.maximum(updates, 1))).astype(np.int64), FREQUENCY_BUCKETS - 1)
+
+
+class IdIndex:
+    """id -> storage row of one table: open addressing with linear probing over a power-of-two
+    array of int32 rows, every operation vectorized over a batch of ids.
+
+    A slot holds a row, not an id: it matches id i when the table's `keys` array (its `ids`,
+    passed in by each call because storage growth replaces it) holds i at that row. So the
+    index costs 4 bytes a slot, 6-12 bytes a row at load 0.35-0.7, where a dict of Python ints
+    cost about 110. An evicted id leaves a DELETED slot (probing goes on past it; an insert may
+    reuse it); a rebuild at twice the size drops them once live + deleted pass MAX_LOAD.
+    """
+
+    EMPTY, DELETED = -1, -2
+    MAX_LOAD = 0.7
+    _SALT = np.uint64(0x5851F42D4C957F2D)  # not table_owners' salt: ids of one shard still spread evenly
+
+    def __init__(self, reserve: int = 1024):
+        self.slots = np.full(self._size_for(reserve), self.EMPTY, np.int32)
+        self.live = 0
+        self.deleted = 0
+
+    def __len__(self) -> int:
+        return self.live
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots.nbytes
+
+    @classmethod
+    def _size_for(cls, rows: int) -> int:
+        return 1 << max(4, int(np.ceil(np.log2(max(rows, 1) / cls.MAX_LOAD))))
+
+    def _home(self, ids: np.ndarray) -> np.ndarray:
+        bits = len(self.slots).bit_length() - 1
+        h = splitmix64(np.asarray(ids, np.int64).astype(np.uint64) ^ self._SALT)
+        return (h >> np.uint64(64 - bits)).astype(np.int64)  # the top bits: the best mixed
+
+    def _probe(self, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(slot, row) of each id: its row and slot, or row -1 and the EMPTY slot that ends its
+        probe sequence."""
+        mask = len(self.slots) - 1
+        rows = np.full(len(ids), -1, np.int64)
+        where = np.empty(len(ids), np.int64)
+        pending, pos = np.arange(len(ids)), self._home(ids)
+        while len(pending):
+            r = self.slots[pos]
+            hit = r >= 0
+            hit[hit] = keys[r[hit]] == ids[pending[hit]]
+            done = hit | (r == self.EMPTY)
+            rows[pending[hit]] = r[hit]
+            where[pending[done]] = pos[done]
+            pending, pos = pending[~done], (pos[~done] + 1) & mask
+        return where, rows
+
+    def find(self, ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """The row of each id (int64), -1 where it has none."""
+        return self._probe(np.asarray(ids, np.int64), keys)[1]
+
+    def insert(self, ids: np.ndarray, rows: np.ndarray, keys: np.ndarray) -> None:
+        """Adds ids (unique, none indexed yet) at rows; `keys[rows]` must already hold them."""
+        ids = np.asarray(ids, np.int64)
+        if self.live + self.deleted + len(ids) > self.MAX_LOAD * len(self.slots):
+            self._rebuild(self.live + len(ids), keys)
+        mask = len(self.slots) - 1
+        pending, pos = np.arange(len(ids)), self._home(ids)
+        while len(pending):
+            free = self.slots[pos] < 0
+            # several ids may probe the same free slot: the first of them takes it, the rest go on
+            _, first = np.unique(pos[free], return_index=True)
+            take = np.flatnonzero(free)[first]
+            self.deleted -= int((self.slots[pos[take]] == self.DELETED).sum())
+            self.slots[pos[take]] = rows[pending[take]]
+            left = np.ones(len(pending), bool)
+            left[take] = False
+            pending, pos = pending[left], (pos[left] + 1) & mask
+        self.live += len(ids)
+
+    def delete(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        """Drops ids (each indexed) from the index; call before `keys` changes at their rows."""
+        where, rows = self._probe(np.asarray(ids, np.int64), keys)
+        assert (rows >= 0).all(), "IdIndex.delete of an id it does not hold"
+        self.slots[where] = self.DELETED
+        self.live -= len(where)
+        self.deleted += len(where)
+
+    def _rebuild(self, rows_needed: int, keys: np.ndarray) -> None:
+        live = self.slots[self.slots >= 0].astype(np.int64)
+        self.slots = np.full(self._size_for(2 * rows_needed), self.EMPTY, np.int32)
+        self.live = self.deleted = 0
+        if len(live):
+            self.insert(keys[live], live, keys)
+
+    def rows(self) -> np.ndarray:
+        """Every indexed row (int64), in slot order."""
+        return self.slots[self.slots >= 0].astype(np.int64)
 
 
 class EmbeddingTable:
@@ -65,9 +164,12 @@ class EmbeddingTable:
         self.slots: dict[str, np.ndarray] = optimizer.init_slots(self.values)
         self._slot0 = {k: v[0].copy() for k, v in optimizer.init_slots(np.zeros((1, dim), np.float32)).items()}
         self.versions = np.zeros(n, np.int64)  # updates applied to each row
-        self.last_used = np.zeros(n, np.int64)  # tick of the last pull or push touching the row
-        self.ids = np.zeros(n, np.int64)  # the id each slot of storage holds
-        self.index: dict[int, int] = {}  # id -> row of storage
+        # tick of the last pull or push touching the row: only eviction reads it, so only a table
+        # with a capacity keeps it (8 bytes a row)
+        self.last_used = np.zeros(n if capacity is not None else 0, np.int64)
+        self.born = np.zeros(n if capacity is not None else 0, np.int64)  # creation order: eviction's tie-break
+        self.ids = np.zeros(n, np.int64)  # the id each row of storage holds
+        self.index = IdIndex(n)  # id -> row of storage
         self.free: list[int] = []
         self.size = 0  # rows of storage used (live or freed)
         self.tick = 0
@@ -84,12 +186,12 @@ class EmbeddingTable:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the table holds: its arrays (values, slots, versions, ids, last use; reserved
-        rows included, storage grows by doubling) and its id index (the dict, plus about 60
-        bytes of Python ints per entry: an estimate)."""
+        """Bytes the table holds: its arrays (values, slots, versions, ids; last use and creation
+        order where a capacity needs them; reserved rows included, storage grows by half) and its
+        id index's array. Exact: every byte is in a numpy array."""
         arrays = self.values.nbytes + sum(s.nbytes for s in self.slots.values())
-        arrays += self.versions.nbytes + self.last_used.nbytes + self.ids.nbytes
-        return arrays + sys.getsizeof(self.index) + 60 * len(self.index)
+        arrays += self.versions.nbytes + self.last_used.nbytes + self.born.nbytes + self.ids.nbytes
+        return arrays + self.index.nbytes
 
     # -- rows -----------------------------------------------------------------------------------
 
@@ -97,7 +199,7 @@ class EmbeddingTable:
         n = len(self.values)
         if need <= n:
             return
-        new = max(need, 2 * n)
+        new = max(need, int(GROWTH * n) + 1)
         if self.capacity is not None:
             new = min(new, self.capacity)
 
@@ -108,71 +210,85 @@ class EmbeddingTable:
 
         self.values = widen(self.values)
         self.slots = {k: widen(v) for k, v in self.slots.items()}
-        self.versions, self.last_used, self.ids = widen(self.versions), widen(self.last_used), widen(self.ids)
+        self.versions, self.ids = widen(self.versions), widen(self.ids)
+        if self.capacity is not None:
+            self.last_used, self.born = widen(self.last_used), widen(self.born)
 
     def _victim(self, protected: set[int]) -> int:
         """The storage row to evict: least recently used or least frequently updated (ties: the
         older), never one of the rows the current call needs."""
-        live = np.fromiter(self.index.values(), np.int64, len(self.index))
+        live = self._live_rows()
         live = live[~np.isin(live, np.fromiter(protected, np.int64, len(protected)))]
         if not len(live):
             raise InvalidArgument(f"table {self.name!r}: one call touches more ids than its capacity "
                                   f"({self.capacity})")
         if self.eviction == "lfu":
-            order = np.lexsort((self.last_used[live], self.versions[live]))
+            order = np.lexsort((self.born[live], self.last_used[live], self.versions[live]))
         else:
-            order = np.argsort(self.last_used[live], kind="stable")
+            order = np.lexsort((self.born[live], self.last_used[live]))
         return int(live[order[0]])
+
+    def _live_rows(self) -> np.ndarray:
+        """Storage rows holding a row (int64, ascending): all used storage but given-back rows."""
+        live = np.arange(self.size)
+        if self.free:  # none today: an evicted row is reused at once
+            live = live[~np.isin(live, np.asarray(self.free, np.int64))]
+        return live
 
     def lookup(self, ids: np.ndarray, create: bool = True) -> np.ndarray:
         """Storage rows of `ids` (int64, any order, duplicates allowed), creating missing rows."""
         ids = np.asarray(ids, dtype=np.int64)
         self.tick += 1
-        out = np.empty(len(ids), np.int64)
-        missing: list[int] = []
-        for k, i in enumerate(ids.tolist()):
-            r = self.index.get(i)
-            if r is None:
-                missing.append(k)
-            else:
-                out[k] = r
-        if missing:
+        out = self.index.find(ids, self.ids)
+        missing = np.flatnonzero(out < 0)
+        if len(missing):
             if not create:
                 raise InvalidArgument(f"table {self.name!r}: {len(missing)} ids have no row")
             self._create(ids, missing, out)
-        self.last_used[out] = self.tick
+        if self.capacity is not None:
+            self.last_used[out] = self.tick
         return out
 
-    def _create(self, ids: np.ndarray, missing: list[int], out: np.ndarray) -> None:
-        new_ids = list(dict.fromkeys(ids[missing].tolist()))  # unique, in order of arrival
-        if self.capacity is not None:  # rows this call needs are never the victim (only with a capacity)
+    def _create(self, ids: np.ndarray, missing: np.ndarray, out: np.ndarray) -> None:
+        new_ids, first, inverse = np.unique(ids[missing], return_index=True, return_inverse=True)
+        if self.capacity is not None:  # refused before anything changes
             known = np.ones(len(ids), bool)
             known[missing] = False
-            protected = set(out[known].tolist())
-        else:
-            protected = set()
-        made: dict[int, int] = {}
-        for i in new_ids:
-            if self.free:
-                r = self.free.pop()
-            elif self.capacity is None or self.size < self.capacity:
-                self._grow(self.size + 1)
-                r, self.size = self.size, self.size + 1
-            else:
-                r = self._victim(protected | set(made.values()))
-                del self.index[int(self.ids[r])]
+            if len(np.unique(out[known])) + len(new_ids) > self.capacity:
+                raise InvalidArgument(f"table {self.name!r}: one call touches more ids than its capacity "
+                                      f"({self.capacity})")
+        order = np.argsort(first, kind="stable")  # rows in order of arrival, as ids come in
+        made = np.empty(len(new_ids), np.int64)  # storage row of new_ids[k]
+        taken = 0
+        while taken < len(order) and self.free:  # storage given back first (none today)
+            made[order[taken]] = self.free.pop()
+            taken += 1
+        room = len(order) - taken
+        if self.capacity is not None:
+            room = min(room, max(0, self.capacity - self.size))
+        if room:
+            self._grow(self.size + room)
+            made[order[taken:taken + room]] = np.arange(self.size, self.size + room)
+            self.size += room
+            taken += room
+        if taken < len(order):  # full: evict, one row at a time, never a row this call needs
+            protected = set(out[known].tolist()) | set(made[order[:taken]].tolist())
+            for k in order[taken:]:
+                r = self._victim(protected)
+                self.index.delete(self.ids[r:r + 1], self.ids)
                 self.evicted += 1
-            self.index[i] = made[i] = r
-            self.ids[r] = i
-        rows = np.fromiter(made.values(), np.int64, len(made))
-        self.values[rows] = initial_rows(self.seed, self.name, np.fromiter(made, np.int64, len(made)), self.dim,
-                                         self.scale)
+                made[k] = r
+                protected.add(r)
+        self.ids[made] = new_ids
+        self.index.insert(new_ids, made, self.ids)
+        self.values[made] = initial_rows(self.seed, self.name, new_ids, self.dim, self.scale)
         for name, slot in self.slots.items():
-            slot[rows] = self._slot0[name]
-        self.versions[rows] = 0
+            slot[made] = self._slot0[name]
+        self.versions[made] = 0
+        if self.capacity is not None:
+            self.born[made[order]] = self.created + np.arange(len(order))
         self.created += len(made)
-        for k in missing:
-            out[k] = made[int(ids[k])]
+        out[missing] = made[inverse.reshape(-1)]
 
     # -- pull and push ----------------------------------------------------------------------------
 
@@ -184,21 +300,14 @@ class EmbeddingTable:
     def peek(self, ids: np.ndarray) -> np.ndarray:
         """The rows of `ids` as they are, or would be when created: nothing is created or touched
         (evaluation on ids training never saw)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        out = initial_rows(self.seed, self.name, ids, self.dim, self.scale)
-        known = [(k, r) for k, r in enumerate(self.index.get(i) for i in ids.tolist()) if r is not None]
-        if known:
-            where, rows = (np.array(v, np.int64) for v in zip(*known))
-            out[where] = self.values[rows]
-        return out
+        return self.peek_with_versions(ids)[0]
 
     def peek_with_versions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`peek`, and the rows' versions (0 for a row not made yet): one pass over the ids."""
         ids = np.asarray(ids, dtype=np.int64)
         out = initial_rows(self.seed, self.name, ids, self.dim, self.scale)
         versions = np.zeros(len(ids), np.int64)
-        get = self.index.get
-        rows = np.fromiter((get(i, -1) for i in ids.tolist()), np.int64, len(ids))
+        rows = self.index.find(ids, self.ids)
         known = rows >= 0
         if known.any():
             out[known] = self.values[rows[known]]
@@ -206,12 +315,14 @@ class EmbeddingTable:
         return out, versions
 
     def hottest(self, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, update counts) of the `k` most updated live rows, hottest first."""
-        rows = np.fromiter(self.index.values(), np.int64, len(self.index))
+        """(ids, update counts) of the `k` most updated live rows, hottest first (ties: the
+        smaller id first)."""
+        rows = self._live_rows()
         if not len(rows):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        if len(rows) > k:  # the k largest in O(rows), then sorted
-            rows = rows[np.argpartition(-self.versions[rows], k - 1)[:k]]
+        if len(rows) > k:  # the k largest in O(rows), then sorted; ties at the k-th: the smaller ids
+            kth = -np.partition(-self.versions[rows], k - 1)[k - 1]
+            rows = rows[self.versions[rows] >= kth]
         top = rows[np.lexsort((self.ids[rows], -self.versions[rows]))[:k]]
         return self.ids[top].copy(), self.versions[top].copy()
 

@@ -7,13 +7,18 @@ import pytest
 from asyncps.config import OptimizerConfig
 from asyncps.ps.errors import InvalidArgument
 from asyncps.ps.optim.optimizers import make_optimizer
-from asyncps.ps.tables import EmbeddingTable, frequency_bucket, initial_rows
+from asyncps.ps.tables import EmbeddingTable, IdIndex, frequency_bucket, initial_rows
 
 BIG = np.array([2**63 - 1, -(2**63), 0, 123456789012345], np.int64)
 
 
 def table(name="t", dim=4, optimizer="sgd", **kw) -> EmbeddingTable:
     return EmbeddingTable(name, dim, seed=7, optimizer=make_optimizer(OptimizerConfig(name=optimizer)), **kw)
+
+
+def held(t: EmbeddingTable, ids) -> list[bool]:
+    """Whether the table has a row for each id (nothing created or touched)."""
+    return (t.index.find(np.asarray(ids, np.int64), t.ids) >= 0).tolist()
 
 
 def test_rows_are_a_pure_function_of_seed_table_and_id():
@@ -73,7 +78,7 @@ def test_capacity_evicts_the_least_recently_or_frequently_used_row(eviction, evi
     t.pull(np.array([3]))
     t.push(np.array([3]), np.ones((1, 4), np.float32), np.array([0]), lr=0.1)
     t.pull(np.array([4]))  # a fourth row: one must go
-    assert t.rows == 3 and t.evicted == 1 and evicted not in t.index and 4 in t.index
+    assert t.rows == 3 and t.evicted == 1 and held(t, [evicted, 4]) == [False, True]
     row, version = t.pull(np.array([evicted]))  # it comes back new: initial values, version 0
     np.testing.assert_array_equal(row, initial_rows(7, "t", np.array([evicted]), 4, 0.05))
     assert version.tolist() == [0] and t.evicted == 2
@@ -94,7 +99,7 @@ def test_a_read_version_ahead_of_its_row_counts_as_rewound():
     t = table()
     t.pull(np.array([1]))
     assert t.push(np.array([1]), np.ones((1, 4), np.float32), np.array([3]), lr=0.1).tolist() == [0]
-    assert t.rewound == 1 and t.versions[t.index[1]] == 1
+    assert t.rewound == 1 and t.versions[t.index.find(np.array([1]), t.ids)[0]] == 1
 
 
 def test_frequency_buckets_are_powers_of_two():
@@ -106,3 +111,42 @@ def test_a_restore_larger_than_the_capacity_keeps_the_last_rows():
     ids = np.arange(10, dtype=np.int64)
     t.load(ids, np.arange(10), np.ones((10, 4), np.float32), {k: np.zeros((10, 4), np.float32) for k in t.slots})
     assert t.rows == 4 and t.evicted == 6
+
+
+def test_the_id_index_finds_every_id_through_collisions_deletions_and_rebuilds():
+    """ps/tables.py IdIndex against a dict: extreme ids, duplicates in a query, a deleted slot
+    probed past and reused, and rebuilds as it fills (from 16 slots: many collisions)."""
+    rng = np.random.default_rng(3)
+    keys = np.concatenate([BIG, rng.integers(-(2**63), 2**63 - 1, 3000, dtype=np.int64)])
+    index, truth = IdIndex(1), {}
+    for a in range(0, 2000, 250):  # rows 0..1999 in batches: several rebuilds
+        index.insert(keys[a:a + 250], np.arange(a, a + 250), keys)
+        truth.update((int(keys[r]), r) for r in range(a, a + 250))
+    gone = keys[:1000:3]
+    index.delete(gone, keys)
+    for i in gone.tolist():
+        del truth[i]
+    index.insert(keys[2000:2400], np.arange(2000, 2400), keys)  # may reuse the deleted slots
+    truth.update((int(keys[r]), r) for r in range(2000, 2400))
+    query = rng.choice(keys, 5000)  # duplicates, ids never inserted, deleted ones
+    assert index.find(query, keys).tolist() == [truth.get(i, -1) for i in query.tolist()]
+    assert len(index) == len(truth) and sorted(index.rows().tolist()) == sorted(truth.values())
+
+
+def test_a_table_is_numpy_arrays_only_and_counts_them_exactly():
+    """No Python object per row (the id index is an int32 array): 100,000 rows of width 1 with
+    lazy Adam's three slots hold 32 bytes of row data each, plus storage reserve and index."""
+    t = table(dim=1, optimizer="lazy_adam")
+    ids = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 100_000, dtype=np.int64)
+    t.pull(ids)
+    arrays = [t.values, t.versions, t.ids, t.last_used, t.born, t.index.slots, *t.slots.values()]
+    assert t.rows == 100_000 and t.nbytes == sum(a.nbytes for a in arrays)
+    assert t.nbytes / t.rows < 32 * 1.5 + 4 / 0.35  # reserve at most half again; index load >= 0.35
+
+
+def test_a_call_beyond_the_capacity_is_refused_before_anything_changes():
+    t = table(capacity=3)
+    t.pull(np.array([1, 2]))
+    with pytest.raises(InvalidArgument, match="more ids than its capacity"):
+        t.pull(np.array([1, 3, 4, 5]))  # 4 rows at once, 3 at most
+    assert t.rows == 2 and t.evicted == 0 and held(t, [1, 2, 3, 5]) == [True, True, False, False]
