@@ -6,14 +6,22 @@ Used where an id must be a pure function of its inputs on every process: hashed 
 from __future__ import annotations
 
 import zlib
+from typing import overload
 
 import numpy as np
 
 MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer of each uint64 in `x` (Steele, Lea & Flood, OOPSLA 2014)."""
+@overload
+def splitmix64(x: np.uint64) -> np.uint64: ...
+@overload
+def splitmix64(x: np.ndarray) -> np.ndarray: ...
+
+
+def splitmix64(x: np.uint64 | np.ndarray) -> np.uint64 | np.ndarray:
+    """SplitMix64's finalizer of each uint64 in `x` (Steele, Lea & Flood, OOPSLA 2014); a scalar
+    (np.uint64) for a scalar, an array for an array."""
     with np.errstate(over="ignore"):
         x = (np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & MASK
         x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & MASK

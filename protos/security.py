@@ -97,6 +97,9 @@ class Security:
         return self.tls or self.token is not None
 
     def server_credentials(self) -> grpc.ServerCredentials:
+        if self.key is None or self.cert is None:  # e.g. settings from the environment without mTLS
+            raise ConfigError("a TLS server needs its certificate and key (cluster.security cert and key or dir, "
+                              "or ASYNCPS_TLS_DIR with ASYNCPS_MTLS left on)")
         return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
                                            require_client_auth=self.mtls)
 
@@ -173,15 +176,18 @@ def _from_env(role: str) -> Security:
         token = _read_token(_read(env[ENV_TOKEN_FILE], ENV_TOKEN_FILE).decode("utf-8", "replace"), ENV_TOKEN_FILE)
     elif env.get(ENV_TOKEN):
         token = _read_token(env[ENV_TOKEN], ENV_TOKEN)
-    ca, cert, key = env.get(ENV_CA), env.get(ENV_CERT), env.get(ENV_KEY)
+    ca: str | Path | None = env.get(ENV_CA)
+    cert: str | Path | None = env.get(ENV_CERT)
+    key: str | Path | None = env.get(ENV_KEY)
     if env.get(ENV_DIR):
         d_ca, d_cert, d_key = cert_paths(env[ENV_DIR], role)
         ca, cert, key = ca or d_ca, cert or (d_cert if d_cert.exists() else None), key or (d_key if d_key.exists() else None)
     if not ca:
         return Security(token=token)
-    mtls = bool(cert and key) and env.get(ENV_MTLS, "1") not in ("0", "false", "")
-    return Security(tls=True, mtls=mtls, ca=_read(ca, ENV_CA), token=token,
-                    cert=_read(cert, ENV_CERT) if mtls else None, key=_read(key, ENV_KEY) if mtls else None)
+    if cert and key and env.get(ENV_MTLS, "1") not in ("0", "false", ""):
+        return Security(tls=True, mtls=True, ca=_read(ca, ENV_CA), token=token,
+                        cert=_read(cert, ENV_CERT), key=_read(key, ENV_KEY))
+    return Security(tls=True, ca=_read(ca, ENV_CA), token=token)
 
 
 def process_role() -> str:
@@ -282,7 +288,7 @@ def role_of(common_name: str) -> str | None:
 def peer_common_name(context) -> str | None:
     """The verified client certificate's common name (None without one: TLS only, plaintext)."""
     try:
-        names = context.auth_context().get("x509_common_name") or ()
+        names: Sequence[bytes] = context.auth_context().get("x509_common_name") or ()
     except Exception:  # no auth context at all
         return None
     return names[0].decode("utf-8", "replace") if len(names) == 1 else None

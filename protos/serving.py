@@ -348,7 +348,7 @@ class StreamGuard(grpc.ServerInterceptor):
         """Wakes the handler waiting in `context`'s request iterator with the _EXPIRED marker."""
         state = getattr(context, "_state", None)
         condition = getattr(state, "condition", None)
-        if condition is None or not hasattr(state, "request"):
+        if state is None or condition is None or not hasattr(state, "request"):
             context.cancel()
             return
         with condition:

@@ -127,9 +127,14 @@ def serve(cfg: Config, index: int, port: int = 0, host: str = "127.0.0.1", port_
     server.shard.keep_milestones(cfg.train.eval_every)  # the chief evaluates exactly these versions
     bound = server.start()
     metrics = start_metrics(server.shard, cfg, index, server._role.refusals)
-    signals = []  # a signal, not the chief's Stop RPC: exit 128 + signal, so a launcher restarts it
+    signals: list[int] = []  # a signal, not the chief's Stop RPC: exit 128 + signal, so a launcher restarts it
+
+    def on_signal(signum: int, _frame) -> None:
+        signals.append(signum)
+        server.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _: signals.append(signum) or server.request_stop())
+        signal.signal(sig, on_signal)
     logger.info(f"asyncps ps {index}: serving on {host}:{bound} (mode {cfg.cluster.mode})")
     if port_file:
         from asyncps.atomic import atomic_write_bytes

@@ -300,7 +300,7 @@ class Shard:
             if export is not None and not keep_read:
                 return export(version, live, **extra)
             values = {name: value.copy() for name, value in live.items()}
-            if keep_read:
+            if keep_read and worker is not None:  # (keep_read implies it; said again for the type checker)
                 self.values_read.remember(worker, version, values)
             if export is not None:
                 return export(version, values, **extra)

@@ -28,6 +28,8 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from asyncps.protos import codec, ps_pb2
 from asyncps.ps import table_wire, validate
 from asyncps.ps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ShardError
@@ -162,7 +164,7 @@ class ShmEndpoint:
         refused before anything is copied and counted against the worker."""
         variables = self._shard.variables
         lo, hi = channel.push
-        grads = {}
+        grads: dict[str, np.ndarray | table_wire.TableGrad] = {}  # dense gradients, then the tables' rows
         try:
             for t in tensors:
                 if t.name in grads:

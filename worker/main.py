@@ -61,11 +61,16 @@ def run_worker(cfg: Config, spec: ClusterSpec) -> int:
     logger.info(f"worker {index}: registered ({reply.num_workers} workers, data shard {reply.data_shard})")
     # Heartbeats start before the data loads: on a busy machine loading MNIST can outlast the
     # chief's heartbeat timeout, and a worker declared dead at step 0 would stop training.
-    progress = {"loop": None}
+    progress: dict[str, WorkerLoop | None] = {"loop": None}  # set once the data has loaded
+
+    def flush_last_metrics() -> None:
+        current = progress["loop"]
+        if current is not None and current.reporter:
+            current.reporter.flush(final=True)
+
     beat = Heartbeat(chief, index, lambda: progress["loop"].seq if progress["loop"] else 0,
                      cfg.cluster.heartbeat_interval, give_up=cfg.cluster.heartbeat_timeout,
-                     on_stop=lambda: progress["loop"] and progress["loop"].reporter and
-                     progress["loop"].reporter.flush(final=True))
+                     on_stop=flush_last_metrics)
     beat.start()
     signal.signal(signal.SIGTERM, lambda *_: beat.finish("SIGTERM"))
     loop = progress["loop"] = WorkerLoop(cfg, reply, list(reply.ps_addresses) or list(spec.ps))
@@ -132,7 +137,8 @@ class LossReporter:
     def __init__(self, chief, index: int):
 
         self.chief, self.index = chief, index
-        self.last, self.losses = time.monotonic(), []
+        self.last = time.monotonic()
+        self.losses: list[float] = []
         self.step = 0
         self.pull_to_push = DurationWindow()  # seconds from the weights' arrival to the push
 

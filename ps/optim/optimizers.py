@@ -184,7 +184,7 @@ class Adam(Optimizer):
     """
 
     name = "adam"
-    slot_names = ("m", "v")
+    slot_names: tuple[str, ...] = ("m", "v")  # LazyAdam adds "t"
 
     def __init__(self, cfg: OptimizerConfig):
         super().__init__(cfg)

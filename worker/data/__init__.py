@@ -19,13 +19,14 @@ Per-worker batches come from `BatchStream` (`asyncps.worker.data.sharding`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from asyncps.config import DataConfig, is_import_path
-from asyncps.errors import UserError
+from asyncps.errors import ConfigError, UserError
 from asyncps.worker.data.formats import check_dataset, dataset_from_arrays, load_csv, load_npz
 from asyncps.worker.data.ctr import make_ctr
 from asyncps.worker.data.mnist import default_cache_dir, load_mnist, prepare_mnist
@@ -92,7 +93,8 @@ def load_dataset(data_cfg: DataConfig, context: int = 8, *, seed: int = 0,
     """
     if is_import_path(data_cfg.name):
         return _user_data(data_cfg, seed=seed)
-    loaders = {"mnist": _mnist, "linear": _linear, "charlm": _charlm, "npz": _npz, "csv": _csv, "ctr": _ctr,
+    # each takes the keyword arguments it needs and ignores the rest (**_)
+    loaders: dict[str, Callable[..., Dataset]] = {"mnist": _mnist, "linear": _linear, "charlm": _charlm, "npz": _npz, "csv": _csv, "ctr": _ctr,
                "click_logs": _click_logs, "criteo": _criteo}
     return loaders[data_cfg.name](data_cfg, context=context, seed=seed, cache_dir=cache_dir)
 
@@ -121,12 +123,19 @@ def data_factory(spec: str):
     return factory
 
 
+def _required(path: str | None, key: str, name: str) -> str:
+    """A file the config check requires for data.name `name` (a DataConfig built in code may lack it)."""
+    if not path:
+        raise ConfigError(f"data.{key} must name the {name} file (data.name {name}), got null")
+    return path
+
+
 def _npz(cfg: DataConfig, **_) -> Dataset:
-    return load_npz(cfg.path)
+    return load_npz(_required(cfg.path, "path", "npz"))
 
 
 def _csv(cfg: DataConfig, **_) -> Dataset:
-    return load_csv(cfg.path, cfg.test_path, cfg.label)
+    return load_csv(_required(cfg.path, "path", "csv"), _required(cfg.test_path, "test_path", "csv"), cfg.label)
 
 
 def _mnist(cfg: DataConfig, *, cache_dir, **_) -> Dataset:

@@ -59,7 +59,9 @@ def read_criteo(path, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray, np.nd
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data {path}: no such file (a Criteo TSV file: label, 13 integers, 26 hex categoricals)")
-    xs, ys, numbers = [], [], []
+    xs: list[np.ndarray] = []  # per chunk: ids, labels, line numbers
+    ys: list[np.ndarray] = []
+    numbers: list[np.ndarray] = []
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8", newline="\n") as f:

@@ -177,10 +177,9 @@ def _arrays_from_tuple(obj, origin: str) -> dict[str, np.ndarray]:
 
 def _reconstruct_function():
     try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+        return importlib.import_module("numpy._core.multiarray")._reconstruct  # numpy >= 2
     except ImportError:  # numpy 1.26
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+        return importlib.import_module("numpy.core.multiarray")._reconstruct
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

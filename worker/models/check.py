@@ -56,7 +56,7 @@ def check_model(model, x, y, seed: int = 0, batch_size: int = 8) -> dict:
         if sparse != (name in model.tables):
             raise UserError(f"{who}: {name} has a {'sparse' if sparse else 'dense'} gradient but is "
                             f"{'' if name in model.tables else 'not '}in {who}.tables")
-        g = grad.values if sparse else grad
+        g = grad.values if isinstance(grad, SparseRows) else grad
         shape = value.shape[1:] if sparse else value.shape
         if g.dtype != np.float32 or tuple(g.shape[1:] if sparse else g.shape) != tuple(shape):
             raise UserError(f"{who}: the gradient of {name} is {g.dtype}{list(g.shape)}, expected float32 of the "
