@@ -271,7 +271,7 @@ class EmbeddingTable:
             made[order[taken:taken + room]] = np.arange(self.size, self.size + room)
             self.size += room
             taken += room
-        if taken < len(order):  # full: evict, one row at a time, never a row this call needs
+        if taken < len(order):  # full (so a capacity, and `known`): evict one row at a time, never one this call needs
             protected = set(out[known].tolist()) | set(made[order[:taken]].tolist())
             for k in order[taken:]:
                 r = self._victim(protected)
