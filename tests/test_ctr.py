@@ -83,8 +83,10 @@ def test_ctr_deep_learns_the_interactions_logistic_regression_cannot(tmp_path):
 def test_eval_scores_a_cluster_checkpoint_of_id_tables_as_the_run_did(tmp_path):
     """`asyncps eval` reads the table files of a checkpoint (rows by id, unseen ids' first values)
     and gets the run's own final evaluation."""
-    run_ok("launch", CONFIGS / "ctr_lr.yaml", f"run_dir={tmp_path}", *TINY, "train.max_steps=200",
-           "checkpoint.every_steps=200", timeout=300)
+    launched = run_ok("launch", CONFIGS / "ctr_lr.yaml", f"run_dir={tmp_path}", *TINY, "train.max_steps=200",
+                      "checkpoint.every_steps=200", timeout=300)
+    assert "reference" in report(tmp_path)  # the planted model's loss/AUC, as `train` reports it
+    assert "planted model:" in launched.stdout + launched.stderr
     final = report(tmp_path)["final"]
     scored = json.loads(run_ok("eval", tmp_path, "--json", timeout=300).stdout)
     assert scored["step"] == 200
