@@ -111,7 +111,8 @@ class ChiefRun:
         self.process_start = self.start_time = time.time()
         self.carried_seconds = 0.0  # training time of earlier incarnations (resume, adoption)
         self.startup_seconds: float | None = None
-        self.membership = Membership(spec.workers, cfg.cluster.heartbeat_timeout, on_event=self._member_event)
+        self.membership = Membership(spec.workers, cfg.cluster.heartbeat_timeout, on_event=self._member_event,
+                                     stopping=self.stop.is_set)
         self.server = self._make_server()
         self.target = TargetTracker(cfg.train.target)
         self.events: list[dict] = []
@@ -131,12 +132,10 @@ class ChiefRun:
         return server
 
     def _member_event(self, kind: str, member) -> None:
-        if kind == "worker_dead" and self.stop.is_set():
-            kind = "worker_exited"  # it was told to stop: an exit, not a death
         row = self.log.write(kind, self.step, worker=member.index, hostname=member.hostname, pid=member.pid)
         self.events.append(row)
         logger.info(f"chief: {kind} worker {member.index} ({member.hostname}:{member.pid}) at step {self.step}")
-        if kind == "worker_dead" and not self.stop.is_set():  # its in-flight gradient is lost, nothing else
+        if kind == "worker_dead":  # its in-flight gradient is lost, nothing else
             self._record_failure("worker", member.index, self.step, self.step)
 
     def _worker_metrics(self, report) -> None:

@@ -50,16 +50,22 @@ class Member:
 
 
 class Membership:
-    """Thread-safe table of worker slots; `on_event(kind, member)` hears joins and deaths."""
+    """Thread-safe table of worker slots; `on_event(kind, member)` hears joins, deaths and exits.
+
+    A worker that goes silent while `stopping()` is true was told to stop: that is an exit
+    ("worker_exited", counted in `exits`), not a death ("worker_dead", counted in `deaths`)."""
 
     def __init__(self, num_workers: int, timeout: float, on_event: Callable[[str, Member], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, gone: Callable[[Member], bool] = process_gone):
+                 clock: Callable[[], float] = time.monotonic, gone: Callable[[Member], bool] = process_gone,
+                 stopping: Callable[[], bool] = lambda: False):
         self.num_workers, self.timeout, self.clock, self.gone = num_workers, timeout, clock, gone
+        self.stopping = stopping
         self._slots: dict[int, Member] = {}
         self._lock = threading.Lock()
         self._on_event = on_event or (lambda kind, member: None)
         self.joins = 0
         self.deaths = 0
+        self.exits = 0
 
     def register(self, hostname: str, pid: int, preferred: int | None = None) -> Member:
         """The slot of (hostname, pid), else `preferred` if free or dead, else the lowest free or dead one."""
@@ -103,9 +109,13 @@ class Membership:
             dead = [m for m in self._slots.values() if m.alive and (now - m.last_seen > self.timeout or self.gone(m))]
             for member in dead:
                 member.alive = False
-            self.deaths += len(dead)
+            kind = "worker_exited" if self.stopping() else "worker_dead"
+            if kind == "worker_dead":
+                self.deaths += len(dead)
+            else:
+                self.exits += len(dead)
         for member in dead:
-            self._on_event("worker_dead", member)
+            self._on_event(kind, member)
         return dead
 
     def alive(self) -> list[Member]:

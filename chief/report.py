@@ -111,7 +111,8 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         # ssp: the largest clock gap between the fastest and the slowest worker seen on any shard
         "max_clock_gap": max((s.max_clock_gap for s in stats), default=0),
         "startup_seconds": getattr(run, "startup_seconds", None),
-        "membership": {"joins": run.membership.joins, "deaths": run.membership.deaths, "events": run.events},
+        "membership": {"joins": run.membership.joins, "deaths": run.membership.deaths, "exits": run.membership.exits,
+                       "events": run.events},
         "failures": run.failures,
         "resumed_from": run.resumed_from,
         "checkpoints": run.checkpoints.summary(),

@@ -42,3 +42,17 @@ def test_silent_worker_is_declared_dead_and_its_index_reused():
     assert m.heartbeat(0, step=1) is None  # the dead worker must register again
     assert m.register("a", 99).index == 0  # a restarted worker gets the free slot: same data shard
     assert ("worker_dead", 0) in events and m.deaths == 1 and m.joins == 3
+
+
+def test_a_worker_silent_after_the_stop_exited_it_did_not_die():
+    """Once the run is stopping, a worker that goes quiet was told to stop: counted as an exit, so
+    report.json's deaths agree with the worker_dead rows (there are none in a clean run)."""
+    clock, events, stopping = FakeClock(), [], [False]
+    m = Membership(2, timeout=5, on_event=lambda kind, member: events.append((kind, member.index)), clock=clock,
+                   gone=lambda member: False, stopping=lambda: stopping[0])
+    m.register("a", 1)
+    m.register("b", 2)
+    stopping[0] = True
+    clock.now = 6
+    assert [d.index for d in m.reap()] == [0, 1]
+    assert events[-2:] == [("worker_exited", 0), ("worker_exited", 1)] and m.deaths == 0 and m.exits == 2
