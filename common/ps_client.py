@@ -179,6 +179,10 @@ class PSClient:
         shard_bytes = getattr(placement, "shard_bytes", None)
         self._pull_bytes = shard_bytes() if shard_bytes is not None else [float("inf")] * placement.num_shards
         self._unary = unary_bytes
+        # pulled values that arrive in pieces land in reused memory: room for two pulls of
+        # everything (the one the caller holds and the next), or 1 GiB when the sizes are unknown
+        pull_bytes = sum(self._pull_bytes)
+        self._receive_buffers = codec.BufferPool(2 * int(pull_bytes) if pull_bytes < float("inf") else 1 << 30)
         from asyncps.protos.security import open_channel, resolve  # TLS/mTLS and the job token: cluster.security
         security = resolve(cfg.cluster.security)
         self._channels = [open_channel(a, security, channel_options()) for a in self.addresses]
@@ -294,10 +298,11 @@ class PSClient:
     def _stream(self, tensors, header: bytes | None = None):
         return codec.encode_wire(tensors, header, self._chunk)
 
-    @staticmethod
-    def _read_pull(replies) -> tuple[ps_pb2.PullHeader, dict]:
-        """(header, values) of a Pull/PushPull reply stream (wire bytes)."""
-        asm, header = codec.Assembler(), None
+    def _read_pull(self, replies) -> tuple[ps_pb2.PullHeader, dict]:
+        """(header, values) of a Pull/PushPull reply stream (wire bytes). Values that arrive in
+        pieces are reassembled in this client's reused buffers (a caller that keeps a pulled
+        array keeps its buffer; see codec.BufferPool)."""
+        asm, header = codec.Assembler(pool=self._receive_buffers), None
         for message in replies:
             raw = asm.add_wire(message)
             if header is None and raw is not None:
@@ -473,7 +478,7 @@ class PSClient:
         def one(i, stub, part):
             peer = self._peer(i, stub, worker)
             tensors = self._write_push(peer, part)  # holds peer.lock when not None
-            if tensors is not None:
+            if peer is not None and tensors is not None:
                 header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i])
                 request = ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=tensors)
                 header, _ = self._shm_call(i, stub, peer, request, locked=True)
@@ -529,17 +534,18 @@ class PSClient:
         if self._compress is not None:  # error feedback: see asyncps.compression
             grads = self._compress(grads)
         peers = [self._peer(i, stub, worker) for i, stub in enumerate(self._stubs)]  # may open segments
-        requests = []
+        requests: list[tuple[str, Any]] = []
         try:
             for i, part in enumerate(self.placement.split(grads)):
                 pushed, asked = tables[i] if tables else ((), ())
                 extra = table_rows.nbytes(pushed) + self._rows_bytes(asked)
-                tensors = self._write_push(peers[i], part)
-                if tensors is not None:
+                peer = peers[i]
+                tensors = self._write_push(peer, part)
+                if peer is not None and tensors is not None:
                     header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i], pull_age=pull_age,
                                                table_grads=pushed, table_pull=asked)
-                    requests.append(("shm", (peers[i], ps_pb2.ShmRequest(generation=peers[i].generation, push=header,
-                                                                        tensors=tensors, pull=True))))
+                    requests.append(("shm", (peer, ps_pb2.ShmRequest(generation=peer.generation, push=header,
+                                                                    tensors=tensors, pull=True))))
                 elif self._pull_bytes[i] <= self._unary and _nbytes(part) + extra <= self._unary:
                     requests.append(("one", self._push_message(part, versions[i], worker, seq, pull_age, pushed, asked)))
                 else:
@@ -571,7 +577,8 @@ class PSClient:
     def _send_push_pull(self, requests: list):
         def one(i, stub, kind, request):
             if kind == "shm":
-                header, values = self._shm_call(i, stub, *request, locked=True)
+                peer, shm_request = request
+                header, values = self._shm_call(i, stub, peer, shm_request, locked=True)
             elif kind == "one":
                 header, values = self._read_pull((self._call(stub.PushPullOne, request),))
             else:

@@ -212,3 +212,59 @@ def test_whole_tensors_are_decoded_aligned(specs, seq, worker):
             assert (value.ctypes.data - base) % codec.ALIGN == 0
             np.testing.assert_array_equal(value, tensors[name])
         assert ps_pb2.PushChunk.FromString(message).tensors[0].name == specs[0][0]  # protobuf reads the padding
+
+
+def test_buffer_pool_hands_out_only_what_nobody_holds():
+    pool = codec.BufferPool(max_bytes=8 << 20, min_bytes=1 << 20)
+    a, b = pool.take(2 << 20), pool.take(2 << 20)
+    assert a is not b
+    a_id = id(a)
+    view = a.view(np.float32)[:4]  # a view keeps its buffer busy
+    del a
+    c = pool.take(2 << 20)
+    assert id(c) != a_id
+    del view
+    d = pool.take(2 << 20)  # nothing holds the first buffer any more: reused
+    assert id(d) == a_id and pool.reused == 1
+    del b, c, d
+    big = pool.take(6 << 20)  # no room: idle buffers of another size are dropped
+    assert big.nbytes == 6 << 20 and pool._bytes <= pool.max_bytes
+    pool.forget(big)  # forgotten: never handed out again
+    del big
+    pool.take(6 << 20)
+    assert pool.reused == 1
+    assert pool.take(100).nbytes == 100  # below min_bytes: a plain allocation
+
+
+def test_pooled_assembly_never_overwrites_a_tensor_the_caller_kept():
+    pool = codec.BufferPool(min_bytes=1 << 10)
+    first, second = np.arange(1 << 12, dtype=np.float32), -np.arange(1 << 12, dtype=np.float32)
+
+    def decode(value):
+        asm = Assembler(pool=pool)
+        for message in codec.encode_wire({"w": value}, None, 4096):  # four pieces: reassembled
+            asm.add_wire(message)
+        return asm.finish()["w"]
+
+    kept = decode(first)
+    np.testing.assert_array_equal(decode(second), second)  # a buffer of its own: `kept` is held
+    np.testing.assert_array_equal(kept, first)
+    del kept
+    np.testing.assert_array_equal(decode(second), second)
+    assert pool.reused >= 1
+
+
+def test_a_cleared_assembler_gives_its_pooled_buffers_back_to_the_system():
+    pool = codec.BufferPool(min_bytes=1 << 10)
+    asm = Assembler(pool=pool)
+    asm.add_wire(next(iter(codec.encode_wire({"w": np.ones(1 << 12, np.float32)}, None, 4096))))
+    assert pool._bytes == 1 << 14
+    asm.clear()  # a failed stream: its memory is not kept for reuse
+    assert pool._bytes == 0
+
+
+def test_sparse_rows_where_dense_tensors_belong_are_refused():
+    snap = codec.Snapshot(version=1, values={"w": SparseRows(np.array([0]), np.ones((1, 2), np.float32))}, slots={},
+                          updates={}, last_seq={}, clocks={}, optimizer="sgd")
+    with pytest.raises(CodecError, match="value 'w': sparse rows where a dense tensor belongs"):
+        codec.decode_snapshot(codec.encode_snapshot(snap))

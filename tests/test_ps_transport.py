@@ -118,3 +118,36 @@ def test_prefetching_worker_converges_with_one_version_of_staleness(tmp_path):
     r = report(tmp_path)
     assert abs(r["variables"]["linear.w"][0] - 2) < 0.02 and abs(r["variables"]["linear.b"][0]) < 0.05
     assert r["staleness"]["max"] == 1 and r["staleness"]["p50"] == 1
+
+
+def test_a_streamed_pull_is_one_version_and_does_not_hold_the_shard():
+    """The shard copies a pull's values under its lock and encodes them after: a push applied
+    while the pull's stream is still being read neither waits for it nor shows up in it; and a
+    pulled array the caller keeps is never overwritten by a later pull (reused receive buffers)."""
+    cfg = _cfg(1)
+    server = ShardServer(cfg, 0)
+    big = {"w": np.zeros(8 << 20, np.float32)}  # 32 MiB: 32 messages, more than gRPC buffers ahead
+    placement = place({n: (a.shape, a.dtype) for n, a in big.items()}, 1)
+    client = PSClient([f"127.0.0.1:{server.start()}"], placement, cfg, transport="grpc")
+    try:
+        client.init(big)
+        client.register(0)
+        stream = client._stubs[0].Pull(ps_pb2.PullRequest(worker=0), timeout=30)
+        asm = codec.Assembler()
+        header = ps_pb2.PullHeader.FromString(asm.add_wire(next(stream)))  # served: its snapshot is taken
+        result = client.push({"w": np.ones(8 << 20, np.float32)}, [0], 0, 0)[0]  # while the stream is open
+        assert (result.result, result.version) == ("APPLIED", 1)
+        for message in stream:
+            asm.add_wire(message)
+        assert header.version == 0 and not np.any(asm.finish()["w"])  # every byte from version 0
+        kept, versions = client.pull(worker=0)
+        assert versions == [1] and np.all(kept["w"] == -1.0)
+        client.push({"w": np.ones(8 << 20, np.float32)}, [1], 0, 1)
+        later, _ = client.pull(worker=0)
+        assert np.all(later["w"] == -2.0) and np.all(kept["w"] == -1.0)
+        del later
+        client.pull(worker=0)
+        assert client._receive_buffers.reused >= 1
+    finally:
+        client.close()
+        server.stop(0)
