@@ -80,7 +80,8 @@ MIN_PUSH_BYTES = 256 << 20  # the byte budget's floor (see ByteBudget)
 
 class ByteBudget:
     """Bytes of streamed pushes a shard holds at once: each tensor's declared size is charged
-    when it is declared (before its buffer exists) and returned when its push is done.
+    when it is declared (before its buffer exists), a header carrying table rows when it is read,
+    and all of it is returned when the push is done.
 
     `limit`: a fixed number of bytes, or None for max(MIN_PUSH_BYTES, 2 * (workers + 1) * the
     shard's variable bytes), room for every worker's push twice over.
@@ -272,6 +273,10 @@ class ParameterServerServicer:
             raise CodecError("the first message of a push carries no header")
         header = codec.parse_header(ps_pb2.PushHeader, raw)
         self._check_pusher(header.worker)
+        if take is not None and len(header.table_grads):
+            # a table's rows ride in the header (docs/sparse.md): held for the whole push like a
+            # tensor, so charged like one (the header and the rows decoded from it: twice its size)
+            take(2 * len(raw))
         asm = codec.Assembler(self._push_admission(take), self._pool)
         try:
             try:

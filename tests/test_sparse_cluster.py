@@ -419,3 +419,24 @@ def test_table_capacity_evicts_and_counts_on_the_shards():
         (stats,) = c.client.stats()
         assert stats.tables[0].rows == 5 and stats.tables[0].evicted == 3
         assert tables_section([stats])["tables"][TABLE]["evicted"] == 3
+
+
+def test_table_rows_of_a_streamed_push_are_charged_to_the_byte_budget():
+    """Rows ride in the push header: a streamed push whose rows do not fit the shard's budget for
+    pushes in flight is refused (RESOURCE_EXHAUSTED, retried by workers), nothing applied."""
+    from asyncps.protos import codec
+
+    ids = np.arange(1, 2001, dtype=np.int64)
+    rows = np.ones((len(ids), DIM), np.float32)
+    with Cluster(1) as c:
+        c.servers[0].servicer.budget._fixed = 8 * rows.nbytes  # room for the header (ids, rows, versions) twice
+        header = ps_pb2.PushHeader(worker=0, seq=1, read_version=0,
+                                   table_grads=[table_rows.rows_message(TABLE, ids, rows, np.zeros(len(ids)))])
+        first = codec.encode_message({}, header.SerializeToString())
+        assert c.client._stubs[0].Push(iter([first]), timeout=10).version == 1  # fits: applied
+        c.servers[0].servicer.budget._fixed = rows.nbytes  # now it does not
+        header.seq = 2
+        with pytest.raises(grpc.RpcError) as err:
+            c.client._stubs[0].Push(iter([codec.encode_message({}, header.SerializeToString())]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "no room" in err.value.details()
+        assert c.client.stats()[0].version == 1 and c.servers[0].servicer.budget.in_use == 0
