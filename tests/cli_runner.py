@@ -24,3 +24,34 @@ def run_ok(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def report(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "report.json").read_text())
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl written so far ([] before it exists; a line still being
+    written is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def wait_until(proc: subprocess.Popen, what: str, predicate, timeout: float = 60.0, tail=lambda: ""):
+    """Polls `predicate` until it returns something true (returned) while `proc` runs: an event
+    wait, the 50 ms poll only bounds how late it is seen. Fails naming `what` (and `tail()`, e.g.
+    the end of a log) when `proc` exits first or `timeout` passes."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        assert proc.poll() is None, f"the launcher exited ({proc.returncode}) before {what}:\n{tail()}"
+        time.sleep(0.05)
+    pytest.fail(f"no {what} within {timeout} s:\n{tail()}")

@@ -38,7 +38,7 @@ from asyncps import shm
 from asyncps import update_log as ul
 from asyncps.ps.server import ShardServer
 from asyncps.ps_client import RETRIED_CODES
-from cli_runner import CONFIGS, REPO, report, run_ok
+from cli_runner import CONFIGS, REPO, metrics_rows, report, run_ok, wait_until
 
 LINEAR = CONFIGS / "linear_regression.yaml"
 FAST = ["cluster.heartbeat_interval=0.5", "cluster.heartbeat_timeout=5", "train.log_every=20", "train.eval_every=200"]
@@ -92,16 +92,7 @@ class Launch:
         self.stopped: set[int] = set()  # frozen with SIGSTOP, to be woken whatever happens
 
     def rows(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        rows = []
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line being written
-                pass
-        return rows
+        return metrics_rows(self.run_dir)
 
     def count(self, kind: str, **match) -> int:
         return sum(r["kind"] == kind and all(r.get(k) == v for k, v in match.items()) for r in self.rows())
@@ -110,14 +101,7 @@ class Launch:
         return max((r["step"] for r in self.rows() if r["kind"] in ("progress", "checkpoint", "eval")), default=0)
 
     def wait_until(self, what: str, predicate, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            assert self.proc.poll() is None, f"the launcher exited ({self.proc.returncode}) before {what}:\n{self.tail()}"
-            time.sleep(0.05)
-        pytest.fail(f"no {what} within {timeout} s:\n{self.tail()}")
+        return wait_until(self.proc, what, predicate, timeout, tail=self.tail)
 
     def training(self, step: int) -> bool:
         """Past `step`, with every worker registered (so a kill hits a member of the run)."""

@@ -17,6 +17,7 @@ from asyncps.ps_client import PSClient, TableGrad
 from asyncps.sparse import SparseRows
 from asyncps.worker.autodiff import GradientTape, ops
 from asyncps.worker.tables import localize, rows_of
+from cli_runner import metrics_rows, wait_until
 
 TABLE, DIM, SEED = "t.embed", 4, 3
 DENSE = {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}
@@ -275,32 +276,6 @@ def test_restore_table_refuses_rows_another_shard_owns():
 # End to end: `asyncps launch` of the CTR model, a shard killed mid-run
 
 
-def _rows(run_dir) -> list[dict]:
-    import json
-
-    path = run_dir / "metrics.jsonl"
-    out = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line being written
-            pass
-    return out
-
-
-def _wait_for(proc, what: str, predicate, timeout: float = 120.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        assert proc.poll() is None, f"the launcher exited ({proc.returncode}) before {what}"
-        time.sleep(0.05)
-    pytest.fail(f"no {what} within {timeout} s")
-
-
 @pytest.mark.slow
 def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(tmp_path):
     """configs/ctr.yaml on 2 shards x 2 workers (shared memory where the host has it): a shard
@@ -322,13 +297,13 @@ def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(
     proc = subprocess.Popen([sys.executable, "-m", "asyncps.cli", "launch", *map(str, args)], stdout=out,
                             stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        saved = _wait_for(proc, "a checkpoint", lambda: next(
-            (r for r in _rows(tmp_path) if r["kind"] == "checkpoint" and r["step"] >= 300), None))
+        saved = wait_until(proc, "a checkpoint", lambda: next(
+            (r for r in metrics_rows(tmp_path) if r["kind"] == "checkpoint" and r["step"] >= 300), None))
         folder = ckpt.load(saved["path"])
         assert folder.tables and sum(p["rows"] for p in folder.tables[0]["parts"]) > 0
         pid = json.loads((tmp_path / "pids.json").read_text())["ps1"]["pid"]
         os.kill(pid, signal.SIGKILL)  # >= 1200 steps (3 s, paced) before the end
-        _wait_for(proc, "the restore", lambda: any(r["kind"] == "failure" and r["role"] == "ps" for r in _rows(tmp_path)))
+        wait_until(proc, "the restore", lambda: any(r["kind"] == "failure" and r["role"] == "ps" for r in metrics_rows(tmp_path)))
         assert proc.wait(timeout=300) == 0, (tmp_path / "launch.out").read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -343,7 +318,7 @@ def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(
     hc = table["hot_vs_cold"]
     assert hc["hot_mean"] > hc["cold_mean"]  # hot rows are staler than cold ones
     assert r["final"]["auc"] > 0.6
-    evals = [row for row in _rows(tmp_path) if row["kind"] == "eval"]
+    evals = [row for row in metrics_rows(tmp_path) if row["kind"] == "eval"]
     assert evals and all("row_staleness" in row for row in evals)
     printed = (tmp_path / "launch.out").read_text()
     assert "per-row staleness" in printed
