@@ -38,7 +38,8 @@ Init by first-wins). Errors surface as grpc.RpcError with the shard's status cod
 Shared memory (``cluster.transport``: auto, the default, or shm; common/shm.py): after
 `register(worker)` the client proves to each shard, by the handshake of ps.proto's ShmOpen, that
 they share a host; a worker's pulls, pushes and push-pulls to that shard then carry their
-tensors in the segment and only a small control message (ShmPushPull) on gRPC. Everything else
+tensors in the segment and only a small control message: over the Unix socket the shard offers
+(common/shm_control.py), else as a gRPC call (ShmPushPull). Everything else
 (the chief's pulls at_version, Init, snapshots, sparse-row pushes, pushes of a client that
 registered no worker) stays on gRPC. With auto, a failed handshake (another host, no
 /dev/shm, a shard with transport grpc, a wrong proof) is logged once and the shard is used
@@ -65,6 +66,7 @@ from asyncps.protos import codec, ps_pb2, table_rows
 from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
 from asyncps.shard_types import PushResult, Snapshot
+from asyncps.shm_peer import ShmPeer, open_peer
 from asyncps.sparse import SparseRows
 
 logger = logging.getLogger(__name__)
@@ -116,40 +118,6 @@ class ShmUnavailable(UserError):
     """cluster.transport shm, and a shard's shared-memory handshake failed (the message says why)."""
 
 
-class _ShmPeer:
-    """This client's confirmed segment with one shard: the layout, and a lock held from writing
-    a push until its pulled values are read (one call per segment at a time)."""
-
-    def __init__(self, segment: shm.Segment, reply: ps_pb2.ShmOpenReply, worker: int):
-        self.segment, self.generation, self.worker = segment, reply.generation, worker
-        self.push = (reply.push_offset, reply.push_offset + reply.push_bytes)
-        self.pull = (reply.pull_offset, reply.pull_offset + reply.pull_bytes)
-        self.lock = threading.Lock()
-        self.closed = False
-
-    def write_push(self, part) -> list[ps_pb2.ShmTensor] | None:
-        """Writes dense gradients into the push region; their ShmTensors, or None (sparse rows,
-        more than fits, or a segment dropped meanwhile: such a push goes over gRPC)."""
-        if self.closed or any(isinstance(v, SparseRows) for v in part.values()):
-            return None
-        wire = {name: codec.wire_array(value) for name, value in part.items()}
-        placed = self.segment.write(wire, *self.push)
-        if placed is None:
-            return None
-        return [ps_pb2.ShmTensor(name=name, dtype=codec.dtype_name(a.dtype), shape=a.shape, offset=offset,
-                                 nbytes=a.nbytes) for name, a, offset in placed]
-
-    def read_pull(self, tensors) -> dict:
-        """Copies of the pulled values the shard wrote into the pull region."""
-        lo, hi = self.pull
-        return {t.name: self.segment.copy_out(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, lo, hi,
-                                              f"pulled {t.name!r}") for t in tensors}
-
-    def close(self) -> None:
-        self.closed = True
-        self.segment.close()
-
-
 def _nbytes(tensors: Mapping[str, Any]) -> int:
     return sum(v.values.nbytes + v.rows.nbytes if isinstance(v, SparseRows) else v.nbytes for v in tensors.values())
 
@@ -195,17 +163,18 @@ class PSClient:
         self._background: ThreadPoolExecutor | None = None  # push_pull_async
         from asyncps.compression import make_compressor  # cluster.compression: 16-bit pushes
         self._compress = make_compressor(getattr(cfg.cluster, "compression", "none"))
-        # shared memory (module docstring): per shard None (not opened), False (gRPC), a _ShmPeer
+        # shared memory (module docstring): per shard None (not opened), False (gRPC), a ShmPeer (common/shm_peer.py)
         self.transport = transport or getattr(cfg.cluster, "transport", "grpc")  # `transport`: overrides cfg
         self._token = security.token
         self._shm_worker: int | None = None  # the worker this client registered
         self._peers: list = [False if self.transport == "grpc" else None] * placement.num_shards
         self._shm_said = False  # the fallback is logged once
+        self._control_said = False  # and so is a control socket that could not be connected
 
     # ------------------------------------------------------------------------------------------
     # Shared memory
 
-    def _peer(self, i: int, stub, worker: int | None) -> _ShmPeer | None:
+    def _peer(self, i: int, stub, worker: int | None) -> ShmPeer | None:
         """The segment for a worker call to shard `i` (opened now if needed), or None: gRPC."""
         peer = self._peers[i]
         if peer is False or worker is None or worker != self._shm_worker:
@@ -214,24 +183,15 @@ class PSClient:
             peer = self._peers[i] = self._open_shm(i, stub, worker)
         return peer or None
 
-    def _open_shm(self, i: int, stub, worker: int) -> _ShmPeer | bool:
-        """The handshake (common/shm.py) with shard `i`: a _ShmPeer, or False (gRPC from now on)."""
-        segment = None
+    def _open_shm(self, i: int, stub, worker: int) -> ShmPeer | bool:
+        """The handshake (common/shm_peer.py) with shard `i`: a ShmPeer, or False (gRPC from now on)."""
         try:
-            offer = self._call(stub.ShmOpen, ps_pb2.ShmOpenRequest(worker=worker))
-            segment = shm.Segment.attach(offer.name, offer.size)
-            proof = shm.proof(segment.nonce(), self._token)
-            self._call(stub.ShmOpen, ps_pb2.ShmOpenRequest(worker=worker, proof=proof, generation=offer.generation))
-            return _ShmPeer(segment, offer, worker)
+            return open_peer(self._call, stub, worker, self._token, self.timeout, self._control_refused)
         except grpc.RpcError as err:
-            if segment is not None:
-                segment.close()
             if err.code() not in _SHM_REFUSALS:
                 raise  # a shard restarting or not initialized yet: the caller's usual error
             why = f"{err.code().name}: {err.details()}"
         except (shm.ShmError, ValueError) as err:
-            if segment is not None:
-                segment.close()
             why = str(err)
         message = f"shard {i} ({self.addresses[i]}): no shared memory ({why})"
         if self.transport == "shm":
@@ -241,13 +201,18 @@ class PSClient:
             logger.warning(f"{message}; using gRPC (cluster.transport auto)")
         return False
 
-    def _drop_peer(self, i: int, peer: _ShmPeer) -> None:
+    def _control_refused(self, why: str) -> None:
+        if not self._control_said:
+            self._control_said = True
+            logger.warning(f"shared-memory control socket unavailable ({why}); control messages go over gRPC")
+
+    def _drop_peer(self, i: int, peer: ShmPeer) -> None:
         """After a failed shared-memory call: the next call opens a new segment."""
         if self._peers[i] is peer:
             self._peers[i] = None
         peer.close()
 
-    def _shm_call(self, i: int, stub, peer: _ShmPeer, request: ps_pb2.ShmRequest, locked: bool = False):
+    def _shm_call(self, i: int, stub, peer: ShmPeer, request: ps_pb2.ShmRequest, locked: bool = False):
         """(header, values) of one ShmPushPull; `locked`: the caller holds peer.lock (released here).
         None (not locked only) when the segment was dropped meanwhile."""
         if not locked:
@@ -256,7 +221,7 @@ class PSClient:
                 peer.lock.release()
                 return None
         try:
-            reply = self._call(stub.ShmPushPull, request)
+            reply = peer.call(stub, request, self.timeout)
             return reply.header, peer.read_pull(reply.tensors)
         except grpc.RpcError:
             self._drop_peer(i, peer)
@@ -266,7 +231,7 @@ class PSClient:
 
     def shm_shards(self) -> list[bool]:
         """Per shard: True when this client's calls to it travel through shared memory."""
-        return [isinstance(p, _ShmPeer) for p in self._peers]
+        return [isinstance(p, ShmPeer) for p in self._peers]
 
     # ------------------------------------------------------------------------------------------
     # Plumbing
@@ -329,7 +294,7 @@ class PSClient:
         if not retire and self.transport != "grpc":  # (re)registered: segments open again on first use
             self._shm_worker = worker
             for i, peer in enumerate(self._peers):
-                if isinstance(peer, _ShmPeer):
+                if isinstance(peer, ShmPeer):
                     self._peers[i] = None
                     peer.close()
 
@@ -559,7 +524,7 @@ class PSClient:
         return requests
 
     @staticmethod
-    def _write_push(peer: _ShmPeer | None, part) -> list | None:
+    def _write_push(peer: ShmPeer | None, part) -> list | None:
         """Writes `part` into `peer`'s push region and returns its ShmTensors with peer.lock held
         (the call releases it); None (lock free) when the push goes over gRPC."""
         if peer is None:
@@ -665,13 +630,16 @@ class PSClient:
         """
         for channel in self._channels:
             channel.close()
+        for peer in self._peers:
+            if isinstance(peer, ShmPeer):
+                peer.interrupt()  # a control call in flight ends as a gRPC call does: at once
         with self._pools_lock:
             pools, self._pools = self._pools, []
         for pool in pools:
             pool.shutdown(wait=True)
         peers, self._peers = self._peers, [False] * len(self._peers)
         for peer in peers:
-            if isinstance(peer, _ShmPeer):
+            if isinstance(peer, ShmPeer):
                 peer.close()
 
     def __enter__(self) -> PSClient:

@@ -25,14 +25,20 @@ from __future__ import annotations
 import itertools
 import logging
 import secrets
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from google.protobuf.message import DecodeError
+
+from asyncps import shm_control
 from asyncps.protos import codec, ps_pb2
 from asyncps.ps import table_wire, validate
 from asyncps.ps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ShardError
+from asyncps.ps.servicer import _push_reply
 from asyncps.ps.shard import Shard
 from asyncps.shm import HEADER_BYTES, Segment, ShmError, proof, region_bytes
 
@@ -61,6 +67,20 @@ class _Channel:
     pull: tuple[int, int]
     confirmed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    listener: socket.socket | None = None  # the control socket's name, until the worker connects
+    control: socket.socket | None = None  # the worker's connected control socket
+    closed: bool = False
+
+    def close(self) -> None:
+        """Unmaps the segment and ends its control socket (its thread returns)."""
+        self.closed = True
+        for sock in (self.listener, self.control):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept or recv
+                except OSError:
+                    pass
+        self.segment.close()
 
 
 class ShmEndpoint:
@@ -96,7 +116,7 @@ class ShmEndpoint:
             old = self._channels.pop(request.worker, None)
             self._channels[request.worker] = channel
         if old is not None:
-            old.segment.close()
+            old.close()
         return ps_pb2.ShmOpenReply(name=segment.name, generation=channel.generation, size=size,
                                    push_offset=channel.push[0], push_bytes=push_bytes,
                                    pull_offset=channel.pull[0], pull_bytes=pull_bytes)
@@ -109,15 +129,107 @@ class ShmEndpoint:
                                          f"{request.worker} with generation {request.generation}")
             if not secrets.compare_digest(bytes(request.proof), proof(channel.nonce, self._token)):
                 del self._channels[request.worker]
-                channel.segment.close()
+                channel.close()
                 raise PermissionDenied(f"shard {self._shard.index}: worker {request.worker}'s shared-memory proof "
                                        "does not match the segment's nonce (another host, or another job)")
             channel.confirmed = True
             channel.segment.unlink()  # both sides keep the mapping; nothing stays in /dev/shm
             held = len(self._channels), sum(c.segment.size for c in self._channels.values())
+        control = self._listen(channel)
         logger.info(f"ps {self._shard.index}: worker {request.worker} on shared memory "
-                    f"({_size(channel.segment.size)} segment; {held[0]} held, {_size(held[1])} in all)")
-        return ps_pb2.ShmOpenReply(generation=channel.generation, size=channel.segment.size)
+                    f"({_size(channel.segment.size)} segment; {held[0]} held, {_size(held[1])} in all; control "
+                    f"{'on a Unix socket' if control else 'over gRPC'})")
+        return ps_pb2.ShmOpenReply(generation=channel.generation, size=channel.segment.size, control=control)
+
+    # -- control socket (common/shm_control.py) -------------------------------------------------
+
+    def _listen(self, channel: _Channel) -> str:
+        """Opens the channel's control socket and its thread; the name, or "" (control over gRPC)."""
+        if not shm_control.available():
+            return ""
+        name = f"asyncps-ps{self._shard.index}-{secrets.token_hex(16)}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(shm_control.address(name))
+            listener.listen(4)
+        except OSError as err:
+            listener.close()
+            logger.info(f"ps {self._shard.index}: no control socket for worker {channel.worker} ({err}); "
+                        "its control messages go over gRPC")
+            return ""
+        channel.listener = listener
+        threading.Thread(target=self._serve_control, args=(channel, listener), daemon=True,
+                         name=f"ps{self._shard.index}-shm-control-w{channel.worker}").start()
+        return name
+
+    def _serve_control(self, channel: _Channel, listener: socket.socket) -> None:
+        """Answers the channel's control messages until the worker or the channel closes it."""
+        try:
+            conn = self._accept(channel, listener)
+        finally:
+            channel.listener = None
+            listener.close()
+        if conn is None:
+            return
+        with conn:
+            while not channel.closed:
+                try:
+                    kind, body = shm_control.recv_frame(conn)
+                except OSError:
+                    return  # the worker closed it, or the channel was dropped (close shuts it down)
+                if kind != shm_control.CALL or len(body) < shm_control.DEADLINE.size:
+                    logger.warning(f"ps {self._shard.index}: worker {channel.worker} sent a malformed control "
+                                   "frame; closing its control socket")
+                    return
+                try:
+                    shm_control.send_frame(conn, *self._answer(body))
+                except OSError:
+                    return
+
+    def _answer(self, body: bytes) -> tuple[int, bytes]:
+        """(status, body) for one CALL frame: the ShmReply, or the error the servicer would give."""
+        deadline = time.monotonic() + shm_control.DEADLINE.unpack_from(body)[0]
+        try:
+            request = ps_pb2.ShmRequest.FromString(body[shm_control.DEADLINE.size:])
+            reply = self.push_pull(request, lambda: deadline - time.monotonic(), _push_reply)
+            return shm_control.OK, reply.SerializeToString()
+        except ShardError as err:
+            return shm_control.ERROR, shm_control.error_body(err.code, str(err))
+        except (codec.CodecError, DecodeError) as err:
+            return shm_control.ERROR, shm_control.error_body("INVALID_ARGUMENT", str(err))
+        except Exception as err:  # as gRPC answers a handler's unexpected exception: INTERNAL
+            logger.exception(f"ps {self._shard.index}: control call failed")
+            return shm_control.ERROR, shm_control.error_body("INTERNAL", f"{type(err).__name__}: {err}")
+
+    def _accept(self, channel: _Channel, listener: socket.socket) -> socket.socket | None:
+        """The worker's connection: same uid, and the handshake's proof as its first frame.
+        Others are closed; None when ACCEPT_SECONDS pass first or the channel closes."""
+        expected = proof(channel.nonce, self._token)
+        end = time.monotonic() + shm_control.ACCEPT_SECONDS
+        while not channel.closed and (left := end - time.monotonic()) > 0:
+            listener.settimeout(left)
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return None  # the time is up, or the channel closed the listener
+            try:
+                conn.settimeout(shm_control.HELLO_SECONDS)
+                if not shm_control.same_uid(conn):
+                    raise ConnectionError("a process of another uid")
+                kind, body = shm_control.recv_frame(conn)
+                if kind != shm_control.HELLO or not secrets.compare_digest(body, expected):
+                    raise ConnectionError("no valid proof")
+                conn.settimeout(None)
+                channel.control = conn
+                if channel.closed:  # closed meanwhile: close() did not see this connection
+                    raise ConnectionError("the segment was dropped")
+                shm_control.send_frame(conn, shm_control.OK)
+                return conn
+            except OSError as err:
+                logger.warning(f"ps {self._shard.index}: refused a connection to worker {channel.worker}'s "
+                               f"control socket ({err})")
+                conn.close()
+        return None
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -214,7 +326,7 @@ class ShmEndpoint:
             self._closed = True
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
-            channel.segment.close()
+            channel.close()
 
 
 def _size(n: int) -> str:

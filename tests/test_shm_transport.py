@@ -229,8 +229,9 @@ def test_shard_with_transport_grpc_means_grpc(prefix_clean):
         c.close()
 
 
-def _raw_push(c: Cluster, tensors, seq=0, version=0):
-    """A ShmPushPull written by hand: `tensors` (name -> (array, offset or None)) into the segment."""
+def _raw_push(c: Cluster, tensors, seq=0, version=0, via="grpc"):
+    """A ShmPushPull written by hand: `tensors` (name -> (array, offset or None)) into the segment;
+    `via` "grpc" (the method) or "socket" (the control socket, common/shm_control.py)."""
     client = c.client
     stub = client._stubs[0]
     peer = client._peer(0, stub, 0)
@@ -244,11 +245,15 @@ def _raw_push(c: Cluster, tensors, seq=0, version=0):
                                       nbytes=array.nbytes))
         at = shm.aligned(at + array.nbytes)
     header = ps_pb2.PushHeader(worker=0, seq=seq, read_version=version)
-    return stub.ShmPushPull(ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=specs, pull=True),
-                            timeout=10)
+    request = ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=specs, pull=True)
+    if via == "socket":
+        assert peer.control is not None
+        return ps_pb2.ShmReply.FromString(peer.control.call(request.SerializeToString(), 10))
+    return stub.ShmPushPull(request, timeout=10)
 
 
-def test_garbage_in_the_segment_is_refused_and_changes_nothing(prefix_clean):
+@pytest.mark.parametrize("via", ["grpc", "socket"])
+def test_garbage_in_the_segment_is_refused_and_changes_nothing(via, prefix_clean):
     c = Cluster(1, "shm")
     try:
         c.client.register(0)
@@ -267,7 +272,7 @@ def test_garbage_in_the_segment_is_refused_and_changes_nothing(prefix_clean):
         ]
         for tensors in bad:
             with pytest.raises(grpc.RpcError) as err:
-                _raw_push(c, tensors)
+                _raw_push(c, tensors, via=via)
             assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), tensors
         after, versions_after = c.client.pull(worker=0)
         assert versions_after == versions == [0] and shard.version == 0
@@ -275,7 +280,7 @@ def test_garbage_in_the_segment_is_refused_and_changes_nothing(prefix_clean):
             np.testing.assert_array_equal(before[name], after[name])
         assert shard.stats()["workers"][0]["rejected"] == len(bad)
         # the same segment still serves a good push
-        reply = _raw_push(c, {"b": (np.ones(5, np.float32), None)})
+        reply = _raw_push(c, {"b": (np.ones(5, np.float32), None)}, via=via)
         assert reply.header.push.result == ps_pb2.PushReply.APPLIED and reply.header.version == 1
     finally:
         c.close()
