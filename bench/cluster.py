@@ -189,13 +189,16 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="overrides for extra launches, e.g. cluster.prefetch=true")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="evaluate every N steps (the target is only checked at evaluations; 0: final only)")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot steps/s against workers, one line per shard count")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="plot steps/s against workers, one line per shard count and transport/variant")
+    parser.add_argument("--json", metavar="FILE.json",
+                        help="write every result so far to FILE.json after each run (a long sweep cut short keeps them)")
     args = parser.parse_args()
     shapes = [(int(w), int(s)) for s in args.shards.split(",") for w in args.workers.split(",")]
     rates: dict[str, list[float]] = {"train": []}
     transports = [f"cluster.transport={t}" for t in args.transport.split(",") if t] or [""]
     variants = [" ".join(x for x in (t, v) if x) for v in [""] + args.variant for t in transports]
-    args.plot_variant = variants[0]
+    args.variants = variants
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             rates["train"].append(single_process_rate(args.config, args.steps, Path(tmp, f"train{rep}"),
@@ -206,6 +209,8 @@ def main() -> None:
                     run_dir = Path(tmp, f"launch{rep}-{w}-{s}-{v}")
                     rates.setdefault(key, []).append(cluster_rate(args.config, args.steps, w, s, run_dir,
                                                                           tuple(variant.split()), args.eval_every))
+                    if args.json:
+                        _dump(args, rates)
             print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
     base = statistics.median(rates["train"])
     target = next((t for runs in TARGET.values() for t in runs if t), {})
@@ -242,8 +247,19 @@ def main() -> None:
         _plot(args.plot, rates, base, args)
 
 
+def _dump(args: argparse.Namespace, rates: dict[str, list[float]]) -> None:
+    """Every result so far (per run, by setting) as JSON, replaced atomically."""
+    out = {"config": args.config, "steps": args.steps, "eval_every": args.eval_every, "cores": os.cpu_count(),
+           "steps_per_s": rates, "cpu_ms_per_step": CPU, "accuracy": ACCURACY, "wall_s": WALL, "target": TARGET}
+    tmp = f"{args.json}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.json)
+
+
 def _plot(path: str, rates: dict[str, list[float]], base: float, args: argparse.Namespace) -> None:
-    """steps/s against workers, one line per shard count (the plain launches), train as a horizontal line."""
+    """steps/s against workers, one line per shard count and variant (solid: the first variant,
+    e.g. the first --transport), train as a horizontal line."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -253,10 +269,12 @@ def _plot(path: str, rates: dict[str, list[float]], base: float, args: argparse.
         return
     workers = [int(w) for w in args.workers.split(",")]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for s in [int(s) for s in args.shards.split(",")]:
-        suffix = f" {args.plot_variant}" if args.plot_variant else ""
-        ys = [statistics.median(rates[f"launch w={w} ps={s}{suffix}"]) for w in workers]
-        ax.plot(workers, ys, marker="o", label=f"launch, {s} shard{'s' if s > 1 else ''}")
+    for v, variant in enumerate(args.variants):
+        for c, s in enumerate(int(s) for s in args.shards.split(",")):
+            suffix = f" {variant}" if variant else ""
+            ys = [statistics.median(rates[f"launch w={w} ps={s}{suffix}"]) for w in workers]
+            ax.plot(workers, ys, marker="o", color=f"C{c}", linestyle=["-", "--", ":", "-."][v % 4],
+                    label=f"launch, {s} shard{'s' if s > 1 else ''}" + (f", {variant.split('=')[-1]}" if variant else ""))
     ax.axhline(base, color="black", linestyle="--", label="train (single process)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(workers, [str(w) for w in workers])
