@@ -149,6 +149,15 @@ def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str |
     client.close()
 
 
+def _answer(proc: BaseProcess, conn):
+    """The next message from a child, or SystemExit once it has died (say, an import failed
+    there): the bench never waits for a process that is gone."""
+    while not conn.poll(0.5):
+        if not proc.is_alive():
+            raise SystemExit(f"bench/pushpull.py: {proc.name} exited with code {proc.exitcode} (its error is above)")
+    return conn.recv()
+
+
 def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, unary: int | None = None,
         compression: str = "none") -> list[dict]:
     ctx = mp.get_context("spawn")
@@ -158,7 +167,7 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
         target = _raw_server_main if compression == "raw" else _server_main
         proc = ctx.Process(target=target, args=(child, i, shards, clients, profile), daemon=True)
         proc.start()
-        servers.append((proc, parent, parent.recv()))
+        servers.append((proc, parent, _answer(proc, parent)))
     ports = [port for _, _, port in servers]
     workers = []
     for w in range(clients):
@@ -166,8 +175,8 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
         proc = ctx.Process(target=_raw_client_main if compression == "raw" else _client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary, compression), daemon=True)
         proc.start()
         workers.append((proc, parent))
-    for _, conn in workers:
-        assert conn.recv() == "ready"
+    for proc, conn in workers:
+        assert _answer(proc, conn) == "ready"
     rows = []
     try:
         for rep in range(reps + 1):  # rep 0 warms up
@@ -180,7 +189,7 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
             t0 = time.perf_counter()
             for _, conn in workers:
                 conn.send(msg)
-            results = [conn.recv() for _, conn in workers]
+            results = [_answer(proc, conn) for proc, conn in workers]
             wall = time.perf_counter() - t0
             ps_cpu = sum(_cpu_seconds(p) - c for (p, _, _), c in zip(servers, ps_cpu0))
             n = calls * clients
