@@ -113,6 +113,14 @@ def error_body(code_name: str, message: str) -> bytes:
     return code_name.encode() + b"\0" + message.encode("utf-8", "replace")
 
 
+def _failed(err: OSError, timeout: float) -> ControlError:
+    if isinstance(err, socket.timeout):
+        return ControlError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no answer on the shared-memory control socket within {timeout:g} s")
+    # FrameError included: the shard stopped, or dropped the segment
+    return ControlError(grpc.StatusCode.UNAVAILABLE, f"shared-memory control socket: {err}")
+
+
 class ControlClient:
     """The worker's end: connects, proves itself, then one call at a time (`call`).
 
@@ -137,15 +145,25 @@ class ControlClient:
     def call(self, request: bytes, timeout: float) -> bytes:
         """The reply's bytes for one request's bytes, or ControlError (DEADLINE_EXCEEDED after
         `timeout` s, UNAVAILABLE when the shard closed the socket, else the shard's code)."""
+        self.send(request, timeout)
+        return self.receive(timeout)
+
+    def send(self, request: bytes, timeout: float) -> None:
+        """The first half of `call`: a client talking to several shards sends to all of them
+        first, then reads every answer (`receive`), with no thread per shard."""
         try:
             self._sock.settimeout(timeout)
             send_frame(self._sock, CALL, DEADLINE.pack(timeout), request)
+        except OSError as err:
+            raise _failed(err, timeout) from None
+
+    def receive(self, timeout: float) -> bytes:
+        """The answer to the request `send` sent (see `call`)."""
+        try:
+            self._sock.settimeout(max(timeout, 1e-3))
             status, body = recv_frame(self._sock)
-        except socket.timeout:
-            raise ControlError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"no answer on the shared-memory control socket within {timeout:g} s") from None
-        except OSError as err:  # FrameError included: the shard stopped or dropped the segment
-            raise ControlError(grpc.StatusCode.UNAVAILABLE, f"shared-memory control socket: {err}") from None
+        except OSError as err:
+            raise _failed(err, timeout) from None
         if status == OK:
             return body
         code_name, _, message = body.partition(b"\0")

@@ -52,6 +52,15 @@ class ShmPeer:
             return ps_pb2.ShmReply.FromString(self.control.call(request.SerializeToString(), timeout))
         return stub.ShmPushPull(request, timeout=timeout, wait_for_ready=True)
 
+    def send(self, request: ps_pb2.ShmRequest, timeout: float) -> None:
+        """`call` in two halves, on the control socket only (see ControlClient.send)."""
+        assert self.control is not None
+        self.control.send(request.SerializeToString(), timeout)
+
+    def receive(self, timeout: float) -> ps_pb2.ShmReply:
+        assert self.control is not None
+        return ps_pb2.ShmReply.FromString(self.control.receive(timeout))
+
     def read_pull(self, tensors) -> dict:
         """Copies of the pulled values the shard wrote into the pull region."""
         lo, hi = self.pull

@@ -142,3 +142,27 @@ def test_a_stopped_shard_ends_the_call_with_a_retried_code():
         assert err.value.code() in RETRIED_CODES
     finally:
         c.close()
+
+
+def test_two_shards_over_sockets_one_stopped_releases_every_segment():
+    """A push-pull to two shards sends both control messages before reading either answer
+    (PSClient._scatter_gather); one shard stopping fails the call with a retried code, drops only
+    that shard's segment and leaves the other's lock free for the next call."""
+    c = Cluster(2, "shm")
+    try:
+        c.client.register(0)
+        params, versions = c.client.pull(worker=0)
+        results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
+        assert [r.result for r in results] == ["APPLIED", "APPLIED"] and versions == [1, 1]
+        kept = c.client._peers[0]
+        assert all(p.control is not None for p in c.client._peers)
+        c.servers[1].stop(0)
+        with pytest.raises(grpc.RpcError) as err:
+            c.client.push_pull(_grads(1, sparse=False), versions, 0, 1)
+        assert err.value.code() in RETRIED_CODES
+        assert c.client._peers[0] is kept and c.client._peers[1] is None  # only shard 1's segment dropped
+        assert kept.lock.acquire(blocking=False)  # released after the failed call
+        kept.lock.release()
+        assert c.servers[0].shard.version == 2  # shard 0 applied the push of seq 1
+    finally:
+        c.close()
