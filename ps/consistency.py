@@ -175,7 +175,8 @@ MODES = {"async": lambda c: Async(), "ssp": lambda c: SSP(c.staleness_bound),
 
 
 def make_consistency(cluster_cfg):
-    """The mode object for `cluster.mode` (the config schema takes its choices from MODES)."""
+    """The mode object for `cluster.mode` (the config schema takes its choices from MODES);
+    `cluster_cfg` is a ClusterConfig or a ShardSettings (ps/shard_settings.py: same field names)."""
     return MODES[cluster_cfg.mode](cluster_cfg)
 
 

@@ -58,7 +58,7 @@ class ShardServer:
                  streams: StreamLimits | None = None, push_bytes: int | None = None):
         self.cfg, self.index = cfg, index
         self.update_log = None if shard else open_shard_log(cfg, index)  # for `asyncps replay`
-        self.shard = shard or Shard(cfg, index, update_log=self.update_log)
+        self.shard = shard or Shard.from_config(cfg, index, update_log=self.update_log)
         self.stop_requested = threading.Event()
         self._grace = DEFAULT_GRACE
         # Threads: every in-flight call holds one, and ssp/sync pulls may wait in theirs; request

@@ -379,7 +379,7 @@ class ParameterServerServicer:
         return ps_pb2.RestoreReply(version=self._shard.version)
 
     def _stage(self, name: str, dim: int, updates: int, chunks) -> None:
-        self._shard.stage_table(name, dim, updates, chunks)
+        self._shard.table_service.stage(name, dim, updates, chunks)
 
     @_rpc
     def Stats(self, request, context):

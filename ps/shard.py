@@ -29,15 +29,17 @@ Cap (`cap_at`, `train.max_steps` in a shard process): once the version reaches t
 wait as if paused, whatever `resume` says, so a run applies exactly max_steps updates however
 late the chief notices; the chief's stop then ends those waits.
 
-Id-keyed tables (ps/tables.py; docs/sparse.md): besides its variables a shard may hold its
-hash-placed part of embedding tables declared at Init. A pull may ask for the rows of some ids
-(`tables`), read under the same lock after the consistency wait, with each row's version; a
-push may carry `TableGrad`s (protos/table_rows.py) that are applied in the same update as its
-dense gradients, at the same learning rate, through the optimizer's row-wise update. The shard
-version counts pushes as before; each row also counts its own updates, and the per-row
-staleness is recorded by the table. Tables need async or ssp (a sync round would average rows
-of different reads), no controlled staleness and no staleness policy other than none (they
-act on whole variables).
+Id-keyed tables (ps/table_service.py, ps/tables.py; docs/sparse.md): besides its variables a
+shard may hold its hash-placed part of embedding tables declared at Init, kept by a
+`TableService` the shard owns. A pull may ask for the rows of some ids (`tables`), read under
+the same lock after the consistency wait, with each row's version; a push may carry
+`TableGrad`s (protos/table_rows.py) that are applied in the same update as its dense gradients,
+at the same learning rate. The shard version counts pushes as before; each row also counts its
+own updates. What tables need of the mode and the policy, first-touch rows, capacity and
+eviction, checkpoints of table rows and their stats are the service's.
+
+Settings: a shard reads a `ShardSettings` (ps/shard_settings.py), not the whole Config;
+`Shard(cfg)` and `Shard.from_config(cfg)` build one from a Config.
 
 Concurrency: one `threading.Condition` guards all state. Decoding and validation happen before
 taking it (variable shapes and dtypes never change after init), so only the update itself and
@@ -49,6 +51,7 @@ import fnmatch
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +68,8 @@ from asyncps.ps.errors import (
     ShardError,
     Unavailable,
 )
-from asyncps.ps.history import history_depth
+from asyncps.ps.shard_settings import ShardSettings
+from asyncps.ps.table_service import TableService
 from asyncps.ps.tables import EmbeddingTable
 from asyncps.protos.table_rows import TableGrad
 from asyncps.shard_types import PushResult, Snapshot
@@ -79,31 +83,28 @@ __all__ = ["POLICY_SLOT", "PushResult", "Shard", "Variable"]
 class Shard:
     """The state and the rules of one parameter-server shard (see the module docstring).
 
-    `rule` (an UpdateRule), `consistency` (a mode of ps/consistency.py) and `observers` default
-    to what `cfg` asks for; `optimizer`/`schedule`/`policy` replace parts of the default rule.
+    `settings` (a ShardSettings, or a Config it is built from); `rule` (an UpdateRule),
+    `consistency` (a mode of ps/consistency.py) and `observers` default to what the settings ask
+    for; `optimizer`/`schedule`/`policy` replace parts of the default rule.
     """
 
-    def __init__(self, cfg: Config, index: int = 0, optimizer=None, schedule=None, policy=None, update_log=None,
-                 rule: UpdateRule | None = None, consistency=None, observers=()):
+    def __init__(self, settings: ShardSettings | Config, index: int = 0, optimizer=None, schedule=None, policy=None,
+                 update_log=None, rule: UpdateRule | None = None, consistency=None, observers=()):
+        if not isinstance(settings, ShardSettings):  # callers that hold a Config (the replayer, benches)
+            settings = ShardSettings.from_config(settings)
+        self.settings = settings
         self.index = index
-        self.num_workers = cfg.cluster.workers
-        self.seed = cfg.seed  # first values of table rows: a function of (seed, table, id)
-        self._policy_name = cfg.optimizer.staleness_policy.name
-        self._controlled = bool(cfg.staleness.controlled)
-        self._capacity = getattr(cfg.cluster, "table_capacity", None)  # rows per table on this shard
-        self._eviction = getattr(cfg.cluster, "table_eviction", "lru")
-        self._frozen_patterns = tuple(cfg.train.frozen)
+        self.num_workers = settings.workers
+        self._frozen_patterns = settings.frozen
         if rule is None:
-            rule = UpdateRule.from_config(cfg.optimizer)
+            rule = UpdateRule.from_config(settings.optimizer)
             rule.optimizer, rule.schedule, rule.policy = (optimizer or rule.optimizer, schedule or rule.schedule,
                                                           policy or rule.policy)
         self.rule = rule
-        self.consistency = consistency or make_consistency(cfg.cluster)
+        self.consistency = consistency or make_consistency(settings)
         self._cond = threading.Condition()  # guards every attribute below
         self._vars: dict[str, Variable] = {}
-        self._tables: dict[str, EmbeddingTable] = {}  # id-keyed tables (ps/tables.py)
-        self._staged: dict[str, EmbeddingTable] = {}  # tables restored by RestoreTable, installed by `restore`
-        self.num_shards = cfg.cluster.ps  # restored table rows must be this shard's by hash
+        self.table_service = TableService(settings, index, rule, self._cond)  # id-keyed tables
         self._initialized = False
         self.version = 0
         self.workers: dict[int, WorkerCounters] = {}
@@ -112,7 +113,7 @@ class Shard:
         self._stopping = False
         self._rejected_unknown = 0
         # read views that keep values, and the other observers
-        self.past = PastVersions(history_depth(cfg.staleness))  # controlled staleness (ps/history.py)
+        self.past = PastVersions(settings.history_depth)  # controlled staleness (ps/history.py)
         self.milestones = Milestones()  # the chief's evaluations (keep_milestones)
         self.values_read = ValuesRead()  # DC-ASGD
         self.ages = AgeObserver()
@@ -122,6 +123,11 @@ class Shard:
             self.observers.add(UpdateLogObserver(update_log))
         for observer in observers:
             self.observers.add(observer)
+
+    @classmethod
+    def from_config(cls, cfg: Config, index: int = 0, **kw: Any) -> "Shard":
+        """A shard of the run `cfg` (its ShardSettings built here); `kw` as for the constructor."""
+        return cls(ShardSettings.from_config(cfg), index, **kw)
 
     @property
     def mode(self) -> str:
@@ -156,7 +162,7 @@ class Shard:
     def tables(self) -> Mapping[str, EmbeddingTable]:
         """The id-keyed tables by name (fixed once initialized, like `variables`): for
         validation outside the lock, names and dims only."""
-        return self._tables
+        return self.table_service.tables
 
     def init(self, values: Mapping[str, np.ndarray], tables: Mapping[str, int] | None = None) -> bool:
         """Creates the variables (copies of `values`) and the id-keyed `tables` ({name: dim});
@@ -167,41 +173,16 @@ class Shard:
         """
         validate.check_initial_values(values, self.frozen)
         tables = dict(tables or {})
-        self._check_table_specs(tables, values)
+        self.table_service.check_specs(tables, values, self.mode)
         with self._cond:
             if self._initialized:
                 self._check_same_specs(values, "Init")
-                if tables != self.table_specs():
-                    raise FailedPrecondition(f"Init declares tables {tables}, shard {self.index} holds "
-                                             f"{self.table_specs()}")
+                self.table_service.check_same(tables)
                 return False
             self._vars = {name: self.rule.new_variable(v, self.frozen(name)) for name, v in sorted(values.items())}
-            self._tables = self._new_tables(tables)
+            self.table_service.create(tables)
             self._initialized = True
             return True
-
-    def table_specs(self) -> dict[str, int]:
-        """{table name: dim} of the id-keyed tables."""
-        return {name: t.dim for name, t in self._tables.items()}
-
-    def _check_table_specs(self, tables: Mapping[str, int], values: Mapping) -> None:
-        """Tables need a mode, a policy and reads they make sense with (module docstring)."""
-        if not tables:
-            return
-        for name, dim in tables.items():
-            if not name or name in values or not 1 <= int(dim) <= 1 << 16:
-                raise InvalidArgument(f"table {name!r}: a table needs a name no variable has and a dim in "
-                                      f"[1, 65536], got dim {dim}")
-        if self.mode not in ("async", "ssp"):
-            raise InvalidArgument(f"id-keyed tables {sorted(tables)} need cluster.mode async or ssp, not {self.mode}")
-        if self._policy_name != "none" or self._controlled:
-            raise InvalidArgument(f"id-keyed tables {sorted(tables)} train without optimizer.staleness_policy "
-                                  "and staleness.controlled (they act on whole variables)")
-
-    def _new_tables(self, tables: Mapping[str, int]) -> dict[str, EmbeddingTable]:
-        return {name: EmbeddingTable(name, int(dim), self.seed, self.rule.optimizer, capacity=self._capacity,
-                                     eviction=self._eviction)
-                for name, dim in sorted(tables.items())}
 
     def _check_same_specs(self, values: Mapping[str, np.ndarray], what: str) -> None:
         mine = {n: (v.value.shape, v.value.dtype.name) for n, v in self._vars.items()}
@@ -287,7 +268,7 @@ class Shard:
         """
         deadline = _deadline(timeout)
         if tables:
-            self._check_table_names(tables)
+            self.table_service.check_names(tables)
         with self._cond:
             self._require_init()
             wanted = self._names(names) if with_values else []
@@ -295,7 +276,7 @@ class Shard:
                 w = self._worker(worker)
                 self._wait(lambda: self.consistency.may_pull(self, w), deadline, f"worker {worker} pull (mode {self.mode})")
             version, live = self._read_at(worker, age, wanted, at_version)
-            extra = {"rows": self._read_rows(worker, tables)} if tables else {}
+            extra = {"rows": self.table_service.read_rows(worker, tables)} if tables else {}
             keep_read = worker is not None and self.rule.needs_value_read
             if export is not None and not keep_read:
                 return export(version, live, **extra)
@@ -305,23 +286,6 @@ class Shard:
             if export is not None:
                 return export(version, values, **extra)
             return (version, values, extra["rows"]) if tables else (version, values)
-
-    def _check_table_names(self, names: Iterable[str]) -> None:
-        for name in names:
-            if name not in self._tables:
-                raise NotFound(f"table {name!r} is not held by shard {self.index} (tables: {sorted(self._tables)})")
-
-    def _read_rows(self, worker: int | None, tables: Mapping[str, np.ndarray]) -> dict:
-        """{table: (ids, rows, versions)}; caller holds the lock."""
-        out = {}
-        for name, ids in tables.items():
-            table = self._tables[name]
-            if worker is None:
-                out[name] = (ids, *table.peek_with_versions(ids))
-            else:
-                rows, versions = table.pull(ids)
-                out[name] = (ids, rows, versions)
-        return out
 
     def _read_at(self, worker: int | None, age: int, wanted: list[str], at_version: int = 0) -> tuple[int, dict]:
         """(version served, its live arrays) for a pull; caller holds the lock."""
@@ -350,8 +314,7 @@ class Shard:
         try:
             dense = {n: g for n, g in grads.items() if not isinstance(g, TableGrad)}
             clean = validate.check_gradients(dense, self._vars)  # outside the lock: specs are fixed
-            clean.update(validate.check_table_grads({n: g for n, g in grads.items() if isinstance(g, TableGrad)},
-                                                    self._tables))
+            clean.update(self.table_service.check_grads(grads))
         except ShardError:
             self.count_rejected(worker)
             raise
@@ -392,7 +355,7 @@ class Shard:
         applied = not grads
         for name, grad in grads.items():
             if isinstance(grad, TableGrad):  # checked at push: a known table, shapes, finite
-                self._tables[name].push(grad.ids, grad.values, grad.read_versions, lr)
+                self.table_service.push(name, grad, lr)
                 applied = True
                 continue
             applied |= self.rule.apply(self._vars[name], grad, lr, staleness, value_read.get(name))
@@ -468,8 +431,7 @@ class Shard:
             if self._initialized:
                 self._check_same_specs(snap.values, "Restore")
             self._vars, self._initialized, self.version = fresh, True, snap.version
-            staged, self._staged = self._staged, {}
-            self._tables = {**self._new_tables(self.table_specs()), **staged}  # a table not staged starts empty
+            self.table_service.restored()  # staged tables go in, the others start empty
             for worker, seq in snap.last_seq.items():
                 w = self.workers.setdefault(worker, WorkerCounters(worker))
                 w.last_seq, w.clock = seq, snap.clocks.get(worker, 0)
@@ -481,49 +443,10 @@ class Shard:
 
     def table_chunks(self, name: str, rows: int = 65536):
         """(updates, chunks): the table's update count and an iterator of its live rows in
-        chunks of at most `rows` (ps/tables.py `chunk`), each copied under the lock."""
+        chunks of at most `rows`, each copied under the lock (TableService.chunks)."""
         with self._cond:
             self._require_init()
-            self._check_table_names([name])
-            table = self._tables[name]
-            updates = table.updates
-
-        def chunks():
-            start = 0
-            while True:
-                with self._cond:
-                    if self._tables.get(name) is not table:
-                        raise FailedPrecondition(f"shard {self.index}: table {name!r} was restored while being read")
-                    start, chunk = table.chunk(start, max(1, rows))
-                if chunk is None:
-                    return
-                if len(chunk["ids"]):
-                    yield chunk
-
-        return updates, chunks()
-
-    def stage_table(self, name: str, dim: int, updates: int, chunks) -> int:
-        """Builds table `name` from saved chunks ({"ids", "versions", "values", "slots"}) and
-        keeps it for the next `restore`; returns its rows. Rows another shard owns by hash, or
-        that disagree with `dim`, are refused (InvalidArgument) and nothing is staged."""
-        from asyncps.partition import table_owners
-
-        table = self._new_tables({name: dim})[name]
-        table.updates = int(updates)
-        for c in chunks:
-            ids = np.asarray(c["ids"], dtype=np.int64)
-            n = len(ids)
-            if c["values"].shape != (n, dim) or c["versions"].shape != (n,) or (n and c["versions"].min() < 0) \
-                    or any(v.shape != (n, dim) for v in c["slots"].values()):
-                raise InvalidArgument(f"table {name!r}: a restored chunk of {n} rows does not have rows of dim {dim}")
-            if n and (table_owners(ids, self.num_shards) != self.index).any():
-                raise InvalidArgument(f"table {name!r}: restored rows that shard {self.index} of {self.num_shards} "
-                                      "does not own by hash")
-            validate.check_finite(name, c["values"])
-            table.load(ids, c["versions"], c["values"], c["slots"])
-        with self._cond:
-            self._staged[name] = table
-        return table.rows
+            return self.table_service.chunks(name, rows)
 
     def _check_snapshot_counters(self, snap: Snapshot) -> None:
         """Restore: a version >= 0 and per-worker counters of workers of this cluster only."""
@@ -553,7 +476,7 @@ class Shard:
                 "history_bytes": self.past.history.nbytes,
                 "max_clock_gap": self.clock_gap.max,
                 "milestones_dropped": self.milestones.dropped,
-                "tables": [table_stats(t, hot_ids) for t in self._tables.values()],
+                "tables": self.table_service.stats(hot_ids),
                 **self.consistency.stats(),
             }
 
@@ -603,12 +526,3 @@ def _worker_stats(w: WorkerCounters) -> dict:
         "reapplied": w.reapplied,
     }
 
-
-def table_stats(table: EmbeddingTable, hot: bool = False) -> dict:
-    """One table's counters, shaped like the TableStats message (`hot`: with the 10 hottest ids)."""
-    hot_ids, hot_updates = table.hottest(10) if hot else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    buckets = [{"bucket": b, "histogram": np.trim_zeros(row, "b").tolist()}
-               for b, row in enumerate(table.staleness) if row.any()]
-    return {"name": table.name, "rows": table.rows, "bytes": table.nbytes, "created": table.created,
-            "evicted": table.evicted, "updates": table.updates, "staleness": buckets,
-            "hot_ids": hot_ids.tolist(), "hot_updates": hot_updates.tolist()}
