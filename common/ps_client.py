@@ -52,7 +52,6 @@ import itertools
 import json
 import logging
 import threading
-import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -60,19 +59,17 @@ from typing import Any
 import grpc
 import numpy as np
 
-from asyncps import shm
-from asyncps.errors import UserError
 from asyncps.partition import split_ids
 from asyncps.protos import codec, ps_pb2, table_rows
 from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
 from asyncps.shard_types import PushResult, Snapshot
-from asyncps.shm_peer import ShmPeer, open_peer
+from asyncps.shm_peer import ShmLinks, ShmUnavailable, write_push
 from asyncps.sparse import SparseRows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PSClient", "PushResult", "SparseRows", "Snapshot", "TableGrad", "channel_options"]
+__all__ = ["PSClient", "PushResult", "ShmUnavailable", "SparseRows", "Snapshot", "TableGrad", "channel_options"]
 
 _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
@@ -110,15 +107,6 @@ def channel_options() -> list[tuple[str, Any]]:
 
 
 UNARY_BYTES = 4 << 20  # at most this many bytes each way: one unary message instead of a stream
-# ShmOpen answers after which `auto` uses gRPC (the shard cannot or will not share memory);
-# other errors (a shard restarting, not initialized yet) propagate like any call's
-_SHM_REFUSALS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
-
-
-class ShmUnavailable(UserError):
-    """cluster.transport shm, and a shard's shared-memory handshake failed (the message says why)."""
-
-
 def _nbytes(tensors: Mapping[str, Any]) -> int:
     return sum(v.values.nbytes + v.rows.nbytes if isinstance(v, SparseRows) else v.nbytes for v in tensors.values())
 
@@ -164,110 +152,13 @@ class PSClient:
         self._background: ThreadPoolExecutor | None = None  # push_pull_async
         from asyncps.compression import make_compressor  # cluster.compression: 16-bit pushes
         self._compress = make_compressor(getattr(cfg.cluster, "compression", "none"))
-        # shared memory (module docstring): per shard None (not opened), False (gRPC), a ShmPeer (common/shm_peer.py)
-        self.transport = transport or getattr(cfg.cluster, "transport", "grpc")  # `transport`: overrides cfg
-        self._token = security.token
-        self._shm_worker: int | None = None  # the worker this client registered
-        self._peers: list = [False if self.transport == "grpc" else None] * placement.num_shards
-        self._shm_said = False  # the fallback is logged once
-        self._control_said = False  # and so is a control socket that could not be connected
-
-    # ------------------------------------------------------------------------------------------
-    # Shared memory
-
-    def _peer(self, i: int, stub, worker: int | None) -> ShmPeer | None:
-        """The segment for a worker call to shard `i` (opened now if needed), or None: gRPC."""
-        peer = self._peers[i]
-        if peer is False or worker is None or worker != self._shm_worker:
-            return None
-        if peer is None:
-            peer = self._peers[i] = self._open_shm(i, stub, worker)
-        return peer or None
-
-    def _open_shm(self, i: int, stub, worker: int) -> ShmPeer | bool:
-        """The handshake (common/shm_peer.py) with shard `i`: a ShmPeer, or False (gRPC from now on)."""
-        try:
-            return open_peer(self._call, stub, worker, self._token, self.timeout, self._control_refused)
-        except grpc.RpcError as err:
-            if err.code() not in _SHM_REFUSALS:
-                raise  # a shard restarting or not initialized yet: the caller's usual error
-            why = f"{err.code().name}: {err.details()}"
-        except (shm.ShmError, ValueError) as err:
-            why = str(err)
-        message = f"shard {i} ({self.addresses[i]}): no shared memory ({why})"
-        if self.transport == "shm":
-            raise ShmUnavailable(f"cluster.transport shm: {message}")
-        if not self._shm_said:
-            self._shm_said = True
-            logger.warning(f"{message}; using gRPC (cluster.transport auto)")
-        return False
-
-    def _control_refused(self, why: str) -> None:
-        if not self._control_said:
-            self._control_said = True
-            logger.warning(f"shared-memory control socket unavailable ({why}); control messages go over gRPC")
-
-    def _drop_peer(self, i: int, peer: ShmPeer) -> None:
-        """After a failed shared-memory call: the next call opens a new segment."""
-        if self._peers[i] is peer:
-            self._peers[i] = None
-        peer.close()
-
-    def _shm_call(self, i: int, stub, peer: ShmPeer, request: ps_pb2.ShmRequest, locked: bool = False):
-        """(header, values) of one ShmPushPull; `locked`: the caller holds peer.lock (released here).
-        None (not locked only) when the segment was dropped meanwhile."""
-        if not locked:
-            peer.lock.acquire()
-            if peer.closed:  # dropped by another thread's failed call: this one goes over gRPC
-                peer.lock.release()
-                return None
-        try:
-            reply = peer.call(stub, request, self.timeout)
-            return reply.header, peer.read_pull(reply.tensors)
-        except grpc.RpcError:
-            self._drop_peer(i, peer)
-            raise
-        finally:
-            peer.lock.release()
-
-    def _scatter_gather(self, calls: list[tuple[ShmPeer, ps_pb2.ShmRequest]]) -> list[tuple]:
-        """(header, values) per shard for calls whose peers all have a control socket, their
-        locks held (released here): every request is sent first, then every answer read, all in
-        this thread. With several shards that saves the thread hand-off per shard of `_each`
-        (measured in docs/performance.md). A failed call drops its segment, as in `_shm_call`;
-        the first error is raised after every lock is released."""
-        deadline = time.monotonic() + self.timeout
-        out: list = [None] * len(calls)
-        error: BaseException | None = None
-        sent = []
-        for i, (peer, request) in enumerate(calls):
-            try:
-                peer.send(request, self.timeout)
-                sent.append(i)
-            except BaseException as err:
-                error = error or err
-                self._finish_shm_call(i, peer, err)
-        for i in sent:
-            peer = calls[i][0]
-            try:
-                reply = peer.receive(deadline - time.monotonic())
-                out[i] = reply.header, peer.read_pull(reply.tensors)
-                self._finish_shm_call(i, peer, None)
-            except BaseException as err:
-                error = error or err
-                self._finish_shm_call(i, peer, err)
-        if error is not None:
-            raise error
-        return out
-
-    def _finish_shm_call(self, i: int, peer: ShmPeer, error: BaseException | None) -> None:
-        if isinstance(error, grpc.RpcError):
-            self._drop_peer(i, peer)
-        peer.lock.release()
+        # shared memory (module docstring; common/shm_peer.py): which shards, the segments
+        self.transport: str = transport or str(getattr(cfg.cluster, "transport", "grpc"))  # `transport`: overrides cfg
+        self._shm = ShmLinks(self.addresses, self.transport, security.token, self.timeout, self._call)
 
     def shm_shards(self) -> list[bool]:
         """Per shard: True when this client's calls to it travel through shared memory."""
-        return [isinstance(p, ShmPeer) for p in self._peers]
+        return self._shm.shards()
 
     # ------------------------------------------------------------------------------------------
     # Plumbing
@@ -327,12 +218,8 @@ class PSClient:
     def register(self, worker: int, retire: bool = False) -> list[tuple[int, int]]:
         """Registers (or retires) `worker` with every shard; per shard (clock, last_seq)."""
         request = ps_pb2.RegisterWorkerRequest(worker=worker, retire=retire)
-        if not retire and self.transport != "grpc":  # (re)registered: segments open again on first use
-            self._shm_worker = worker
-            for i, peer in enumerate(self._peers):
-                if isinstance(peer, ShmPeer):
-                    self._peers[i] = None
-                    peer.close()
+        if not retire:
+            self._shm.registered(worker)
 
         def one(i, stub):
             reply = self._call(stub.RegisterWorker, request)
@@ -381,10 +268,10 @@ class PSClient:
         def one(i, stub, req):
             if req is None:
                 return ps_pb2.PullHeader(version=-1), {}
-            peer = self._peer(i, stub, worker) if not at_version else None
+            peer = self._shm.peer(i, stub, worker) if not at_version else None
             if peer is not None:
                 if not req.no_values:  # (a rows-only pull goes over gRPC: the segment has no such request)
-                    out = self._shm_call(i, stub, peer, ps_pb2.ShmRequest(
+                    out = self._shm.call(i, stub, peer, ps_pb2.ShmRequest(
                         generation=peer.generation, pull=True, worker=worker, age=age, names=req.names,
                         tables=req.tables))
                     if out is not None:
@@ -477,12 +364,12 @@ class PSClient:
         pieces = self.placement.split(grads if self._compress is None else self._compress(grads))
 
         def one(i, stub, part):
-            peer = self._peer(i, stub, worker)
-            tensors = self._write_push(peer, part)  # holds peer.lock when not None
+            peer = self._shm.peer(i, stub, worker)
+            tensors = write_push(peer, part)  # holds peer.lock when not None
             if peer is not None and tensors is not None:
                 header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i])
                 request = ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=tensors)
-                header, _ = self._shm_call(i, stub, peer, request, locked=True)
+                header, _ = self._shm.call(i, stub, peer, request, locked=True)
                 return _push_result(header.push)
             if _nbytes(part) <= self._unary:
                 return _push_result(self._call(stub.PushOne, self._push_message(part, versions[i], worker, seq)))
@@ -534,14 +421,14 @@ class PSClient:
         of ids to pull), carried in the push header."""
         if self._compress is not None:  # error feedback: see asyncps.compression
             grads = self._compress(grads)
-        peers = [self._peer(i, stub, worker) for i, stub in enumerate(self._stubs)]  # may open segments
+        peers = [self._shm.peer(i, stub, worker) for i, stub in enumerate(self._stubs)]  # may open segments
         requests: list[tuple[str, Any]] = []
         try:
             for i, part in enumerate(self.placement.split(grads)):
                 pushed, asked = tables[i] if tables else ((), ())
                 extra = table_rows.nbytes(pushed) + self._rows_bytes(asked)
                 peer = peers[i]
-                tensors = self._write_push(peer, part)
+                tensors = write_push(peer, part)
                 if peer is not None and tensors is not None:
                     header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i], pull_age=pull_age,
                                                table_grads=pushed, table_pull=asked)
@@ -559,27 +446,11 @@ class PSClient:
             raise
         return requests
 
-    @staticmethod
-    def _write_push(peer: ShmPeer | None, part) -> list | None:
-        """Writes `part` into `peer`'s push region and returns its ShmTensors with peer.lock held
-        (the call releases it); None (lock free) when the push goes over gRPC."""
-        if peer is None:
-            return None
-        peer.lock.acquire()
-        try:
-            tensors = peer.write_push(part)
-        except BaseException:
-            peer.lock.release()
-            raise
-        if tensors is None:
-            peer.lock.release()
-        return tensors
-
     def _send_push_pull(self, requests: list):
         def one(i, stub, kind, request):
             if kind == "shm":
                 peer, shm_request = request
-                header, values = self._shm_call(i, stub, peer, shm_request, locked=True)
+                header, values = self._shm.call(i, stub, peer, shm_request, locked=True)
             elif kind == "one":
                 header, values = self._read_pull((self._call(stub.PushPullOne, request),))
             else:
@@ -588,7 +459,7 @@ class PSClient:
 
         if len(requests) > 1 and all(kind == "shm" and request[0].control is not None for kind, request in requests):
             out = [(_push_result(header.push), values, header.version, header)
-                   for header, values in self._scatter_gather([request for _, request in requests])]
+                   for header, values in self._shm.scatter_gather([request for _, request in requests])]
         else:
             out = self._each(one, requests)
         params = self.placement.join([values for _, values, _, _ in out])
@@ -670,17 +541,12 @@ class PSClient:
         """
         for channel in self._channels:
             channel.close()
-        for peer in self._peers:
-            if isinstance(peer, ShmPeer):
-                peer.interrupt()  # a control call in flight ends as a gRPC call does: at once
+        self._shm.interrupt()  # a control call in flight ends as a gRPC call does: at once
         with self._pools_lock:
             pools, self._pools = self._pools, []
         for pool in pools:
             pool.shutdown(wait=True)
-        peers, self._peers = self._peers, [False] * len(self._peers)
-        for peer in peers:
-            if isinstance(peer, ShmPeer):
-                peer.close()
+        self._shm.close()
 
     def __enter__(self) -> PSClient:
         return self

@@ -1,18 +1,23 @@
-"""The client's shared-memory transport to one shard: the handshake, the segment, the control channel.
+"""The client's shared-memory transport: per shard the handshake, the segment, the control channel.
 
 `open_peer` runs the handshake of common/shm.py over gRPC (ShmOpen twice) and, when the shard
 offers one, connects the control socket (common/shm_control.py); the `ShmPeer` it returns writes
 a push's gradients into the segment, sends the control message (over the socket, or the
-ShmPushPull method when there is none) and copies the pulled values out. PSClient
-(common/ps_client.py) decides per shard whether a call takes this transport or plain gRPC.
+ShmPushPull method when there is none) and copies the pulled values out. `ShmLinks` holds a
+client's peers, one per shard, and decides per call whether it takes shared memory or plain
+gRPC (cluster.transport; PSClient in common/ps_client.py hands it every worker call).
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
+import grpc
+
 from asyncps import shm
+from asyncps.errors import UserError
 from asyncps.protos import codec, ps_pb2
 from asyncps.shm_control import ControlClient
 from asyncps.sparse import SparseRows
@@ -101,3 +106,157 @@ def open_peer(call: Callable, stub, worker: int, token: str | None, timeout: flo
     except BaseException:
         segment.close()
         raise
+
+
+# ShmOpen answers after which `auto` uses gRPC (the shard cannot or will not share memory);
+# other errors (a shard restarting, not initialized yet) propagate like any call's
+_SHM_REFUSALS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class ShmUnavailable(UserError):
+    """cluster.transport shm, and a shard's shared-memory handshake failed (the message says why)."""
+
+
+def write_push(peer: ShmPeer | None, part) -> list | None:
+    """Writes `part` into `peer`'s push region and returns its ShmTensors with peer.lock held
+    (the call releases it); None (lock free) when the push goes over gRPC."""
+    if peer is None:
+        return None
+    peer.lock.acquire()
+    try:
+        tensors = peer.write_push(part)
+    except BaseException:
+        peer.lock.release()
+        raise
+    if tensors is None:
+        peer.lock.release()
+    return tensors
+
+
+class ShmLinks:
+    """A client's shared-memory links, one per shard: None (not opened yet), False (gRPC from now
+    on) or a ShmPeer. Only the calls of the worker the client registered take them."""
+
+    def __init__(self, addresses: list[str], transport: str, token: str | None, timeout: float, call: Callable):
+        self.addresses, self.transport, self.timeout = addresses, transport, timeout
+        self._token, self._call = token, call  # call(method, request): a gRPC call with the deadline
+        self.worker: int | None = None  # the worker the client registered
+        self.peers: list = [False if transport == "grpc" else None] * len(addresses)
+        self._said = False  # a fallback to gRPC is logged once
+        self._control_said = False  # and so is a control socket that could not be connected
+
+    def registered(self, worker: int) -> None:
+        """The client (re)registered `worker`: segments open again on first use."""
+        if self.transport == "grpc":
+            return
+        self.worker = worker
+        for i, peer in enumerate(self.peers):
+            if isinstance(peer, ShmPeer):
+                self.peers[i] = None
+                peer.close()
+
+    def peer(self, i: int, stub, worker: int | None) -> ShmPeer | None:
+        """The segment for a worker call to shard `i` (opened now if needed), or None: gRPC."""
+        peer = self.peers[i]
+        if peer is False or worker is None or worker != self.worker:
+            return None
+        if peer is None:
+            peer = self.peers[i] = self._open(i, stub, worker)
+        return peer or None
+
+    def _open(self, i: int, stub, worker: int) -> ShmPeer | bool:
+        """The handshake with shard `i`: a ShmPeer, or False (gRPC from now on)."""
+        try:
+            return open_peer(self._call, stub, worker, self._token, self.timeout, self._control_refused)
+        except grpc.RpcError as err:
+            if err.code() not in _SHM_REFUSALS:
+                raise  # a shard restarting or not initialized yet: the caller's usual error
+            why = f"{err.code().name}: {err.details()}"
+        except (shm.ShmError, ValueError) as err:
+            why = str(err)
+        message = f"shard {i} ({self.addresses[i]}): no shared memory ({why})"
+        if self.transport == "shm":
+            raise ShmUnavailable(f"cluster.transport shm: {message}")
+        if not self._said:
+            self._said = True
+            logger.warning(f"{message}; using gRPC (cluster.transport auto)")
+        return False
+
+    def _control_refused(self, why: str) -> None:
+        if not self._control_said:
+            self._control_said = True
+            logger.warning(f"shared-memory control socket unavailable ({why}); control messages go over gRPC")
+
+    def drop(self, i: int, peer: ShmPeer) -> None:
+        """After a failed shared-memory call: the next call opens a new segment."""
+        if self.peers[i] is peer:
+            self.peers[i] = None
+        peer.close()
+
+    def call(self, i: int, stub, peer: ShmPeer, request: ps_pb2.ShmRequest, locked: bool = False):
+        """(header, values) of one ShmPushPull; `locked`: the caller holds peer.lock (released here).
+        None (not locked only) when the segment was dropped meanwhile."""
+        if not locked:
+            peer.lock.acquire()
+            if peer.closed:  # dropped by another thread's failed call: this one goes over gRPC
+                peer.lock.release()
+                return None
+        try:
+            reply = peer.call(stub, request, self.timeout)
+            return reply.header, peer.read_pull(reply.tensors)
+        except grpc.RpcError:
+            self.drop(i, peer)
+            raise
+        finally:
+            peer.lock.release()
+
+    def scatter_gather(self, calls: list[tuple[ShmPeer, ps_pb2.ShmRequest]]) -> list[tuple]:
+        """(header, values) per shard for calls whose peers all have a control socket, their
+        locks held (released here): every request is sent first, then every answer read, all in
+        this thread. With several shards that saves a thread hand-off per shard (PSClient's
+        `_each`; measured in docs/performance.md). A failed call drops its segment, as in
+        `call`; the first error is raised after every lock is released."""
+        deadline = time.monotonic() + self.timeout
+        out: list = [None] * len(calls)
+        error: BaseException | None = None
+        sent = []
+        for i, (peer, request) in enumerate(calls):
+            try:
+                peer.send(request, self.timeout)
+                sent.append(i)
+            except BaseException as err:
+                error = error or err
+                self._finish(i, peer, err)
+        for i in sent:
+            peer = calls[i][0]
+            try:
+                reply = peer.receive(deadline - time.monotonic())
+                out[i] = reply.header, peer.read_pull(reply.tensors)
+                self._finish(i, peer, None)
+            except BaseException as err:
+                error = error or err
+                self._finish(i, peer, err)
+        if error is not None:
+            raise error
+        return out
+
+    def _finish(self, i: int, peer: ShmPeer, error: BaseException | None) -> None:
+        if isinstance(error, grpc.RpcError):
+            self.drop(i, peer)
+        peer.lock.release()
+
+    def shards(self) -> list[bool]:
+        """Per shard: True when the client's calls to it travel through shared memory."""
+        return [isinstance(p, ShmPeer) for p in self.peers]
+
+    def interrupt(self) -> None:
+        """Ends control calls in flight (the client is closing)."""
+        for peer in self.peers:
+            if isinstance(peer, ShmPeer):
+                peer.interrupt()
+
+    def close(self) -> None:
+        peers, self.peers = self.peers, [False] * len(self.peers)
+        for peer in peers:
+            if isinstance(peer, ShmPeer):
+                peer.close()

@@ -33,7 +33,7 @@ def test_control_messages_travel_on_the_socket():
     try:
         c.client.register(0)
         params, versions = c.client.pull(worker=0)
-        peer = c.client._peers[0]
+        peer = c.client._shm.peers[0]
         assert peer.control is not None and "ps0-shm-control-w0" in _control_threads()
         for seq in range(3):
             results, params, versions = c.client.push_pull(_grads(seq, sparse=False), versions, 0, seq)
@@ -95,12 +95,12 @@ def test_a_client_that_cannot_connect_uses_grpc_for_control(monkeypatch, caplog)
     monkeypatch.setattr("asyncps.shm_peer.ControlClient", refused)
     c = Cluster(2, "auto")
     try:
-        with caplog.at_level(logging.WARNING, logger="asyncps.ps_client"):
+        with caplog.at_level(logging.WARNING, logger="asyncps.shm_peer"):
             c.client.register(0)
             params, versions = c.client.pull(worker=0)
             results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
         assert c.client.shm_shards() == [True, True]
-        assert all(p.control is None for p in c.client._peers)
+        assert all(p.control is None for p in c.client._shm.peers)
         assert [r.result for r in results] == ["APPLIED", "APPLIED"] and versions == [1, 1]
         said = [r.getMessage() for r in caplog.records if "control socket" in r.getMessage()]
         assert len(said) == 1 and "control messages go over gRPC" in said[0], said
@@ -115,7 +115,7 @@ def test_a_deadline_on_the_socket_is_deadline_exceeded_and_the_segment_reopens()
     try:
         c.client.register(0)
         params, versions = c.client.pull(worker=0)
-        first = c.client._peers[0]
+        first = c.client._shm.peers[0]
         c.servers[0].shard.pause()
         with pytest.raises(grpc.RpcError) as err:
             c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
@@ -124,7 +124,7 @@ def test_a_deadline_on_the_socket_is_deadline_exceeded_and_the_segment_reopens()
         c.servers[0].shard.resume()
         c.client.register(0)  # what a worker does after a retried code
         results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
-        assert c.client._peers[0] is not first and c.client._peers[0].control is not None
+        assert c.client._shm.peers[0] is not first and c.client._shm.peers[0].control is not None
         assert results[0].result in ("APPLIED", "DUPLICATE")
     finally:
         c.close()
@@ -135,7 +135,7 @@ def test_a_stopped_shard_ends_the_call_with_a_retried_code():
     try:
         c.client.register(0)
         params, versions = c.client.pull(worker=0)
-        assert c.client._peers[0].control is not None
+        assert c.client._shm.peers[0].control is not None
         c.servers[0].stop(0)
         with pytest.raises(grpc.RpcError) as err:
             c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
@@ -154,13 +154,13 @@ def test_two_shards_over_sockets_one_stopped_releases_every_segment():
         params, versions = c.client.pull(worker=0)
         results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
         assert [r.result for r in results] == ["APPLIED", "APPLIED"] and versions == [1, 1]
-        kept = c.client._peers[0]
-        assert all(p.control is not None for p in c.client._peers)
+        kept = c.client._shm.peers[0]
+        assert all(p.control is not None for p in c.client._shm.peers)
         c.servers[1].stop(0)
         with pytest.raises(grpc.RpcError) as err:
             c.client.push_pull(_grads(1, sparse=False), versions, 0, 1)
         assert err.value.code() in RETRIED_CODES
-        assert c.client._peers[0] is kept and c.client._peers[1] is None  # only shard 1's segment dropped
+        assert c.client._shm.peers[0] is kept and c.client._shm.peers[1] is None  # only shard 1's segment dropped
         assert kept.lock.acquire(blocking=False)  # released after the failed call
         kept.lock.release()
         assert c.servers[0].shard.version == 2  # shard 0 applied the push of seq 1

@@ -176,7 +176,7 @@ def test_wrong_nonce_falls_back_with_auto_and_fails_with_shm(monkeypatch, caplog
     monkeypatch.setattr(shm.Segment, "nonce", lambda self: b"\0" * shm.NONCE_BYTES)
     c = Cluster(2, "auto")
     try:
-        with caplog.at_level(logging.WARNING, logger="asyncps.ps_client"):
+        with caplog.at_level(logging.WARNING, logger="asyncps.shm_peer"):
             c.client.register(0)
             params, versions = c.client.pull(worker=0)
             c.client.push_pull(_grads(0, False), versions, 0, 0)
@@ -207,7 +207,7 @@ def test_proof_is_tied_to_the_job_token(monkeypatch, prefix_clean):
         c.client.register(0)
         c.client.pull(worker=0)
         assert c.client.shm_shards() == [True]
-        c.client._token = None  # a client that knows the nonce but not the token
+        c.client._shm._token = None  # a client that knows the nonce but not the token
         c.client.register(0)
         with pytest.raises(ShmUnavailable, match="PERMISSION_DENIED"):
             c.client.pull(worker=0)
@@ -234,7 +234,7 @@ def _raw_push(c: Cluster, tensors, seq=0, version=0, via="grpc"):
     `via` "grpc" (the method) or "socket" (the control socket, common/shm_control.py)."""
     client = c.client
     stub = client._stubs[0]
-    peer = client._peer(0, stub, 0)
+    peer = client._shm.peer(0, stub, 0)
     lo, hi = peer.push
     specs, at = [], lo
     for name, (array, offset) in tensors.items():
@@ -291,14 +291,14 @@ def test_a_stale_generation_is_refused(prefix_clean):
     try:
         c.client.register(0)
         c.client.pull(worker=0)
-        peer = c.client._peers[0]
+        peer = c.client._shm.peers[0]
         request = ps_pb2.ShmRequest(generation=peer.generation + 1, pull=True, worker=0)
         with pytest.raises(grpc.RpcError) as err:
             c.client._stubs[0].ShmPushPull(request, timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         c.client.register(0)  # a rejoin opens a new segment
         c.client.pull(worker=0)
-        assert c.client._peers[0].generation != peer.generation
+        assert c.client._shm.peers[0].generation != peer.generation
         assert c.servers[0].shm.stats()["shm_segments"] == 1
     finally:
         c.close()
