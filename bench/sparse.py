@@ -73,8 +73,8 @@ def run_one(vocab: int, args) -> dict:
             nxt = next(stream)
             table_grads = {TABLE: TableGrad(ids, g, rows[TABLE][1])}
             if step >= args.warmup:  # the bytes the headers carry: pushed rows, ids asked, rows answered
-                sent = sum(table_rows.nbytes(m) for m in client._split_grads(table_grads))
-                asked = sum(table_rows.nbytes(m) for m in client._split_ids({TABLE: nxt})[0])
+                sent = sum(table_rows.nbytes(m) for m in client._rows.split_grads(table_grads))
+                asked = sum(table_rows.nbytes(m) for m in client._rows.split_ids({TABLE: nxt})[0])
                 table_bytes.append(sent + asked + len(nxt) * (8 + 8 + 4 * args.dim))
                 uniques.append(len(ids))
             w0, c0 = time.perf_counter(), time.process_time()

@@ -57,14 +57,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import grpc
-import numpy as np
 
-from asyncps.partition import split_ids
 from asyncps.protos import codec, ps_pb2, table_rows
 from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
 from asyncps.shard_types import PushResult, Snapshot
 from asyncps.shm_peer import ShmLinks, ShmUnavailable, write_push
+from asyncps.table_router import TableRouter
 from asyncps.sparse import SparseRows
 
 logger = logging.getLogger(__name__)
@@ -130,6 +129,7 @@ class PSClient:
         self.addresses = list(addresses)
         self.placement = placement
         self.tables = dict(tables or {})  # id-keyed tables: {name: dim}
+        self._rows = TableRouter(self.tables, placement.num_shards)  # which shard owns which ids
         self.timeout = cfg.cluster.rpc_timeout
         self._chunk = chunk_bytes
         # Transfers whose both directions fit in `unary_bytes` use the unary ...One methods.
@@ -254,7 +254,7 @@ class PSClient:
     def _pull(self, names, worker, age, at_version, table_ids, values: bool = True):
         wanted = list(self.placement.variables) if names is None else list(names)
         requests = [self._pull_request(i, names, worker, age, at_version) for i in range(len(self._stubs))]
-        asked, positions = self._split_ids(table_ids)
+        asked, positions = self._rows.split_ids(table_ids)
         for i, request in enumerate(requests):
             if (request is None or not values) and asked[i]:  # rows only from this shard
                 requests[i] = request = ps_pb2.PullRequest(age=age, at_version=at_version, no_values=True)
@@ -276,72 +276,17 @@ class PSClient:
                         tables=req.tables))
                     if out is not None:
                         return out
-            if self._pull_bytes[i] + self._rows_bytes(req.tables) <= self._unary:
+            if self._pull_bytes[i] + self._rows.nbytes(req.tables) <= self._unary:
                 return self._read_pull((self._call(stub.PullOne, req),))
             return self._read_pull(self._call(stub.Pull, req))
 
         results = self._each(one, [(r,) for r in requests])
-        rows = self._join_rows(table_ids, positions, [h for h, _ in results])
+        rows = self._rows.join(table_ids, positions, [h for h, _ in results])
         if not values:
             return {}, [], rows
         return self.placement.join([v for _, v in results], wanted), [h.version for h, _ in results], rows
 
     # -- id-keyed tables ------------------------------------------------------------------------
-
-    def _rows_bytes(self, asked) -> int:
-        """Bytes of the ids `asked` (TableRows, ids only) and of the rows answering them."""
-        return sum(len(m.ids) // 8 * (8 + 8 + 8 + 4 * self.tables.get(m.table, 0)) for m in asked)
-
-    def _split_ids(self, table_ids: Mapping[str, Any] | None) -> tuple[list[list], dict]:
-        """Per shard, the TableRows (ids only) it owns; and {table: per-shard positions}."""
-        asked: list[list] = [[] for _ in self._stubs]
-        positions = {}
-        for name, ids in (table_ids or {}).items():
-            self._dim(name)
-            ids = np.asarray(ids, dtype=np.int64)
-            positions[name] = split_ids(ids, len(self._stubs))
-            for i, pos in enumerate(positions[name]):
-                if len(pos):
-                    asked[i].append(table_rows.ids_message(name, ids[pos]))
-        return asked, positions
-
-    def _split_grads(self, table_grads: Mapping[str, TableGrad] | None) -> list[list]:
-        """Per shard, the TableRows (row gradients with the versions read) of the ids it owns."""
-        out: list[list] = [[] for _ in self._stubs]
-        for name, g in (table_grads or {}).items():
-            self._dim(name)
-            ids = np.asarray(g.ids, dtype=np.int64)
-            for i, pos in enumerate(split_ids(ids, len(self._stubs))):
-                if len(pos):
-                    out[i].append(table_rows.rows_message(name, ids[pos], np.asarray(g.values)[pos],
-                                                          np.asarray(g.read_versions)[pos]))
-        return out
-
-    def _dim(self, name: str) -> int:
-        try:
-            return self.tables[name]
-        except KeyError:
-            raise ValueError(f"table {name!r} is not one of this client's tables {sorted(self.tables)}") from None
-
-    def _join_rows(self, table_ids, positions: dict, headers: list) -> dict:
-        """{table: (rows, versions)} in the order of `table_ids`, from each shard's answer."""
-        out = {}
-        for name, ids in (table_ids or {}).items():
-            dim = self._dim(name)
-            rows = np.empty((len(ids), dim), np.float32)
-            versions = np.empty(len(ids), np.int64)
-            for i, pos in enumerate(positions[name]):
-                if not len(pos):
-                    continue
-                got = [m for m in headers[i].tables if m.table == name]
-                if len(got) != 1:
-                    raise codec.CodecError(f"shard {i} answered {len(got)} row sets of table {name!r}, asked 1")
-                got_ids, values, got_versions = table_rows.read_rows(got[0], dim)
-                if not np.array_equal(got_ids, np.asarray(ids, dtype=np.int64)[pos]):
-                    raise codec.CodecError(f"shard {i} answered other ids of table {name!r} than asked")
-                rows[pos], versions[pos] = values, got_versions
-            out[name] = (rows, versions)
-        return out
 
     def _pull_request(self, shard: int, names: list[str] | None, worker: int | None, age: int = 0,
                       at_version: int = 0):
@@ -390,12 +335,12 @@ class PSClient:
         """`push_pull` that also pushes row gradients of id-keyed tables (`table_grads`, unique
         ids) and pulls the rows of `table_ids` (the worker's next batch) in the same round trip:
         (results, params, versions, {table: (rows, row versions)})."""
-        pushed = self._split_grads(table_grads)
-        asked, positions = self._split_ids(table_ids)
+        pushed = self._rows.split_grads(table_grads)
+        asked, positions = self._rows.split_ids(table_ids)
         requests = self._push_pull_requests(grads, versions, worker, seq, pull_age=pull_age,
                                             tables=list(zip(pushed, asked)))
         results, params, versions_after, headers = self._send_push_pull(requests)
-        return results, params, versions_after, self._join_rows(table_ids, positions, headers)
+        return results, params, versions_after, self._rows.join(table_ids, positions, headers)
 
     def push_pull_async(self, grads: Mapping[str, Any], versions: list[int], worker: int, seq: int) -> Future:
         """`push_pull` with the round trip in this client's background thread: a Future of
@@ -426,7 +371,7 @@ class PSClient:
         try:
             for i, part in enumerate(self.placement.split(grads)):
                 pushed, asked = tables[i] if tables else ((), ())
-                extra = table_rows.nbytes(pushed) + self._rows_bytes(asked)
+                extra = table_rows.nbytes(pushed) + self._rows.nbytes(asked)
                 peer = peers[i]
                 tensors = write_push(peer, part)
                 if peer is not None and tensors is not None:

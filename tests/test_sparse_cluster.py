@@ -331,8 +331,8 @@ def test_bytes_per_step_follow_the_unique_ids_not_the_table():
 
     def step_bytes(c: Cluster, ids, seq: int) -> int:
         _, versions, rows = c.client.pull_with_rows({TABLE: ids}, worker=0)
-        pushed = c.client._split_grads({TABLE: TableGrad(ids, np.ones((len(ids), DIM), np.float32), rows[TABLE][1])})
-        asked, _ = c.client._split_ids({TABLE: ids})
+        pushed = c.client._rows.split_grads({TABLE: TableGrad(ids, np.ones((len(ids), DIM), np.float32), rows[TABLE][1])})
+        asked, _ = c.client._rows.split_ids({TABLE: ids})
         total = 0
         for i, stub in enumerate(c.client._stubs):
             header = ps_pb2.PushHeader(worker=0, seq=seq, read_version=versions[i], table_grads=pushed[i],
