@@ -69,7 +69,8 @@ def _rpc(method):
     return unary
 
 
-def _push_reply(result) -> ps_pb2.PushReply:
+def push_reply(result) -> ps_pb2.PushReply:
+    """The wire form of a PushResult (also the control socket's, ps/shm_transport.py)."""
     return ps_pb2.PushReply(
         result=ps_pb2.PushReply.Result.Value(result.result), version=result.version, staleness=result.staleness
     )
@@ -177,13 +178,13 @@ class ParameterServerServicer:
     @_rpc
     def Push(self, request_iterator, context):
         """Applies one streamed gradient; answers APPLIED/ACCUMULATED/DROPPED/DUPLICATE."""
-        return _push_reply(self._push(request_iterator, context))
+        return push_reply(self._push(request_iterator, context))
 
     @_rpc
     def PushPull(self, request_iterator, context):
         """Push, then pull all values, in one round trip."""
         result, header = self._push(request_iterator, context, with_header=True)
-        yield from self._shard.pull(header.worker, (), context.time_remaining(), self._export(_push_reply(result)),
+        yield from self._shard.pull(header.worker, (), context.time_remaining(), self._export(push_reply(result)),
                                     age=header.pull_age, tables=self._wanted(header.table_pull))
 
     @_rpc
@@ -197,13 +198,13 @@ class ParameterServerServicer:
     @_rpc
     def PushOne(self, request, context):
         """Push of one message (all gradients unchunked)."""
-        return _push_reply(self._push((request,), context, streamed=False))
+        return push_reply(self._push((request,), context, streamed=False))
 
     @_rpc
     def PushPullOne(self, request, context):
         """PushPull with one request and one reply message."""
         result, header = self._push((request,), context, with_header=True, streamed=False)
-        return self._shard.pull(header.worker, (), context.time_remaining(), self._export(_push_reply(result), one=True),
+        return self._shard.pull(header.worker, (), context.time_remaining(), self._export(push_reply(result), one=True),
                                 age=header.pull_age, tables=self._wanted(header.table_pull))
 
     def _export(self, push_reply: ps_pb2.PushReply | None = None, one: bool = False):
@@ -338,7 +339,7 @@ class ParameterServerServicer:
         """Push and/or pull with the tensors in the worker's segment."""
         if self.shm is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, f"shard {self._shard.index}: shared-memory transport off")
-        return self.shm.push_pull(request, context.time_remaining, _push_reply)
+        return self.shm.push_pull(request, context.time_remaining, push_reply)
 
     @_rpc
     def Pause(self, request, context):

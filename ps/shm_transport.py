@@ -38,7 +38,7 @@ from asyncps import shm_control
 from asyncps.protos import codec, ps_pb2
 from asyncps.ps import table_wire, validate
 from asyncps.ps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ShardError
-from asyncps.ps.servicer import _push_reply
+from asyncps.ps.servicer import push_reply
 from asyncps.ps.shard import Shard
 from asyncps.shm import HEADER_BYTES, Segment, ShmError, proof, region_bytes
 
@@ -191,7 +191,7 @@ class ShmEndpoint:
         deadline = time.monotonic() + shm_control.DEADLINE.unpack_from(body)[0]
         try:
             request = ps_pb2.ShmRequest.FromString(body[shm_control.DEADLINE.size:])
-            reply = self.push_pull(request, lambda: deadline - time.monotonic(), _push_reply)
+            reply = self.push_pull(request, lambda: deadline - time.monotonic(), push_reply)
             return shm_control.OK, reply.SerializeToString()
         except ShardError as err:
             return shm_control.ERROR, shm_control.error_body(err.code, str(err))

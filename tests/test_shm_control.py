@@ -166,3 +166,21 @@ def test_two_shards_over_sockets_one_stopped_releases_every_segment():
         assert c.servers[0].shard.version == 2  # shard 0 applied the push of seq 1
     finally:
         c.close()
+
+
+def test_an_oversized_frame_closes_the_socket_without_allocating_it():
+    c = Cluster(1, "shm")
+    try:
+        c.client.register(0)
+        params, versions = c.client.pull(worker=0)
+        peer = c.client._shm.peers[0]
+        # a frame header announcing 1 GiB, from the worker's own (authenticated) connection
+        peer.control._sock.sendall(shm_control.HEADER.pack(1 << 30, shm_control.CALL))
+        with pytest.raises(grpc.RpcError) as err:
+            peer.control.receive(10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the shard closed it
+        c.client.register(0)  # the worker's recovery: a fresh segment and socket
+        results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
+        assert results[0].result == "APPLIED" and c.client._shm.peers[0].control is not None
+    finally:
+        c.close()
