@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from asyncps.allocator import tune_allocator
+
 MLP_SHAPES = {"dense0/w": (784, 256), "dense0/b": (256,), "dense1/w": (256, 256), "dense1/b": (256,),
               "dense2/w": (256, 10), "dense2/b": (10,)}
 
@@ -40,6 +42,7 @@ def _cpu_seconds(proc: BaseProcess) -> float:
 
 
 def _server_main(conn, index: int, shards: int, workers: int, profile: str | None) -> None:
+    tune_allocator()  # as every asyncps process does (common/allocator.py)
     from asyncps.config import Config
     from asyncps.ps.server import ShardServer
 
@@ -73,6 +76,7 @@ def _identity(x):
 
 
 def _raw_server_main(conn, index: int, shards: int, workers: int, profile: str | None) -> None:
+    tune_allocator()  # as every asyncps process does (common/allocator.py)
     """The floor: a bare gRPC server whose unary method takes MLP_BYTES and answers MLP_BYTES."""
     from concurrent import futures
 
@@ -91,6 +95,7 @@ def _raw_server_main(conn, index: int, shards: int, workers: int, profile: str |
 
 
 def _raw_client_main(conn, ports: list[int], worker: int, calls: int, *_ignored) -> None:
+    tune_allocator()  # as every asyncps process does (common/allocator.py)
     import grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{ports[0]}", options=_RAW_OPTIONS)
@@ -108,6 +113,7 @@ def _raw_client_main(conn, ports: list[int], worker: int, calls: int, *_ignored)
 
 def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None,
                  compression: str = "none") -> None:
+    tune_allocator()  # as every asyncps process does (common/allocator.py)
     from asyncps.config import from_dict
     from asyncps.partition import place
     from asyncps.ps_client import UNARY_BYTES, PSClient

@@ -25,6 +25,8 @@ from concurrent import futures
 
 import numpy as np
 
+from asyncps.allocator import tune_allocator
+
 CHUNK = 1 << 20
 MIB = 1 << 20
 OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -78,6 +80,7 @@ class NoOpOptimizer:
 
 
 def _server_main(conn, max_mib: int) -> None:
+    tune_allocator()  # as every asyncps process does (common/allocator.py)
     """Child process: SGD shard, no-op shard and raw server; sends the ports, serves until told."""
     import grpc
 
@@ -200,6 +203,7 @@ def _row(mib, direction, reps, nbytes, ours, raw) -> dict:
 
 
 def main(argv=None) -> int:
+    tune_allocator()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--repeats", type=int, nargs="+", default=[15, 7, 3])

@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 
+from asyncps.allocator import tune_allocator
 from asyncps.errors import UserError
 from asyncps.logs import configure as configure_logging
 
@@ -83,6 +84,7 @@ ROLE_COMMANDS = ("ps", "worker", "chief")
 
 def main(argv: list[str] | None = None) -> int:
     pin_blas_threads()
+    tune_allocator()  # freed step buffers stay in the process (common/allocator.py)
     args = parse(sys.argv[1:] if argv is None else list(argv))
     configure_logging(args.command in ROLE_COMMANDS)
     try:
