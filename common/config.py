@@ -644,6 +644,16 @@ def from_dict(raw: dict, source: str = "config") -> Config:
     return _build(Config, raw, prefix="", source=source)
 
 
+def validate(cfg: Config, source: str = "config") -> Config:
+    """A new, checked Config equal in value to `cfg`; `cfg` itself is never changed.
+
+    The same path as a file: `cfg` is written as a plain dict and built afresh (every list and
+    mapping copied), so the result shares nothing mutable with the input and the one-line errors
+    are those of `from_dict`. For a config edited in code (tests, the CLI's run_dir) before use.
+    """
+    return from_dict(cfg.to_dict(), source=source)
+
+
 def _build(cls, raw, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {_show(raw)}")
