@@ -1,17 +1,8 @@
-"""Errors a user can cause: the CLI prints them as one line and exits non-zero."""
+"""Errors a user can cause: the CLI prints them as one line and exits non-zero.
 
+Defined at the bottom layer (asyncps.protos.wire_types) because the transport (protos/security.py,
+protos/serving.py) raises them and protos/ imports nothing above itself; this is their public home.
+"""
+from asyncps.protos.wire_types import ConfigError, DataError, UserError
 
-class UserError(Exception):
-    """A mistake in the user's input (config, data path, port, checkpoint), with one clear line.
-
-    The message names the key or file and what was expected; the CLI prints it without a
-    traceback.
-    """
-
-
-class ConfigError(UserError):
-    """A config file or override that does not match the schema."""
-
-
-class DataError(UserError):
-    """A data file that is missing, truncated or has the wrong checksum."""
+__all__ = ["ConfigError", "DataError", "UserError"]

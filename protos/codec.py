@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from asyncps.shard_types import Snapshot  # noqa: F401  (re-exported for the codec's callers)
-from asyncps.sparse import SparseRows
+from asyncps.protos.wire_types import Snapshot, SparseRows  # noqa: F401  (Snapshot re-exported for the codec's callers)
 
 CHUNK_BYTES = 1 << 20  # bytes of tensor data per stream message (see bench/transport.py)
 OWNED_SLACK = 64 << 10  # bytes a message may carry beside a tensor before the tensor is copied out of it

@@ -61,7 +61,7 @@ from typing import Any
 
 import grpc
 
-from asyncps.errors import ConfigError
+from asyncps.protos.wire_types import ConfigError
 
 logger = logging.getLogger(__name__)
 ROLES = ("ps", "worker", "chief", "client")

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from asyncps.errors import UserError
+from asyncps.protos.wire_types import UserError
 from asyncps.protos import security as _security
 
 logger = logging.getLogger(__name__)
