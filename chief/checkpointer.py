@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 from asyncps.chief import checkpoint as ckpt
-from asyncps.config import Config
+from asyncps.config import CheckpointConfig, Config
 
 
 logger = logging.getLogger(__name__)
-def checkpoint_dir(cfg: Config, run_dir: Path) -> Path:
-    """`checkpoint.dir`, or RUN_DIR/checkpoints."""
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(run_dir) / "checkpoints"
+def checkpoint_dir(section: CheckpointConfig, run_dir: Path) -> Path:
+    """`checkpoint.dir` (the config's checkpoint section), or RUN_DIR/checkpoints."""
+    return Path(section.dir) if section.dir else Path(run_dir) / "checkpoints"
 
 
 class Checkpointer:
@@ -40,7 +40,7 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, run_dir: Path, ps, placement, log):
         self.cfg, self.ps, self.placement, self.log = cfg, ps, placement, log
-        self.folder = checkpoint_dir(cfg, run_dir)
+        self.folder = checkpoint_dir(cfg.checkpoint, run_dir)
         self.every_steps = cfg.checkpoint.every_steps
         self.every_seconds = cfg.checkpoint.every_seconds or 0
         self.next_step = self.every_steps or None

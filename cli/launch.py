@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if found is not None:  # not on --dry-run: it moves folders
         from asyncps.chief.checkpointer import checkpoint_dir
 
-        set_aside_newer(found, checkpoint_dir(cfg, resolved_run_dir(cfg)))
+        set_aside_newer(found, checkpoint_dir(cfg.checkpoint, resolved_run_dir(cfg)))
     check_ports_free(cfg)
     fetch_before_run(cfg.data, lambda m: print(f"asyncps launch: {m}", file=sys.stderr, flush=True))
     cfg.run_dir = str(resolve_run_dir(cfg).resolve())
@@ -148,8 +148,8 @@ def prepare_resume(cfg: Config, spec: str):
     _reroot(cfg, [cfg.run_dir, recorded.get("run_dir")], run_dir)
     cfg.run_dir = str(run_dir)
     if spec != "latest":  # the run's own folder means its checkpoints, wherever checkpoint.dir puts them
-        spec = str(checkpoint_dir(cfg, run_dir).resolve() if path == run_dir else path)
-    found = ckpt.resolve(spec, checkpoint_dir(cfg, run_dir),
+        spec = str(checkpoint_dir(cfg.checkpoint, run_dir).resolve() if path == run_dir else path)
+    found = ckpt.resolve(spec, checkpoint_dir(cfg.checkpoint, run_dir),
                          warn=lambda m: print(f"asyncps launch: {m}", file=sys.stderr, flush=True))
     problems = ckpt.config_mismatches(found.manifest, cfg.to_dict())
     if problems:
