@@ -3,19 +3,16 @@
 A tensor travels as raw little-endian C-order bytes plus dtype name and shape. Tensors larger
 than ``chunk_bytes`` (1 MiB) are cut into pieces that travel in consecutive messages of one
 stream; small tensors are packed several to a message. Every stream message type that carries
-tensors has a ``repeated Tensor tensors`` field, so one encoder and one assembler serve Init,
-Pull, Push, PushPull, Snapshot and Restore.
+tensors has a ``repeated Tensor tensors`` field, so one encoder (`encode_wire`) and one assembler
+(`Assembler.add_wire`) serve Init, Pull, Push, PushPull, Snapshot and Restore. Both work on the
+serialized bytes directly (see "The fast path" below); the protobuf-object encoder and decoder,
+the slow and obviously-standard way, live in tests/wire_oracle.py as the oracle the tests check
+this codec against.
 
-Copies: the encoder makes one ``bytes`` per piece (protobuf accepts nothing else); the decoder
-reads each piece's ``data`` field exactly once (every read of a protobuf ``bytes`` field is a new
-copy) and wraps it with ``np.frombuffer``; a tensor in several pieces is copied once more into
-its preallocated buffer.
-
->>> from asyncps.protos import ps_pb2
->>> msgs = list(encode_stream({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, ps_pb2.PushChunk))
+>>> msgs = list(encode_wire({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}))
 >>> asm = Assembler()
 >>> for m in msgs:
-...     asm.add(m.tensors)
+...     _ = asm.add_wire(m)
 >>> asm.finish()["w"]
 array([[0., 1., 2.],
        [3., 4., 5.]], dtype=float32)
@@ -201,46 +198,6 @@ def _items(tensors) -> Iterator[tuple[str, str, Any]]:
         yield from tensors
 
 
-def encode_stream(
-    tensors: Mapping[str, Any] | Iterable[tuple[str, str, Any]],
-    new_message: Callable[[], Any],
-    chunk_bytes: int = CHUNK_BYTES,
-    first: Any = None,
-) -> Iterator[Any]:
-    """Messages (from `new_message()`, each with a ``tensors`` field) carrying all `tensors`.
-
-    `tensors` maps names to arrays or SparseRows, or is an iterable of (name, slot, value).
-    Each message carries about `chunk_bytes` of data; at least one message is yielded. `first`,
-    when given, is used as the first message (a message with its header already set).
-    """
-    msg, used = (new_message() if first is None else first), 0
-    for name, slot, value in _items(tensors):
-        array, rows, sparse = _pieces(value)
-        data = array.data.cast("B") if array.size else memoryview(b"")
-        total, offset = len(data), 0
-        while True:
-            room = chunk_bytes - used
-            if used and (room < min(_MIN_PIECE, total - offset) or room <= 0):
-                yield msg
-                msg, used = new_message(), 0
-                room = chunk_bytes
-            n = min(room, total - offset)
-            piece = msg.tensors.add(name=name, dtype=_WIRE_NAMES[array.dtype], offset=offset, total=total)
-            piece.shape.extend(array.shape)
-            piece.data = bytes(data[offset : offset + n])
-            if sparse:
-                piece.sparse = True
-                if offset == 0:
-                    piece.rows = rows
-            if slot:
-                piece.slot = slot
-            used += max(n, 1)
-            offset += n
-            if offset >= total:
-                break
-    yield msg
-
-
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
@@ -380,7 +337,7 @@ Admit = Callable[[str, str, np.dtype, tuple, bool, int], None]
 class Assembler:
     """Reassembles the Tensor pieces of one stream, checking order, sizes and completeness.
 
-    Feed every message's ``tensors`` to `add`, then call `finish`. Errors raise CodecError
+    Feed every serialized message to `add_wire`, then call `finish`. Errors raise CodecError
     naming the tensor: unknown dtype, shape and byte count that disagree, a piece out of order
     or missing, a piece past the declared end, a tensor sent twice, or (at `finish`) a stream
     that ended before a tensor was complete. `admit` (see `Admit`) vets each tensor's
@@ -406,11 +363,6 @@ class Assembler:
         self._taken.clear()
         self._done.clear()
         self._partial.clear()
-
-    def add(self, pieces: Iterable[Any]) -> None:
-        """Takes the pieces of one message, in order."""
-        for piece in pieces:
-            self._add_piece(piece)
 
     def _add_piece(self, piece) -> None:
         key = (piece.name, piece.slot)
@@ -505,14 +457,6 @@ def _label(key: tuple[str, str]) -> str:
     return repr(name) if not slot else f"{name!r} slot {slot!r}"
 
 
-def decode_stream(messages: Iterable[Any]) -> dict[str, np.ndarray | SparseRows]:
-    """All tensors of an iterable of messages with a ``tensors`` field."""
-    asm = Assembler()
-    for msg in messages:
-        asm.add(msg.tensors)
-    return asm.finish()
-
-
 # ----------------------------------------------------------------------------------------------
 # The fast path: stream messages as wire bytes, without protobuf objects for the tensor data.
 #
@@ -556,7 +500,8 @@ def encode_wire(
     chunk_bytes: int = CHUNK_BYTES,
 ) -> Iterator[bytes]:
     """Serialized stream messages carrying `tensors`; `header` (a serialized header message,
-    possibly empty) goes into the first. Same layout and chunking as `encode_stream`.
+    possibly empty) goes into the first. Same layout and chunking as the protobuf-object
+    encoder in tests/wire_oracle.py, which the tests compare byte for byte.
 
     Per tensor the work is a dict lookup: the framing of a whole dense tensor (field tags,
     name, dtype, shape, sizes) depends only on those, and is cached.

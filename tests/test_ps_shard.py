@@ -14,11 +14,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from asyncps.config import Config
-from asyncps.protos import codec, ps_pb2, ps_pb2_grpc, tensor_pb2
+from asyncps.protos import ps_pb2, ps_pb2_grpc, tensor_pb2
 from asyncps.protos.codec import SparseRows
 from asyncps.partition import place
 from asyncps.ps.server import ShardServer
 from asyncps.ps_client import PSClient, channel_options
+from wire_oracle import decode_stream, encode_stream
 
 
 def make_cfg(shards=2, workers=2, mode="async", **cluster):
@@ -163,13 +164,13 @@ def test_pull_before_init_and_conflicting_init_fail_with_precondition(cluster):
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Pull(ps_pb2.PullRequest(), timeout=5))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Init first" in err.value.details()
-    init = lambda values: stub.Init(codec.encode_stream(values, ps_pb2.InitChunk), timeout=5)  # noqa: E731
+    init = lambda values: stub.Init(encode_stream(values, ps_pb2.InitChunk), timeout=5)  # noqa: E731
     assert init({"w": W}).created
     assert not init({"w": W * 2}).created  # identical specs: no-op, first values win
     with pytest.raises(grpc.RpcError) as err:
         init({"w": np.ones(5, np.float32)})
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    values = codec.decode_stream(stub.Pull(ps_pb2.PullRequest(), timeout=5))
+    values = decode_stream(stub.Pull(ps_pb2.PullRequest(), timeout=5))
     np.testing.assert_array_equal(values["w"], W)
 
 
