@@ -1,8 +1,8 @@
 """The leaf types the wire carries, at the bottom of the import graph.
 
 protos/ is the lowest layer and imports nothing of asyncps outside protos/, so the values the
-codec encodes (`SparseRows`, `Snapshot`, `PushResult`) and the errors the transport raises
-(`UserError`, `ConfigError`, `DataError`) are defined here. The shared layer re-exports them
+codec encodes (`SparseRows`, `Snapshot`, `PushResult`) are defined here, and the errors the
+transport raises (`UserError`, `ConfigError`, `DataError`: protos/wire_errors.py) re-exported. The shared layer re-exports them
 under their old homes (asyncps.sparse, asyncps.shard_types, asyncps.errors), so every other
 module keeps importing them from there.
 """
@@ -13,21 +13,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-class UserError(Exception):
-    """A mistake in the user's input (config, data path, port, checkpoint), with one clear line.
+from asyncps.protos.wire_errors import ConfigError, DataError, UserError
 
-    The message names the key or file and what was expected; the CLI prints it without a
-    traceback.
-    """
-
-
-class ConfigError(UserError):
-    """A config file or override that does not match the schema."""
-
-
-class DataError(UserError):
-    """A data file that is missing, truncated or has the wrong checksum."""
-
+__all__ = ["ConfigError", "DataError", "PushResult", "Snapshot", "SparseRows", "UserError"]
 
 
 class SparseRows(NamedTuple):
