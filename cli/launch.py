@@ -34,7 +34,7 @@ from asyncps.cli.watch import RunWatcher
 from asyncps.cluster import check_ports_free, spec_for_launch
 from asyncps.config import Config, load_yaml_file
 from asyncps.errors import ConfigError, UserError
-from asyncps.imports import preflight
+from asyncps.cli.preflight import preflight
 from asyncps.runs import resolve_run_dir
 
 POLL_SECONDS = 0.1

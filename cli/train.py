@@ -29,7 +29,7 @@ from asyncps.cli.id_tables import make_id_tables
 from asyncps.cli.summary import summary_lines
 from asyncps.config import Config
 from asyncps.histogram import summarize
-from asyncps.imports import preflight
+from asyncps.cli.preflight import preflight
 from asyncps.runs import (PARAMS_FILE, MetricsLog, Progress, TargetTracker, resolve_run_dir, save_params,
                           small_variables, write_report)
 from asyncps.atomic import atomic_write_bytes

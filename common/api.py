@@ -72,7 +72,7 @@ def train(config_or_path, **overrides) -> dict:
     """`asyncps train` in this process: trains, writes the run directory, returns report.json's dict."""
     from asyncps.cli.data import fetch_before_run
     from asyncps.cli.train import train as train_config
-    from asyncps.imports import preflight
+    from asyncps.cli.preflight import preflight
 
     cfg = load(config_or_path, **overrides)
     preflight(cfg)

@@ -22,7 +22,7 @@ import traceback
 from asyncps.config import is_import_path
 from asyncps.errors import ConfigError, UserError
 
-__all__ = ["accepts", "call_factory", "check_call", "is_import_path", "preflight", "resolve"]
+__all__ = ["accepts", "call_factory", "check_call", "is_import_path", "resolve"]
 
 
 def resolve(spec: str, key: str):
@@ -79,27 +79,6 @@ def check_call(factory, spec: str, key: str, args: tuple, options: dict, section
         signature.bind(*args, **options)
     except TypeError as exc:
         raise ConfigError(_signature_problem(exc, spec, key, signature, section, len(args))) from None
-
-
-def preflight(cfg) -> None:
-    """Resolves a user's model.name and data.name (import, type, the options against the
-    signature) without building anything: what `asyncps launch` and `asyncps.launch` check
-    before any process starts, so a wrong name is one line here and not one per process."""
-    from asyncps.config import is_import_path
-
-    if is_import_path(cfg.model.name):
-        from asyncps.worker.models import model_factory
-
-        check_call(model_factory(cfg.model.name), cfg.model.name, "model.name", (cfg.model, None),
-                   dict(cfg.model.options), "model")
-    if is_import_path(cfg.data.name):
-        from asyncps.worker.data import data_factory
-
-        factory = data_factory(cfg.data.name)
-        options = dict(cfg.data.options)
-        if "seed" not in options and accepts(factory, "seed"):
-            options["seed"] = cfg.seed
-        check_call(factory, cfg.data.name, "data.name", (), options, "data")
 
 
 def accepts(factory, parameter: str) -> bool:

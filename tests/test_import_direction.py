@@ -46,13 +46,7 @@ FACADES = {
 # Arrows against the direction that exist today in modules this test's author may not edit.
 # Debt, not design: each entry names the one arrow, and test_known_debt_is_still_there fails once
 # the arrow is gone, so the entry is removed with it.
-KNOWN_DEBT = {
-    # preflight() (the launch-time check of a user's module:attr model/data names, called by
-    # asyncps.api, cli/launch.py and cli/train.py) looks the factories up in the worker's
-    # registries; it belongs above the shared layer (cli/ or asyncps.api).
-    ("asyncps.imports", "asyncps.worker.models"),
-    ("asyncps.imports", "asyncps.worker.data"),
-}
+KNOWN_DEBT: set[tuple[str, str]] = set()  # none left (preflight moved to cli/preflight.py)
 
 
 def _layer(module: str) -> str | None:
