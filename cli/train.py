@@ -74,6 +74,7 @@ def train(cfg: Config) -> dict:
     from asyncps.cli.simulate import make_stepper  # staleness.simulate, or W workers per clock
     sim = make_stepper(cfg, data, compute, optimizer, schedule, params, slots, trainable)
     stale = ControlledStaleness(cfg, params, trainable) if cfg.staleness.controlled and sim is None else None
+    one_step = step_function(data, compute, optimizer, schedule, params, slots, rng, tables, sim, stale)
 
     log = MetricsLog(run_dir / "metrics.jsonl")
     progress = Progress(cfg.train.max_steps, every=cfg.train.log_every)
@@ -86,20 +87,8 @@ def train(cfg: Config) -> dict:
             if cfg.train.max_seconds is not None and time.perf_counter() - start > cfg.train.max_seconds:
                 break
             t0 = time.perf_counter()
-            indices, _batch_id = next(stream)
-            if tables is not None:
-                loss, grads = tables.step(compute, params, data.x_train[indices], data.y_train[indices], rng,
-                                          schedule(step))
-                apply_gradients(optimizer, params, slots, grads, schedule(step), step)
-            elif sim is not None:
-                loss = sim.step(params, step)
-            elif stale is None:
-                loss, grads = compute(params, data.x_train[indices], data.y_train[indices], rng)
-                apply_gradients(optimizer, params, slots, grads, schedule(step), step)
-            else:
-                read, r = stale.read(params)
-                loss, grads = compute(read, data.x_train[indices], data.y_train[indices], rng)
-                stale.apply(optimizer, params, slots, grads, read, r, schedule(step), step)
+            indices, _batch_id = next(stream)  # drawn for every kind of step (a simulated cluster too)
+            loss = one_step(step, indices)
             step += 1
             train_seconds += time.perf_counter() - t0
             if step % cfg.train.log_every == 0:
@@ -117,7 +106,49 @@ def train(cfg: Config) -> dict:
     tracker.observe(step, elapsed, final)
     log.write("final", step, **final)
     log.close()
-    report = {
+    report = _report(cfg, run_dir, step, elapsed, train_seconds, final, tracker, trainable, params, data,
+                     staleness=(sim.summary() if sim is not None else stale.summary() if stale is not None
+                                else summarize({0: step})), tables=tables)
+    save_params(run_dir / PARAMS_FILE, params)
+    write_report(run_dir, report)
+    return report
+
+
+def step_function(data, compute, optimizer, schedule, params, slots, rng, tables, sim, stale):
+    """`train`'s step for the run's kind, chosen once: (step, batch indices) -> loss. Id-keyed
+    tables, a simulated cluster (staleness.simulate), controlled staleness, or plain SGD-style."""
+    x, y = data.x_train, data.y_train
+
+    def with_tables(step, indices):
+        loss, grads = tables.step(compute, params, x[indices], y[indices], rng, schedule(step))
+        apply_gradients(optimizer, params, slots, grads, schedule(step), step)
+        return loss
+
+    def simulated(step, indices):  # the simulated cluster draws its own workers' batches
+        return sim.step(params, step)
+
+    def controlled(step, indices):
+        read, r = stale.read(params)
+        loss, grads = compute(read, x[indices], y[indices], rng)
+        stale.apply(optimizer, params, slots, grads, read, r, schedule(step), step)
+        return loss
+
+    def plain(step, indices):
+        loss, grads = compute(params, x[indices], y[indices], rng)
+        apply_gradients(optimizer, params, slots, grads, schedule(step), step)
+        return loss
+
+    if tables is not None:
+        return with_tables
+    if sim is not None:
+        return simulated
+    return plain if stale is None else controlled
+
+
+def _report(cfg, run_dir, step, elapsed, train_seconds, final, tracker, trainable, params, data, staleness,
+            tables) -> dict:
+    """report.json of a single-process run."""
+    return {
         "run_dir": str(run_dir),
         "kind": "single_process",
         "config": cfg.to_dict(),
@@ -130,16 +161,12 @@ def train(cfg: Config) -> dict:
             "steps_per_second": step / train_seconds if train_seconds else 0.0,
             "examples_per_second": step * cfg.train.batch_size / train_seconds if train_seconds else 0.0,
         },
-        "staleness": (sim.summary() if sim is not None else stale.summary() if stale is not None
-                      else summarize({0: step})),
+        "staleness": staleness,
         "trainable": trainable,
         **({"tables": tables.report()} if tables else {}),
         **({"reference": data.reference} if data.reference else {}),
         "variables": small_variables(params),
     }
-    save_params(run_dir / PARAMS_FILE, params)
-    write_report(run_dir, report)
-    return report
 
 
 def apply_gradients(optimizer, params, slots, grads, lr: float, step: int) -> None:
