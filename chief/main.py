@@ -103,7 +103,7 @@ class ChiefRun:
         self.params0 = initial_params(cfg, self.model)
         self.placement = placement_for(self.params0, len(spec.ps))
         self.tables = id_tables_of(self.model, cfg)  # id-keyed tables: rows by id (docs/sparse.md)
-        self.ps = PSClient(list(spec.ps), self.placement, cfg, tables=self.tables)
+        self.ps = PSClient(list(spec.ps), self.placement, cfg.cluster, tables=self.tables)
         self.checkpoints = Checkpointer(cfg, self.run_dir, self.ps, self.placement, self.log)
         self.stop = threading.Event()
         self.started = threading.Event()  # the start barrier has passed (workers train)

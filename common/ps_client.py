@@ -58,6 +58,7 @@ from typing import Any
 
 import grpc
 
+from asyncps.config import ClusterConfig, Config
 from asyncps.protos import codec, ps_pb2, table_rows
 from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
@@ -118,11 +119,13 @@ class PSClient:
     """Talks to every shard of a cluster; see the module docstring.
 
     `placement` is an ``asyncps.partition.Placement`` (anything with ``num_shards``,
-    ``split(tensors)`` and ``join(pieces, names)``); `cfg` the run's Config; `transport`
+    ``split(tensors)`` and ``join(pieces, names)``); `cfg` the run's cluster section (a
+    ClusterConfig: rpc_timeout, security, compression, transport; a whole Config is accepted and
+    its cluster section taken, for callers that hold one); `transport`
     ("auto", "grpc", "shm") replaces its cluster.transport (tests and benches that measure one path).
     """
 
-    def __init__(self, addresses: list[str], placement, cfg, chunk_bytes: int = codec.CHUNK_BYTES,
+    def __init__(self, addresses: list[str], placement, cfg: ClusterConfig | Config, chunk_bytes: int = codec.CHUNK_BYTES,
                  unary_bytes: int = UNARY_BYTES, transport: str | None = None, tables: Mapping[str, int] | None = None):
         if len(addresses) != placement.num_shards:
             raise ValueError(f"{len(addresses)} shard addresses for a placement of {placement.num_shards} shards")
@@ -130,7 +133,8 @@ class PSClient:
         self.placement = placement
         self.tables = dict(tables or {})  # id-keyed tables: {name: dim}
         self._rows = TableRouter(self.tables, placement.num_shards)  # which shard owns which ids
-        self.timeout = cfg.cluster.rpc_timeout
+        cluster = cfg.cluster if isinstance(cfg, Config) else cfg  # the only section a client reads
+        self.timeout = cluster.rpc_timeout
         self._chunk = chunk_bytes
         # Transfers whose both directions fit in `unary_bytes` use the unary ...One methods.
         shard_bytes = getattr(placement, "shard_bytes", None)
@@ -141,7 +145,7 @@ class PSClient:
         pull_bytes = sum(self._pull_bytes)
         self._receive_buffers = codec.BufferPool(2 * int(pull_bytes) if pull_bytes < float("inf") else 1 << 30)
         from asyncps.protos.security import open_channel, resolve  # TLS/mTLS and the job token: cluster.security
-        security = resolve(cfg.cluster.security)
+        security = resolve(cluster.security)
         self._channels = [open_channel(a, security, channel_options()) for a in self.addresses]
         self._stubs = [ps_stub(c) for c in self._channels]  # tensor streams as codec wire bytes
         # One small pool per calling thread: a call that waits at a shard (ssp/sync pull) must
@@ -151,9 +155,9 @@ class PSClient:
         self._pools_lock = threading.Lock()
         self._background: ThreadPoolExecutor | None = None  # push_pull_async
         from asyncps.compression import make_compressor  # cluster.compression: 16-bit pushes
-        self._compress = make_compressor(getattr(cfg.cluster, "compression", "none"))
+        self._compress = make_compressor(getattr(cluster, "compression", "none"))
         # shared memory (module docstring; common/shm_peer.py): which shards, the segments
-        self.transport: str = transport or str(getattr(cfg.cluster, "transport", "grpc"))  # `transport`: overrides cfg
+        self.transport: str = transport or str(getattr(cluster, "transport", "grpc"))  # `transport`: overrides cfg
         self._shm = ShmLinks(self.addresses, self.transport, security.token, self.timeout, self._call)
 
     def shm_shards(self) -> list[bool]:

@@ -170,7 +170,7 @@ class WorkerLoop:
         model = build_model(cfg.model, self.data.meta)
         params0 = initial_params(cfg, model)
         self.tables = id_tables_of(model, cfg)  # {name: dim}: rows by id from the shards (docs/sparse.md)
-        self.ps = PSClient(ps_addresses, placement_for(params0, len(ps_addresses)), cfg, tables=self.tables)
+        self.ps = PSClient(ps_addresses, placement_for(params0, len(ps_addresses)), cfg.cluster, tables=self.tables)
         clocks = self.ps.register(self.index)
         # A rejoining worker continues its sequence numbers, so no push of its is mistaken for a retry.
         self.seq = max(last_seq for _, last_seq in clocks) + 1
