@@ -28,8 +28,9 @@ from pathlib import Path
 from asyncps.chief import checkpoint as ckpt
 from asyncps.config import CheckpointConfig, Config
 
-
 logger = logging.getLogger(__name__)
+
+
 def checkpoint_dir(section: CheckpointConfig, run_dir: Path) -> Path:
     """`checkpoint.dir` (the config's checkpoint section), or RUN_DIR/checkpoints."""
     return Path(section.dir) if section.dir else Path(run_dir) / "checkpoints"
