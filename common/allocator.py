@@ -1,14 +1,16 @@
 """Keeps freed megabyte buffers in the process instead of giving them back to the OS each step.
 
-Why: glibc's malloc serves every block of 128 KiB or more (at first; the threshold then adapts)
-with its own mmap and unmaps it on free. A training step allocates and frees such blocks by the
-dozen (a 128 x 256 activation is 128 KiB; a gradient of the MLP's first layer 784 KiB, its wire
-copy as much again), so each step maps fresh memory and touches it page by page: measured on the
-2-core machine, a cluster worker took 44 minor page faults per step and its shard about 160
-(each a trap into the kernel and a 4 KiB page zeroed). With the thresholds raised, freed blocks
-stay in the heap and are reused: 3 and 2 faults per step, and `bench/pushpull.py --transport
-grpc` 3.18-3.56 -> 2.67-3.10 ms per round trip (docs/performance.md). The cost is memory kept:
-up to TRIM_THRESHOLD of freed heap per process stays mapped.
+Why: a training step allocates and frees blocks of a megabyte or so by the dozen (a 128 x 256
+activation is 128 KiB; a gradient of the MLP's first layer 784 KiB, its wire copy as much again).
+With glibc's defaults such memory goes back to the OS when freed (blocks of 128 KiB or more are
+mmapped until the dynamic threshold rises, and the free top of an arena is trimmed) and is
+faulted in again page by page the next step. Measured on the 2-core machine (/proc/PID/stat over
+5 s of a gRPC launch): a cluster worker took 44 minor page faults per step and its shard about
+160; with the thresholds raised, 4 and 2, and `bench/pushpull.py --transport grpc` went 3.18-3.56
+-> 2.67-3.10 ms per round trip (docs/performance.md). The step's pattern in a thread other than
+the main one (where a worker's loop and a shard's gRPC handlers run) took 280 faults per 50
+cycles with the defaults, 8 with the thresholds (tests/test_allocator.py), against 9 in the main
+thread either way. The cost is memory kept: up to TRIM_THRESHOLD of freed heap per process stays mapped.
 
 `tune_allocator()` is called once at the start of every asyncps process (cli/main.py: train,
 launch and each role it starts, compose containers alike). It changes nothing where the C

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -43,10 +46,6 @@ def wait_until(proc: subprocess.Popen, what: str, predicate, timeout: float = 60
     """Polls `predicate` until it returns something true (returned) while `proc` runs: an event
     wait, the 50 ms poll only bounds how late it is seen. Fails naming `what` (and `tail()`, e.g.
     the end of a log) when `proc` exits first or `timeout` passes."""
-    import time
-
-    import pytest
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

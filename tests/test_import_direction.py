@@ -13,15 +13,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# setup.py's ROLE_DIRS: package -> folder.
-ROLE_DIRS = {
-    "asyncps": "common",
-    "asyncps.cli": "cli",
-    "asyncps.chief": "chief",
-    "asyncps.protos": "protos",
-    "asyncps.ps": "ps",
-    "asyncps.worker": "worker",
-}
+
+def _role_dirs() -> dict[str, str]:
+    """setup.py's ROLE_DIRS (package -> folder), read from setup.py itself, never copied."""
+    tree = ast.parse((ROOT / "setup.py").read_text(), "setup.py")
+    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == "ROLE_DIRS" for t in node.targets))
+
+
+ROLE_DIRS = _role_dirs()
 
 # Which layers each layer may import (itself always). cli is the top: it wires every role.
 ALLOWED = {
@@ -42,11 +42,6 @@ FACADES = {
     "asyncps.models": {"worker"},  # re-exports the worker's model registry
     "asyncps.data": {"worker"},  # re-exports the worker's datasets
 }
-
-# Arrows against the direction that exist today in modules this test's author may not edit.
-# Debt, not design: each entry names the one arrow, and test_known_debt_is_still_there fails once
-# the arrow is gone, so the entry is removed with it.
-KNOWN_DEBT: set[tuple[str, str]] = set()  # none left (preflight moved to cli/preflight.py)
 
 
 def _layer(module: str) -> str | None:
@@ -89,7 +84,7 @@ def _imports(name: str, is_pkg: bool, path: Path, known: frozenset = frozenset()
 
 def import_graph():
     """(counts of module -> module arrows between layers, by layer pair; the arrows against the
-    direction as (module, imported module, "layer -> layer"), facades and known debt excepted)."""
+    direction as (module, imported module, "layer -> layer"), facades excepted)."""
     modules = list(_modules())
     known = frozenset(name for name, _, _ in modules)
     counts: collections.Counter = collections.Counter()
@@ -101,7 +96,7 @@ def import_graph():
             if dst is None or dst == src:
                 continue
             counts[(src, dst)] += 1
-            if dst in ALLOWED[src] or dst in FACADES.get(name, ()) or (name, target) in KNOWN_DEBT:
+            if dst in ALLOWED[src] or dst in FACADES.get(name, ()):
                 continue
             against.append((name, target, f"{src} -> {dst}"))
     return counts, against
@@ -115,13 +110,6 @@ def test_no_import_against_the_direction():
 def test_facades_exist():
     names = {name for name, _, _ in _modules()}
     assert set(FACADES) <= names, set(FACADES) - names
-
-
-def test_known_debt_is_still_there():
-    modules = list(_modules())
-    known = frozenset(name for name, _, _ in modules)
-    arrows = {(name, target) for name, is_pkg, path in modules for target in _imports(name, is_pkg, path, known)}
-    assert KNOWN_DEBT <= arrows, f"fixed, remove from KNOWN_DEBT: {KNOWN_DEBT - arrows}"
 
 
 def test_the_checker_sees_an_arrow_against_the_direction(tmp_path):

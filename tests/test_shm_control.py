@@ -7,6 +7,7 @@ in; a client that cannot connect keeps the segment and sends its control message
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -24,15 +25,24 @@ pytestmark = pytest.mark.skipif(not (shm.available() and shm_control.available()
                                 reason="no /dev/shm or Unix sockets on this host")
 
 
+@contextlib.contextmanager
+def _joined(shards: int = 1, cfg=None):
+    """Shards over shared memory whose client registered worker 0 and pulled once: (cluster, versions)."""
+    c = Cluster(shards, "shm", cfg=cfg)
+    try:
+        c.client.register(0)
+        _, versions = c.client.pull(worker=0)
+        yield c, versions
+    finally:
+        c.close()
+
+
 def _control_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if "shm-control" in t.name]
 
 
 def test_control_messages_travel_on_the_socket():
-    c = Cluster(1, "shm")
-    try:
-        c.client.register(0)
-        params, versions = c.client.pull(worker=0)
+    with _joined() as (c, versions):
         peer = c.client._shm.peers[0]
         assert peer.control is not None and "ps0-shm-control-w0" in _control_threads()
         for seq in range(3):
@@ -40,8 +50,6 @@ def test_control_messages_travel_on_the_socket():
             assert results[0].result == "APPLIED"
         assert versions == [3] and c.servers[0].shard.version == 3
         np.testing.assert_allclose(params["b"], -0.5 * (0.25 + 0.5 + 0.75) * np.ones(5, np.float32))
-    finally:
-        c.close()
     assert _wait_gone("ps0-shm-control-w0")  # the shard's stop ended the socket's thread
 
 
@@ -111,10 +119,7 @@ def test_a_client_that_cannot_connect_uses_grpc_for_control(monkeypatch, caplog)
 def test_a_deadline_on_the_socket_is_deadline_exceeded_and_the_segment_reopens():
     cfg = _cfg(1, "shm")
     cfg.cluster.rpc_timeout = 1.0
-    c = Cluster(1, "shm", cfg=cfg)
-    try:
-        c.client.register(0)
-        params, versions = c.client.pull(worker=0)
+    with _joined(cfg=cfg) as (c, versions):
         first = c.client._shm.peers[0]
         c.servers[0].shard.pause()
         with pytest.raises(grpc.RpcError) as err:
@@ -126,32 +131,22 @@ def test_a_deadline_on_the_socket_is_deadline_exceeded_and_the_segment_reopens()
         results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
         assert c.client._shm.peers[0] is not first and c.client._shm.peers[0].control is not None
         assert results[0].result in ("APPLIED", "DUPLICATE")
-    finally:
-        c.close()
 
 
 def test_a_stopped_shard_ends_the_call_with_a_retried_code():
-    c = Cluster(1, "shm")
-    try:
-        c.client.register(0)
-        params, versions = c.client.pull(worker=0)
+    with _joined() as (c, versions):
         assert c.client._shm.peers[0].control is not None
         c.servers[0].stop(0)
         with pytest.raises(grpc.RpcError) as err:
             c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
         assert err.value.code() in RETRIED_CODES
-    finally:
-        c.close()
 
 
 def test_two_shards_over_sockets_one_stopped_releases_every_segment():
     """A push-pull to two shards sends both control messages before reading either answer
-    (PSClient._scatter_gather); one shard stopping fails the call with a retried code, drops only
+    (ShmLinks.scatter_gather); one shard stopping fails the call with a retried code, drops only
     that shard's segment and leaves the other's lock free for the next call."""
-    c = Cluster(2, "shm")
-    try:
-        c.client.register(0)
-        params, versions = c.client.pull(worker=0)
+    with _joined(shards=2) as (c, versions):
         results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
         assert [r.result for r in results] == ["APPLIED", "APPLIED"] and versions == [1, 1]
         kept = c.client._shm.peers[0]
@@ -164,15 +159,10 @@ def test_two_shards_over_sockets_one_stopped_releases_every_segment():
         assert kept.lock.acquire(blocking=False)  # released after the failed call
         kept.lock.release()
         assert c.servers[0].shard.version == 2  # shard 0 applied the push of seq 1
-    finally:
-        c.close()
 
 
 def test_an_oversized_frame_closes_the_socket_without_allocating_it():
-    c = Cluster(1, "shm")
-    try:
-        c.client.register(0)
-        params, versions = c.client.pull(worker=0)
+    with _joined() as (c, versions):
         peer = c.client._shm.peers[0]
         # a frame header announcing 1 GiB, from the worker's own (authenticated) connection
         peer.control._sock.sendall(shm_control.HEADER.pack(1 << 30, shm_control.CALL))
@@ -182,5 +172,3 @@ def test_an_oversized_frame_closes_the_socket_without_allocating_it():
         c.client.register(0)  # the worker's recovery: a fresh segment and socket
         results, params, versions = c.client.push_pull(_grads(0, sparse=False), versions, 0, 0)
         assert results[0].result == "APPLIED" and c.client._shm.peers[0].control is not None
-    finally:
-        c.close()
