@@ -207,7 +207,7 @@ class ParameterServerServicer:
         return self._shard.pull(header.worker, (), context.time_remaining(), self._export(push_reply(result), one=True),
                                 age=header.pull_age, tables=self._wanted(header.table_pull))
 
-    def _export(self, push_reply: ps_pb2.PushReply | None = None, one: bool = False):
+    def _export(self, pushed: ps_pb2.PushReply | None = None, one: bool = False):
         """What the shard runs under its lock on the values of a pull.
 
         With `one`: the single reply message, encoded there (its one copy of the values is the
@@ -223,9 +223,9 @@ class ParameterServerServicer:
 
         def export(version, values, rows=None):
             if one:
-                header = ps_pb2.PullHeader(version=version, push=push_reply, tables=table_wire.answer(rows))
+                header = ps_pb2.PullHeader(version=version, push=pushed, tables=table_wire.answer(rows))
                 return codec.encode_message(values, header.SerializeToString())
-            return self._stream_reply(version, push_reply, self._snapshot(values), rows)
+            return self._stream_reply(version, pushed, self._snapshot(values), rows)
 
         return export
 
@@ -241,10 +241,10 @@ class ParameterServerServicer:
                 out[name] = copy
         return out
 
-    def _stream_reply(self, version: int, push_reply, values: dict, rows):
+    def _stream_reply(self, version: int, pushed, values: dict, rows):
         """The reply messages of a streamed pull, encoded as gRPC asks for them (no lock held);
         `values` are this pull's own copies (their buffers go back to the pool with them)."""
-        header = ps_pb2.PullHeader(version=version, push=push_reply, tables=table_wire.answer(rows))
+        header = ps_pb2.PullHeader(version=version, push=pushed, tables=table_wire.answer(rows))
         yield from codec.encode_wire(values, header.SerializeToString(), self._chunk)
 
     def _wanted(self, messages) -> dict | None:
@@ -339,7 +339,7 @@ class ParameterServerServicer:
         """Push and/or pull with the tensors in the worker's segment."""
         if self.shm is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, f"shard {self._shard.index}: shared-memory transport off")
-        return self.shm.push_pull(request, context.time_remaining, push_reply)
+        return self.shm.push_pull(request, context.time_remaining)
 
     @_rpc
     def Pause(self, request, context):

@@ -191,7 +191,7 @@ class ShmEndpoint:
         deadline = time.monotonic() + shm_control.DEADLINE.unpack_from(body)[0]
         try:
             request = ps_pb2.ShmRequest.FromString(body[shm_control.DEADLINE.size:])
-            reply = self.push_pull(request, lambda: deadline - time.monotonic(), push_reply)
+            reply = self.push_pull(request, lambda: deadline - time.monotonic())
             return shm_control.OK, reply.SerializeToString()
         except ShardError as err:
             return shm_control.ERROR, shm_control.error_body(err.code, str(err))
@@ -233,9 +233,9 @@ class ShmEndpoint:
 
     # -- data ----------------------------------------------------------------------------------
 
-    def push_pull(self, request: ps_pb2.ShmRequest, remaining, push_reply) -> ps_pb2.ShmReply:
-        """Runs the request; `remaining()` the call's seconds left, `push_reply(result)` the
-        PushReply of a push result."""
+    def push_pull(self, request: ps_pb2.ShmRequest, remaining) -> ps_pb2.ShmReply:
+        """Runs the request (from the ShmPushPull method or the control socket); `remaining()`
+        the call's seconds left."""
         pushing = request.HasField("push")
         worker = request.push.worker if pushing else request.worker
         channel = self._channel(worker, request.generation)
