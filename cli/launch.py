@@ -304,7 +304,7 @@ def supervise(children: list[Child], cfg: Config | None = None, stream=None) -> 
                 watcher.poll(sum(c.restarts for c in children))
             if (code := chief.poll()) is not None:
                 break
-            failed = failed_shard(children)
+            failed = failed_shard(children, policy)
             if failed is not None:
                 say(f"{failed.name} exited with code {failed.poll()} (see {failed.log_path}); stopping the run")
                 return 1
@@ -369,9 +369,13 @@ def no_worker_left(children: list[Child], policy) -> bool:
     return bool(workers) and all(died(c) and not may_restart(c, policy) for c in workers)
 
 
-def failed_shard(children: list[Child]) -> Child | None:
-    """A parameter-server shard that died and is not restarted: the run cannot go on."""
+def failed_shard(children: list[Child], policy) -> Child | None:
+    """A parameter-server shard that died and will not be restarted: the run cannot go on.
+
+    Asks the policy itself, like `no_worker_left`: a shard that dies after this loop's restart
+    pass and before this check (a SIGKILL at that moment) is restarted on the next pass, not
+    taken for a shard the policy gave up on (that race once ended a run under load)."""
     for child in children:
-        if child.name.startswith("ps") and died(child):
+        if child.name.startswith("ps") and died(child) and not may_restart(child, policy):
             return child
     return None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from asyncps.cli.launch import supervise
+from asyncps.cli.launch import failed_shard, supervise
 from asyncps.cli.processes import Child
 from asyncps.cli.watch import RunWatcher
 from asyncps.config import load_config
@@ -143,6 +143,22 @@ def test_a_child_with_a_configuration_error_is_not_restarted(tmp_path):
     assert children[0].restarts == 0
     assert f"asyncps launch: error: ps0: {bad} (see {tmp_path / 'ps0.log'})" in out.getvalue()
     assert children[1].poll() is not None  # the others were stopped
+
+
+def test_a_shard_killed_between_the_restart_pass_and_the_shard_check_is_restarted_not_fatal(tmp_path):
+    """The launcher's loop restarts dead children, then asks whether a shard failed for good. A
+    shard SIGKILLed between the two (it happened under load: the run stopped with "ps1 exited
+    with code -9; stopping the run") must be left for the next restart pass, not end the run."""
+    cfg = load_config(LINEAR, [f"run_dir={tmp_path}", "cluster.restart_policy.ps=on_failure",
+                               "cluster.restart_policy.max_restarts=2"])
+    shard = Child("ps1", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                  tmp_path / "ps1.log", role="ps")
+    shard.start()
+    shard.popen.wait()  # dead by SIGKILL, as if just after the restart pass looked
+    assert shard.poll() == -9
+    assert failed_shard([shard], cfg.cluster.restart_policy) is None  # the next pass restarts it
+    shard.restarts = 2  # the policy's restarts spent: now the run cannot go on
+    assert failed_shard([shard], cfg.cluster.restart_policy) is shard
 
 
 def test_the_watcher_reports_progress_and_failures(tmp_path):
