@@ -53,7 +53,7 @@ import json
 import logging
 import threading
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import grpc
@@ -174,12 +174,18 @@ class PSClient:
     def _each(self, fn, args_per_shard=None) -> list:
         """fn(shard_index, stub[, args]) on every shard in parallel; results by shard index.
 
-        Shard 0 runs in the calling thread, the others in this thread's own pool.
+        Shard 0 runs in the calling thread, the others in this thread's own pool. Every shard's
+        call has ended when this returns or raises (the first error in shard order): a call left
+        running behind an error would go on (a handshake half done, a push applied) after the
+        caller has moved on, or closed the client. Each call has a deadline, so the wait is bounded.
         """
         args = args_per_shard or [()] * len(self._stubs)
         jobs = list(enumerate(zip(self._stubs, args)))
         futs = [self._my_pool().submit(fn, i, stub, *a) for i, (stub, a) in jobs[1:]]
-        first = fn(0, jobs[0][1][0], *jobs[0][1][1])
+        try:
+            first = fn(0, jobs[0][1][0], *jobs[0][1][1])
+        finally:
+            wait(futs)
         return [first] + [f.result() for f in futs]
 
     def _my_pool(self) -> ThreadPoolExecutor:
