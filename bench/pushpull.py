@@ -9,6 +9,8 @@ that each call `push_pull` in a loop with the gradients of the 784-256-256-10 ML
 wall milliseconds, client CPU milliseconds and shard CPU milliseconds (user + system of the
 whole process, gRPC threads included). On a 2-core machine the CPU milliseconds are what the
 cluster pays per step on top of the model's own math; the wall time bounds one worker's rate.
+The client reads pulled values as the worker's loop does (PSClient.pulled_views: over shared
+memory, views of the segment instead of copies).
 `--compression raw` measures the floor instead: a bare gRPC unary call carrying the same number of
 bytes each way (identity serializers, prebuilt buffers, no work at either end).
 `--transport grpc shm`: the client's cluster.transport (default grpc), each setting interleaved
@@ -127,6 +129,8 @@ def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str |
     placement = place({n: (v.shape, v.dtype) for n, v in params.items()}, len(ports))
     client = PSClient([f"127.0.0.1:{p}" for p in ports], placement, cfg,
                       unary_bytes=UNARY_BYTES if unary is None else unary)
+    if hasattr(PSClient, "pulled_views"):  # as the worker's loop does (a checkout before it existed: copies)
+        client.pulled_views = True
     client.init(params)
     client.register(worker)
     _, versions = client.pull(worker=worker)

@@ -57,13 +57,14 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import grpc
+import numpy as np
 
 from asyncps.config import ClusterConfig, Config
 from asyncps.protos import codec, ps_pb2, table_rows
 from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
 from asyncps.shard_types import PushResult, Snapshot
-from asyncps.shm_peer import ShmLinks, ShmUnavailable, write_push
+from asyncps.shm_peer import ShmLinks, ShmPeer, ShmUnavailable, write_push
 from asyncps.table_router import TableRouter
 from asyncps.sparse import SparseRows
 
@@ -159,6 +160,53 @@ class PSClient:
         # shared memory (module docstring; common/shm_peer.py): which shards, the segments
         self.transport: str = transport or str(getattr(cluster, "transport", "grpc"))  # `transport`: overrides cfg
         self._shm = ShmLinks(self.addresses, self.transport, security.token, self.timeout, self._call)
+        self._push_views: tuple = (None, {})  # push_buffers: (the segments they were made for, views)
+
+    @property
+    def pulled_views(self) -> bool:
+        """True: values pulled through shared memory are read-only views of the segment, not
+        copies; they hold what was pulled until this client's next call to that shard (which
+        writes the segment again). For a loop that is done with its weights before it calls
+        again (the worker's, without cluster.prefetch); False (default): copies, kept at will."""
+        return self._shm.views
+
+    @pulled_views.setter
+    def pulled_views(self, on: bool) -> None:
+        self._shm.views = bool(on)
+
+    def push_buffers(self, worker: int, names: list[str]) -> dict[str, np.ndarray]:
+        """Arrays to compute `worker`'s next dense gradients in, when they go through shared memory:
+        views of each shard's push region at the place the push writes them, so a push whose
+        gradients (of `names`, in this order) were computed there copies nothing.
+
+        Only for a loop that computes its next gradient after its last call returned (the
+        worker's, without cluster.prefetch): the views are the segment, which the next push
+        writes. Variables split across shards, compressed pushes and shards not on shared
+        memory (or not opened yet) get none; their gradients are copied as usual. The views
+        change with the segments (a new handshake): ask again each step (cheap)."""
+        if self._compress is not None or worker != self._shm.worker:
+            return {}
+        key = (tuple(names), *((id(p), p.closed) if isinstance(p, ShmPeer) else p for p in self._shm.peers))
+        if self._push_views[0] != key:
+            self._push_views = key, self._place_push_buffers(names)
+        return self._push_views[1]
+
+    def _place_push_buffers(self, names: list[str]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, peer in enumerate(self._shm.peers):
+            if not isinstance(peer, ShmPeer):
+                continue
+            specs, whole = {}, set()
+            for name in names:
+                var = self.placement.variables[name]
+                block = next((b for b in var.blocks if b.shard == i), None)
+                if block is not None:
+                    specs[name] = (np.dtype(var.dtype), var.local_shape(block))
+                    if not var.split:
+                        whole.add(name)
+            views = peer.push_buffers(specs) if specs else None
+            out.update({name: view for name, view in (views or {}).items() if name in whole})
+        return out
 
     def shm_shards(self) -> list[bool]:
         """Per shard: True when this client's calls to it travel through shared memory."""

@@ -122,6 +122,7 @@ class Segment:
     def __init__(self, name: str, mm: mmap.mmap, size: int, owner: bool):
         self.name, self.mm, self.size, self.owner = name, mm, size, owner
         self.linked = owner  # the owner's name is in SHM_DIR until `unlink`
+        self._base: int | None = None  # the mapping's address (`_address`)
 
     @property
     def path(self) -> str:
@@ -207,22 +208,57 @@ class Segment:
 
     def write(self, arrays: Mapping[str, np.ndarray], lo: int, hi: int) -> list[tuple[str, np.ndarray, int]] | None:
         """Copies `arrays` (little-endian C-order wire arrays) one after another into [lo, hi),
-        64-byte aligned; [(name, array, offset)], or None when they do not fit."""
-        placed, at = [], lo
-        for name, array in arrays.items():
-            if at + array.nbytes > hi:
-                return None
-            placed.append((name, array, at))
-            at = aligned(at + array.nbytes)
+        64-byte aligned (`place`); [(name, array, offset)], or None when they do not fit.
+
+        An array that already lies at its place (computed there: `buffers`) is not copied. One
+        that lies elsewhere in the segment is copied aside first, so no write here overwrites
+        an input before it was read."""
+        offsets = place(((name, array.nbytes) for name, array in arrays.items()), lo, hi)
+        if offsets is None:
+            return None
+        placed = [(name, array, offsets[name]) for name, array in arrays.items()]
+        base, writes = self._address(), []
         for name, array, offset in placed:
-            if array.nbytes:
-                np.copyto(self.view(array.dtype, array.shape, offset), array, casting="no")
+            if not array.nbytes:
+                continue
+            start, end = _byte_bounds(array)
+            if start < base + self.size and end > base:  # inside this segment
+                if start == base + offset and array.flags.c_contiguous:
+                    continue
+                array = array.copy()
+            writes.append((array, offset))
+        for array, offset in writes:
+            np.copyto(self.view(array.dtype, array.shape, offset), array, casting="no")
         return placed
+
+    def buffers(self, specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]], lo: int, hi: int) -> dict | None:
+        """Writable views where `write` would place arrays of these (dtype, shape), in this
+        order, within [lo, hi); None when they do not fit. Arrays computed into them are written
+        without a copy (ShmPeer.push_buffers)."""
+        sizes = [(name, np.dtype(d).itemsize * math.prod(s)) for name, (d, s) in specs.items()]
+        offsets = place(sizes, lo, hi)
+        if offsets is None:
+            return None
+        return {name: self.view(np.dtype(d), tuple(s), offsets[name]) for name, (d, s) in specs.items()}
+
+    def _address(self) -> int:
+        """The mapping's address (kept: a view held here would stop `close` from unmapping)."""
+        if self._base is None:
+            probe = np.frombuffer(self.mm, dtype=np.uint8, count=1)
+            self._base = int(probe.ctypes.data)
+            del probe
+        return self._base
 
     def copy_out(self, dtype: np.dtype, shape: tuple[int, ...], offset: int, nbytes: int, lo: int, hi: int,
                  what: str) -> np.ndarray:
         """A private copy of the tensor at [offset, offset + nbytes), which must lie in [lo, hi)
         and match dtype x shape; ShmError (the message names `what`) otherwise."""
+        return self.checked_view(dtype, shape, offset, nbytes, lo, hi, what).copy()
+
+    def checked_view(self, dtype: np.dtype, shape: tuple[int, ...], offset: int, nbytes: int, lo: int, hi: int,
+                     what: str) -> np.ndarray:
+        """A read-only live view of the tensor at [offset, offset + nbytes), checked as by
+        `copy_out`. Its values change when the other side writes there again."""
         if any(d < 0 for d in shape):
             raise ShmError(f"{what}: negative dimension in shape {list(shape)}")
         expected = np.dtype(dtype).itemsize * math.prod(shape)
@@ -231,8 +267,34 @@ class Segment:
         if offset < lo or offset + nbytes > hi:
             raise ShmError(f"{what}: bytes [{offset}, {offset + nbytes}) outside the region [{lo}, {hi})")
         if not nbytes:
-            return np.zeros(shape, dtype=dtype)
-        return self.view(dtype, shape, offset).copy()
+            view = np.zeros(shape, dtype=dtype)
+        else:
+            view = self.view(dtype, shape, offset)
+        view.flags.writeable = False
+        return view
+
+
+def place(sizes: Iterable[tuple[str, int]], lo: int, hi: int) -> dict[str, int] | None:
+    """{name: offset} of tensors of these byte counts placed one after another in [lo, hi),
+    each 64-byte aligned; None when they do not fit."""
+    offsets, at = {}, lo
+    for name, nbytes in sizes:
+        if at + nbytes > hi:
+            return None
+        offsets[name] = at
+        at = aligned(at + nbytes)
+    return offsets
+
+
+def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
+    """[start, end) addresses of the memory `a` spans (numpy's byte_bounds, which numpy 2 moved)."""
+    start = end = int(a.__array_interface__["data"][0])
+    for n, stride in zip(a.shape, a.strides):
+        if stride < 0:
+            start += (n - 1) * stride
+        else:
+            end += (n - 1) * stride
+    return start, end + a.itemsize
 
 
 def _unlink(path: str) -> None:

@@ -50,6 +50,14 @@ class ShmPeer:
         return [ps_pb2.ShmTensor(name=name, dtype=codec.dtype_name(a.dtype), shape=a.shape, offset=offset,
                                  nbytes=a.nbytes) for name, a, offset in placed]
 
+    def push_buffers(self, specs) -> dict | None:
+        """Views of the push region where `write_push` places gradients of these {name: (dtype,
+        shape)} in this order (Segment.buffers): gradients computed there are pushed without a
+        copy. None when the segment was dropped or they do not fit."""
+        if self.closed:
+            return None
+        return self.segment.buffers(specs, *self.push)
+
     def call(self, stub, request: ps_pb2.ShmRequest, timeout: float) -> ps_pb2.ShmReply:
         """One control message: over the socket, else the ShmPushPull method. Errors are
         grpc.RpcError either way (shm_control.ControlError on the socket)."""
@@ -66,11 +74,13 @@ class ShmPeer:
         assert self.control is not None
         return ps_pb2.ShmReply.FromString(self.control.receive(timeout))
 
-    def read_pull(self, tensors) -> dict:
-        """Copies of the pulled values the shard wrote into the pull region."""
+    def read_pull(self, tensors, views: bool = False) -> dict:
+        """The pulled values the shard wrote into the pull region: copies, or with `views`
+        read-only views of the region (see ShmLinks.views)."""
         lo, hi = self.pull
-        return {t.name: self.segment.copy_out(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, lo, hi,
-                                              f"pulled {t.name!r}") for t in tensors}
+        read = self.segment.checked_view if views else self.segment.copy_out
+        return {t.name: read(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, lo, hi, f"pulled {t.name!r}")
+                for t in tensors}
 
     def interrupt(self) -> None:
         """Ends a control call in flight (the client is closing); it raises UNAVAILABLE."""
@@ -143,6 +153,11 @@ class ShmLinks:
         self.worker: int | None = None  # the worker the client registered
         self.peers: list = [False if transport == "grpc" else None] * len(addresses)
         self._said = False  # a fallback to gRPC is logged once
+        # views: pulled values are read-only views of the segment instead of copies. They stay as
+        # pulled until this client's next call to that shard (only that call writes the region),
+        # so a loop that is done with its weights before it calls again saves a copy of the model
+        # per step (PSClient.pulled_views). False: copies, which any caller may keep.
+        self.views = False
         self._control_said = False  # and so is a control socket that could not be connected
 
     def registered(self, worker: int) -> None:
@@ -203,7 +218,7 @@ class ShmLinks:
                 return None
         try:
             reply = peer.call(stub, request, self.timeout)
-            return reply.header, peer.read_pull(reply.tensors)
+            return reply.header, peer.read_pull(reply.tensors, self.views)
         except grpc.RpcError:
             self.drop(i, peer)
             raise
@@ -231,7 +246,7 @@ class ShmLinks:
             peer = calls[i][0]
             try:
                 reply = peer.receive(deadline - time.monotonic())
-                out[i] = reply.header, peer.read_pull(reply.tensors)
+                out[i] = reply.header, peer.read_pull(reply.tensors, self.views)
                 self._finish(i, peer, None)
             except BaseException as err:
                 error = error or err

@@ -22,6 +22,31 @@ def test_tensor_used_twice_accumulates():
     np.testing.assert_allclose(g, 2 * x + 1)
 
 
+def test_gradients_into_given_arrays_equal_the_usual_ones():
+    """tape.gradient(out=...): the worker computes gradients into its shared-memory segment.
+    The arrays given are the ones returned, with the same values, also for a variable used twice
+    (its contributions add up after the first was written there) and one the loss ignores."""
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((5, 3)).astype(np.float32), "b": rng.standard_normal(3).astype(np.float32),
+              "v": rng.standard_normal((3, 3)).astype(np.float32), "unused": np.ones(2, np.float32)}
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+
+    def grads(out=None):
+        with GradientTape() as tape:
+            t = {k: tape.watch(v) for k, v in params.items()}
+            h = ops.linear(x, t["w"], t["b"])
+            y = ops.matmul(h, t["v"]) + ops.matmul(h, t["v"])  # v used twice: accumulated
+            loss = (y * y).sum()
+        return tape.gradient(loss, t, out=out)
+
+    usual = grads()
+    out = {k: np.full_like(v, np.nan) for k, v in params.items()}
+    given = grads(out)
+    for k in params:
+        assert given[k] is out[k]
+        np.testing.assert_array_equal(given[k], usual[k])
+
+
 def test_diamond_graph_is_ordered_before_reversal():
     x = np.array([0.5, -1.5])
     (g,) = grad_of(lambda t: ((a := ops.exp(t)) * ops.tanh(a)).sum(), x)

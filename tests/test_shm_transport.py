@@ -118,6 +118,65 @@ def test_shm_and_grpc_give_the_same_results(shards, sparse, prefix_clean):
     assert {r.result for r in seen_s[-2]} == {"DUPLICATE"}
 
 
+def test_pulled_views_hold_the_pull_until_the_next_call(prefix_clean):
+    """PSClient.pulled_views (the worker's loop): read-only views of the segment, equal to the
+    copies gRPC gives, holding their values until the next call writes the segment again."""
+    grpc_run, shm_run = Cluster(1, "grpc"), Cluster(1, "shm")
+    try:
+        shm_run.client.pulled_views = True
+        got = {}
+        for name, c in (("grpc", grpc_run), ("shm", shm_run)):
+            c.client.register(0)
+            _, versions = c.client.pull(worker=0)
+            _, first, versions = c.client.push_pull(_grads(1, False), versions, 0, 0)
+            kept = {n: v.copy() for n, v in first.items()}
+            _, second, _ = c.client.push_pull(_grads(2, False), versions, 0, 1)
+            got[name] = first, kept, second
+        g_first, _, g_second = got["grpc"]
+        s_first, s_kept, s_second = got["shm"]
+        for n in g_second:
+            np.testing.assert_array_equal(s_kept[n], g_first[n])  # what was pulled, bit for bit
+            np.testing.assert_array_equal(s_second[n], g_second[n])
+            assert not s_second[n].flags.writeable and not s_second[n].flags.owndata
+        # the second call rewrote the region the first pull's views show; gRPC's copies stay
+        assert not np.array_equal(s_first["w"], s_kept["w"])
+        np.testing.assert_array_equal(s_first["w"], s_second["w"])
+        with pytest.raises(ValueError):
+            s_second["w"][0, 0] = 1.0  # a caller cannot write into the segment by mistake
+    finally:
+        grpc_run.close()
+        shm_run.close()
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_gradients_computed_in_the_push_region_push_the_same(shards, prefix_clean):
+    """PSClient.push_buffers (the worker's loop computes its gradients there): the pushes give
+    what copied gradients give, bit for bit; a variable split across shards gets no buffer."""
+    runs = {}
+    for name, transport in (("grpc", "grpc"), ("shm", "shm")):
+        c = Cluster(shards, transport)
+        try:
+            c.client.register(0)
+            _, versions = c.client.pull(worker=0)
+            names = ["w", "b", "emb"]
+            got = []
+            for i in range(4):
+                grads = _grads(i, sparse=False)
+                bufs = c.client.push_buffers(0, names)
+                if transport == "shm":
+                    split = {n for n in names if c.placement.variables[n].split}
+                    assert set(bufs) == set(names) - split and (shards == 1 or "w" in split)
+                for n, buf in bufs.items():
+                    buf[...] = grads[n]
+                    grads[n] = buf
+                results, params, versions = c.client.push_pull(grads, versions, 0, i)
+                got.append((results, versions, {n: v.copy() for n, v in params.items()}))
+            runs[name] = repr(got)
+        finally:
+            c.close()
+    assert runs["grpc"] == runs["shm"]
+
+
 @pytest.mark.parametrize("compression", ["fp16", "bf16"])
 def test_compressed_pushes_over_shm(compression, prefix_clean):
     a = _sequence("grpc", 2, False, compression=compression)
@@ -302,6 +361,30 @@ def test_a_stale_generation_is_refused(prefix_clean):
         assert c.servers[0].shm.stats()["shm_segments"] == 1
     finally:
         c.close()
+
+
+def test_segment_write_of_arrays_computed_in_place():
+    """Segment.buffers/write: arrays computed at their place are pushed without a copy; arrays
+    that lie elsewhere in the segment (asked for in another order) are copied aside first, so
+    no write overwrites an input before it was read."""
+    seg, _ = shm.Segment.create(shm.prefix_for(None), shm.HEADER_BYTES + 8192)
+    try:
+        lo, hi = shm.HEADER_BYTES, seg.size
+        specs = {"a": (np.dtype(np.float32), (100,)), "b": (np.dtype(np.float32), (300,))}
+        bufs = seg.buffers(specs, lo, hi)
+        bufs["a"][:] = np.arange(100)
+        bufs["b"][:] = -np.arange(300)
+        placed = seg.write({"a": bufs["a"], "b": bufs["b"]}, lo, hi)
+        assert [(n, o) for n, _, o in placed] == [("a", lo), ("b", lo + 448)]  # 400 bytes, 64-aligned
+        np.testing.assert_array_equal(seg.view(np.float32, (100,), lo), np.arange(100))
+        # the other order: b goes first, over the bytes a holds
+        placed = seg.write({"b": bufs["b"].copy(), "a": bufs["a"]}, lo, hi)
+        offsets = {n: o for n, _, o in placed}
+        np.testing.assert_array_equal(seg.view(np.float32, (300,), offsets["b"]), -np.arange(300))
+        np.testing.assert_array_equal(seg.view(np.float32, (100,), offsets["a"]), np.arange(100))
+        assert seg.buffers(specs, lo, lo + 600) is None  # they do not fit
+    finally:
+        seg.close()
 
 
 def test_remove_segments_by_prefix():

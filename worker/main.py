@@ -196,11 +196,16 @@ class WorkerLoop:
             return self.run_with_tables(stop, chief)
         if self.cfg.cluster.prefetch and self.cfg.cluster.mode == "async" and self.ages is None:
             return self.run_prefetching(stop, chief)  # (controlled staleness decides the reads itself)
+        # Each step is done with its weights before its push-pull, and computes its gradient
+        # after the last one returned: weights are read from the shared-memory segment and
+        # gradients computed into it, no copy either way (PSClient.pulled_views, push_buffers).
+        self.ps.pulled_views = True
+        dense = [n for n in self.compute.trainable if n not in self.tables]
         params, versions = self.rejoin(stop)  # the first pull, robust to a shard being restarted or restored
         reporter = self.reporter = LossReporter(chief, self.index)
         while not stop.is_set():
             pulled = time.perf_counter()
-            loss, grads = self.gradient(params, versions, stop)
+            loss, grads = self.gradient(params, versions, stop, into=self.ps.push_buffers(self.index, dense))
             reporter.pull_to_push.add(time.perf_counter() - pulled)
             params, versions = self.push_or_rejoin(grads, versions, stop)
             reporter.add(self.seq, loss)
@@ -210,6 +215,7 @@ class WorkerLoop:
         rows, push its row gradients and pull batch t+1's rows in one push-pull."""
         batches = self.batches
         assert batches is not None  # (run() calls this only for a model with a table)
+        self.ps.pulled_views = True  # (as in run)
         params, versions, rows = self.rejoin(stop, self.pull_with_rows)
         reporter = self.reporter = LossReporter(chief, self.index)
         while not stop.is_set():
@@ -239,14 +245,14 @@ class WorkerLoop:
         assert self.batches is not None
         return self.ps.pull_with_rows(self.batches.wanted(), worker=self.index)
 
-    def gradient(self, params, versions, stop):
+    def gradient(self, params, versions, stop, into=None):
         """(loss, gradients) of the next batch on `params` (read at the shards' `versions`), then
-        the configured delay (before the push)."""
+        the configured delay (before the push); `into`: arrays to compute gradients in."""
         indices, batch = next(self.stream)
         if self.update_log is not None:
             self.update_log.step(self.seq, self.stream.step_of(batch), self.rng, versions)
         started = time.perf_counter()
-        loss, grads = self.compute(params, self.data.x_train[indices], self.data.y_train[indices], self.rng)
+        loss, grads = self.compute(params, self.data.x_train[indices], self.data.y_train[indices], self.rng, out=into)
         if self.delay.active:
             self.delay.wait(self.seq, time.perf_counter() - started, stop)
         return loss, grads

@@ -30,14 +30,17 @@ class GradientComputer:
     def _loss(self, params, x, y, rng):
         return self.model.loss(params, x, y, training=True, rng=rng)
 
-    def __call__(self, params: dict[str, np.ndarray], x, y, rng: np.random.Generator
+    def __call__(self, params: dict[str, np.ndarray], x, y, rng: np.random.Generator, out: dict | None = None
                  ) -> tuple[float, dict[str, np.ndarray | SparseRows]]:
+        """`out`: {name: array} to return those dense gradients in (the worker passes views of
+        its shared-memory push region, so the push copies nothing; GradientTape.gradient). Graph
+        mode returns its own buffers and ignores it."""
         if self._graph is not None:
             return self._graph(params, x, y, rng)
         with GradientTape() as tape:
             watched = {k: tape.watch(params[k]) for k in self.trainable}
             loss = self._loss({**params, **watched}, x, y, rng)
-        return float(loss.value), tape.gradient(loss, watched)
+        return float(loss.value), tape.gradient(loss, watched, out=out)
 
 
 _BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOTO_NUM_THREADS")

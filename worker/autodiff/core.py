@@ -61,6 +61,17 @@ class Op:
         return f"Op({self.name})"
 
 
+_TAKES_OUT: dict = {}  # code object -> accepts_out (PerArg makes a new lambda per call, same code)
+
+
+def _takes_out(fn) -> bool:
+    key = getattr(fn, "__code__", fn)
+    known = _TAKES_OUT.get(key)
+    if known is None:
+        known = _TAKES_OUT[key] = accepts_out(fn)
+    return known
+
+
 def accepts_out(fn) -> bool:
     """Whether a forward or VJP can write its result into a preallocated ``out`` buffer."""
     return accepts(fn, "out")
@@ -265,17 +276,29 @@ class GradientTape:
             self.records.append((node, args, attrs, value))
         return Tensor(value, node, self)
 
-    def gradient(self, target: Tensor, sources, output_gradients=None):
+    def gradient(self, target: Tensor, sources, output_gradients=None, out: dict | None = None):
         """Gradients of `target` w.r.t. `sources` (a Tensor, list or dict), keyed like sources.
 
         `output_gradients` is the cotangent of `target` (default: ones). Sources that the target
-        does not depend on get zeros.
+        does not depend on get zeros. `out` (dict sources): arrays, each of its source's shape,
+        that the dense gradients are returned in; a source's last VJP writes there directly where
+        it can (no copy: a worker computes into shared memory this way), else the gradient is
+        copied there. A gradient that comes as SparseRows is returned as such.
         """
         seed = output_gradients
         if seed is None:
             seed = np.ones_like(target.value)
-        grads = backward(target.node, seed) if target.node is not None else {}
-        return _map_sources(sources, lambda t: _grad_or_zeros(grads, t))
+        into = None
+        if out:
+            into = {sources[k].node: buf for k, buf in out.items() if type(sources[k]) is Tensor}
+        grads = backward(target.node, seed, into=into) if target.node is not None else {}
+        result = _map_sources(sources, lambda t: _grad_or_zeros(grads, t))
+        for k, buf in (out or {}).items():
+            g = result[k]
+            if isinstance(g, np.ndarray) and g is not buf:
+                np.copyto(buf, g)
+                result[k] = buf
+        return result
 
 
 def _map_sources(sources, fn):
@@ -306,11 +329,13 @@ def toposort(root: Node) -> list[Node]:
     return sorted(seen, key=_creation_order)
 
 
-def backward(root: Node, seed, observe=None) -> dict[Node, object]:
+def backward(root: Node, seed, observe=None, into: dict | None = None) -> dict[Node, object]:
     """Reverse accumulation from `root` with cotangent `seed`; returns the leaves' gradients.
 
     `observe(node, i, parent, cotangent, contribution, accumulated)`, if given, sees every
-    VJP step (graph mode compiles its replay from it).
+    VJP step (graph mode compiles its replay from it). `into` ({leaf node: array}): a leaf's
+    first contribution is written into its array when the VJP takes ``out`` (a later one is
+    accumulated into a new array as usual; GradientTape.gradient copies the sum back).
     """
     grads = {root: seed}
     for node in reversed(toposort(root)):
@@ -320,7 +345,9 @@ def backward(root: Node, seed, observe=None) -> dict[Node, object]:
         for i, parent in enumerate(node.parents):
             if parent is None or not parent.needs_grad:
                 continue
-            c = node.op.vjp(i)(g, node.res)
+            fn = node.op.vjp(i)
+            buf = into.get(parent) if into and parent not in grads else None
+            c = fn(g, node.res, out=buf) if buf is not None and _takes_out(fn) else fn(g, node.res)
             grads[parent] = accumulate(grads[parent], c) if parent in grads else c
             if observe is not None:
                 observe(node, i, parent, g, c, grads[parent])
