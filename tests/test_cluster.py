@@ -19,12 +19,14 @@ def test_dry_run_prints_every_process(tmp_path):
     assert not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_sync_mode_has_zero_staleness(tmp_path):
     run_ok("launch", LINEAR, f"run_dir={tmp_path}", "cluster.mode=sync", "train.max_steps=200", timeout=120)
     r = report(tmp_path)
     assert r["staleness"]["max"] == 0 and r["staleness"]["count"] > 0
 
 
+@pytest.mark.slow
 def test_ssp_bound_holds(tmp_path):
     s, workers = 2, 3
     run_ok("launch", LINEAR, f"run_dir={tmp_path}", "cluster.mode=ssp", f"cluster.staleness_bound={s}",

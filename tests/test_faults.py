@@ -291,6 +291,7 @@ def test_a_worker_sees_refusals_restores_and_restarts_of_shards_alike_on_both_tr
 # A worker dies
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_step_training_continues_and_the_run_replays_bit_for_bit(tmp_path, launch):
     """docs/failures.md, "A worker dies": the others train on, the chief records the failure
     (no step lost), the launcher restarts the worker, which takes its own index back and

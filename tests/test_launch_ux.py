@@ -35,6 +35,7 @@ def linear_run(tmp_path_factory):
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_launch_ends_with_the_summary_train_prints(linear_run):
     run_dir, proc = linear_run
     out = proc.stdout.splitlines()
@@ -73,6 +74,7 @@ def test_the_summary_puts_the_planted_model_beside_the_run_for_train_and_launch(
     assert reference_section(Chief()) == {}
 
 
+@pytest.mark.slow
 def test_max_steps_is_exactly_the_updates_applied(linear_run):
     run_dir, _ = linear_run
     r = report(run_dir)
@@ -80,6 +82,7 @@ def test_max_steps_is_exactly_the_updates_applied(linear_run):
     assert r["versions"] == [700] and r["pushes"]["applied"] == 700
 
 
+@pytest.mark.slow
 def test_evaluations_are_at_exact_multiples_of_eval_every(linear_run):
     run_dir, _ = linear_run
     steps = [r["step"] for r in rows(run_dir) if r["kind"] == "eval"]
@@ -89,6 +92,7 @@ def test_evaluations_are_at_exact_multiples_of_eval_every(linear_run):
     assert len(final) == 1 and final[0]["evaluation"] == "at stop"
 
 
+@pytest.mark.slow
 def test_one_zero_point_and_no_death_for_stopped_workers(linear_run):
     run_dir, _ = linear_run
     all_rows, r = rows(run_dir), report(run_dir)
@@ -102,6 +106,7 @@ def test_one_zero_point_and_no_death_for_stopped_workers(linear_run):
     assert all_rows[-1]["kind"] in ("final", "worker_exited") and r["membership"]["deaths"] == 0
 
 
+@pytest.mark.slow
 def test_the_last_telemetry_window_is_flushed_at_stop(linear_run):
     run_dir, _ = linear_run
     final_rows = [x for x in rows(run_dir) if x["kind"] == "telemetry" and x["final"]]
@@ -109,6 +114,7 @@ def test_the_last_telemetry_window_is_flushed_at_stop(linear_run):
     assert set(report(run_dir)["pull_to_push_ms"]["per_worker"]) == {"0", "1"}
 
 
+@pytest.mark.slow
 def test_a_missed_target_is_said_in_words_and_exits_0(tmp_path):
     proc = run_ok("launch", LINEAR, f"run_dir={tmp_path}", "train.max_steps=60", "train.target.value=1.0e-30",
                   "cluster.workers=1", timeout=180)
@@ -225,6 +231,7 @@ def test_duplicate_ports_are_one_line(ports):
         load_config(LINEAR, ports)
 
 
+@pytest.mark.slow
 def test_a_stop_file_ends_the_run_cleanly_with_its_report(tmp_path):
     import subprocess
     import sys

@@ -34,6 +34,7 @@ def softmax_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_replay_reproduces_async_softmax_run_bit_for_bit(softmax_run):
     proc = run_ok("replay", softmax_run, timeout=300)
     assert "bit-identical" in proc.stdout
@@ -48,6 +49,7 @@ def test_replay_reproduces_async_softmax_run_bit_for_bit(softmax_run):
     assert max(int(s) for s in summary["staleness"]["histogram"]) > 0  # a run that had staleness
 
 
+@pytest.mark.slow
 def test_without_staleness_is_a_different_staleness_0_result(softmax_run):
     run_ok("replay", softmax_run, "--without-staleness", timeout=300)
     counterfactual = load_params(softmax_run / "replay" / "params_without_staleness.npz")
@@ -58,6 +60,7 @@ def test_without_staleness_is_a_different_staleness_0_result(softmax_run):
     assert summary["metrics"]["accuracy"] > 0.85
 
 
+@pytest.mark.slow
 def test_shard_log_records_every_applied_push(softmax_run):
     report = json.loads((softmax_run / "report.json").read_text())
     for shard, version in enumerate(report["versions"]):
@@ -143,6 +146,7 @@ def test_replay_reproduces_sparse_embedding_gradients(tmp_path):
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
 
 
+@pytest.mark.slow
 def test_a_log_cut_short_is_refused_not_replayed_wrong(softmax_run, tmp_path):
     import shutil
 
@@ -154,6 +158,7 @@ def test_a_log_cut_short_is_refused_not_replayed_wrong(softmax_run, tmp_path):
     assert proc.returncode == 2 and "cut short" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_replay_that_does_not_match_says_so(softmax_run, tmp_path):
     """The comparison is not vacuous: a different learning rate gives other weights, exit 1."""
     import shutil

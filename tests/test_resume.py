@@ -132,6 +132,7 @@ def test_resume_dir_and_another_run_dir_is_refused(tmp_path):
     assert Path(cfg.run_dir) == run_a
 
 
+@pytest.mark.slow
 def test_launch_resume_of_a_copy_leaves_the_original_untouched(tmp_path):
     """End to end: `cp -a A B; asyncps launch B/config.yaml --resume B train.max_steps=...`."""
     run_a = make_run(tmp_path / "A", folder="checkpoints")

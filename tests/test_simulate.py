@@ -48,6 +48,7 @@ def test_one_worker_with_zero_compute_time_is_plain_train_bit_for_bit(tmp_path):
     assert hist(simulated) == {0: 150} == hist(plain)
 
 
+@pytest.mark.slow
 def test_one_worker_mnist_softmax_is_plain_train_bit_for_bit(tmp_path):
     over = ("train.max_steps=60", "train.batch_size=50")
     plain, p0 = run(tmp_path, "plain", *over, config="mnist_softmax.yaml")

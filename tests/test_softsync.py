@@ -55,6 +55,7 @@ def test_softsync_limits_are_one_line():
         load_config(LINEAR, ["cluster.mode=softsync", "optimizer.staleness_policy.name=dcasgd"])
 
 
+@pytest.mark.slow
 def test_a_softsync_cluster_trains(tmp_path):
     run_ok("launch", LINEAR, f"run_dir={tmp_path}", "cluster.mode=softsync", "cluster.workers=2",
            "cluster.softsync_n=1", "train.max_steps=300", "train.eval_every=100", timeout=180)

@@ -292,7 +292,8 @@ def test_chief_metrics_endpoint(tmp_path):
 # A whole cluster
 
 
-@pytest.mark.parametrize("prefetch", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["async", "prefetch"])
+@pytest.mark.slow  # a real cluster (launcher, shard, chief, two workers), both ways
+@pytest.mark.parametrize("prefetch", [False, True], ids=["async", "prefetch"])
 def test_cluster_telemetry_rows_add_up_to_the_report(tmp_path, prefetch):
     """Also the suite's plain async run of two workers through `asyncps launch` (y = 2x): both
     workers push, every push is counted once, the model is learned, every process logs. Each

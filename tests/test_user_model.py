@@ -43,6 +43,7 @@ def examples_on_path(monkeypatch):
 # ------------------------------------------------------------------------------- the example
 
 
+@pytest.mark.slow
 def test_example_runs_through_asyncps_launch_with_pythonpath(tmp_path):
     run_dir = tmp_path / "run"
     # from another directory: only PYTHONPATH finds my_model (as in a user's project)
@@ -80,6 +81,7 @@ def test_example_runs_through_the_python_api(tmp_path, examples_on_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["final"] == report["final"]
 
 
+@pytest.mark.slow
 def test_python_api_launch_returns_the_report(tmp_path, examples_on_path):
     report = asyncps.launch(CONFIG, run_dir=str(tmp_path / "run"), cluster={"workers": 1},
                             **{"train.max_steps": 100, "train.eval_every": 50, "model.blocks": 1})
@@ -87,6 +89,7 @@ def test_python_api_launch_returns_the_report(tmp_path, examples_on_path):
     assert report["config"]["model"]["blocks"] == 1
 
 
+@pytest.mark.slow
 def test_python_api_launch_resumes_a_run(tmp_path, examples_on_path):
     run_dir = str(tmp_path / "run")
     short = {"run_dir": run_dir, "cluster": {"workers": 1}, "checkpoint": {"every_steps": 50}}
