@@ -81,21 +81,32 @@ def test_example_runs_through_the_python_api(tmp_path, examples_on_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["final"] == report["final"]
 
 
+@pytest.fixture(scope="module")
+def api_launch_and_resume(tmp_path_factory):
+    """One `asyncps.launch` of the example (1 worker, 1 block, 100 steps, checkpoints every 50)
+    and its resume to 150 steps: (first report, resumed report, run_dir). One scenario for the two
+    tests below, which each used to launch it (a launch is seconds of process start-up)."""
+    run_dir = str(tmp_path_factory.mktemp("api") / "run")
+    short = {"run_dir": run_dir, "cluster": {"workers": 1}, "checkpoint": {"every_steps": 50}, "model.blocks": 1}
+    with pytest.MonkeyPatch.context() as mp:  # examples_on_path, for the module's scope
+        mp.syspath_prepend(str(EXAMPLES))
+        mp.setenv("PYTHONPATH", str(EXAMPLES))
+        first = asyncps.launch(CONFIG, **short, **{"train.max_steps": 100, "train.eval_every": 50})
+        again = asyncps.launch(CONFIG, resume=True, **short, **{"train.max_steps": 150, "train.eval_every": 50})
+    return first, again, run_dir
+
+
 @pytest.mark.slow
-def test_python_api_launch_returns_the_report(tmp_path, examples_on_path):
-    report = asyncps.launch(CONFIG, run_dir=str(tmp_path / "run"), cluster={"workers": 1},
-                            **{"train.max_steps": 100, "train.eval_every": 50, "model.blocks": 1})
+def test_python_api_launch_returns_the_report(api_launch_and_resume):
+    report, _, _ = api_launch_and_resume
     assert report["steps"] == 100 and report["final"]["accuracy"] > CHANCE
     assert report["config"]["model"]["blocks"] == 1
 
 
 @pytest.mark.slow
-def test_python_api_launch_resumes_a_run(tmp_path, examples_on_path):
-    run_dir = str(tmp_path / "run")
-    short = {"run_dir": run_dir, "cluster": {"workers": 1}, "checkpoint": {"every_steps": 50}}
-    first = asyncps.launch(CONFIG, **short, **{"train.max_steps": 100, "train.eval_every": 50})
+def test_python_api_launch_resumes_a_run(api_launch_and_resume):
+    first, again, run_dir = api_launch_and_resume
     assert first["steps"] == 100
-    again = asyncps.launch(CONFIG, resume=True, **short, **{"train.max_steps": 150, "train.eval_every": 50})
     assert again["steps"] == 150 and again["run_dir"] == run_dir
     with pytest.raises(ConfigError, match="resume=True needs run_dir="):
         asyncps.launch(CONFIG, resume=True)
