@@ -64,7 +64,7 @@ from asyncps.protos import codec, ps_pb2, table_rows
 from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
 from asyncps.shard_types import PushResult, Snapshot
-from asyncps.shm_peer import ShmLinks, ShmPeer, ShmUnavailable, write_push
+from asyncps.shm_peer import AT_LAYOUT, ShmLinks, ShmPeer, ShmUnavailable, write_push
 from asyncps.table_router import TableRouter
 from asyncps.sparse import SparseRows
 
@@ -110,6 +110,14 @@ def channel_options() -> list[tuple[str, Any]]:
 UNARY_BYTES = 4 << 20  # at most this many bytes each way: one unary message instead of a stream
 def _nbytes(tensors: Mapping[str, Any]) -> int:
     return sum(v.values.nbytes + v.rows.nbytes if isinstance(v, SparseRows) else v.nbytes for v in tensors.values())
+
+
+def _shm_request(peer: ShmPeer, header: ps_pb2.PushHeader, tensors, pull: bool) -> ps_pb2.ShmRequest:
+    """A push (and pull of every variable) whose gradients `write_push` placed: at the segment's
+    layout (AT_LAYOUT), or described by their ShmTensors."""
+    if tensors is AT_LAYOUT:
+        return ps_pb2.ShmRequest(generation=peer.generation, push=header, pull=pull, at_layout=True)
+    return ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=tensors, pull=pull)
 
 
 def _push_result(reply: ps_pb2.PushReply) -> PushResult:
@@ -160,7 +168,6 @@ class PSClient:
         # shared memory (module docstring; common/shm_peer.py): which shards, the segments
         self.transport: str = transport or str(getattr(cluster, "transport", "grpc"))  # `transport`: overrides cfg
         self._shm = ShmLinks(self.addresses, self.transport, security.token, self.timeout, self._call)
-        self._push_views: tuple = (None, {})  # push_buffers: (the segments they were made for, views)
 
     @property
     def pulled_views(self) -> bool:
@@ -175,37 +182,22 @@ class PSClient:
         self._shm.views = bool(on)
 
     def push_buffers(self, worker: int, names: list[str]) -> dict[str, np.ndarray]:
-        """Arrays to compute `worker`'s next dense gradients in, when they go through shared memory:
-        views of each shard's push region at the place the push writes them, so a push whose
-        gradients (of `names`, in this order) were computed there copies nothing.
+        """Arrays to compute `worker`'s next dense gradients in, where they go through shared
+        memory: the places in each shard's segment where the push puts them (ShmPeer.push_at),
+        so a push of gradients computed there copies nothing.
 
         Only for a loop that computes its next gradient after its last call returned (the
-        worker's, without cluster.prefetch): the views are the segment, which the next push
-        writes. Variables split across shards, compressed pushes and shards not on shared
-        memory (or not opened yet) get none; their gradients are copied as usual. The views
-        change with the segments (a new handshake): ask again each step (cheap)."""
+        worker's, without cluster.prefetch): the arrays are the segment, which the next push
+        hands to the shard. Variables split across shards, compressed pushes and shards not on
+        shared memory (or not opened yet) get none; their gradients are copied as usual. The
+        arrays change with the segments (a new handshake): ask again each step (cheap)."""
         if self._compress is not None or worker != self._shm.worker:
             return {}
-        key = (tuple(names), *((id(p), p.closed) if isinstance(p, ShmPeer) else p for p in self._shm.peers))
-        if self._push_views[0] != key:
-            self._push_views = key, self._place_push_buffers(names)
-        return self._push_views[1]
-
-    def _place_push_buffers(self, names: list[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for i, peer in enumerate(self._shm.peers):
-            if not isinstance(peer, ShmPeer):
-                continue
-            specs, whole = {}, set()
-            for name in names:
-                var = self.placement.variables[name]
-                block = next((b for b in var.blocks if b.shard == i), None)
-                if block is not None:
-                    specs[name] = (np.dtype(var.dtype), var.local_shape(block))
-                    if not var.split:
-                        whole.add(name)
-            views = peer.push_buffers(specs) if specs else None
-            out.update({name: view for name, view in (views or {}).items() if name in whole})
+        for peer in self._shm.peers:
+            if isinstance(peer, ShmPeer) and not peer.closed:
+                out.update((n, peer.push_at[n]) for n in names
+                           if n in peer.push_at and not self.placement.variables[n].split)
         return out
 
     def shm_shards(self) -> list[bool]:
@@ -329,9 +321,10 @@ class PSClient:
             peer = self._shm.peer(i, stub, worker) if not at_version else None
             if peer is not None:
                 if not req.no_values:  # (a rows-only pull goes over gRPC: the segment has no such request)
+                    everything = not req.names and bool(peer.pull_at)  # at the segment's layout
                     out = self._shm.call(i, stub, peer, ps_pb2.ShmRequest(
                         generation=peer.generation, pull=True, worker=worker, age=age, names=req.names,
-                        tables=req.tables))
+                        tables=req.tables, at_layout=everything))
                     if out is not None:
                         return out
             if self._pull_bytes[i] + self._rows.nbytes(req.tables) <= self._unary:
@@ -371,7 +364,7 @@ class PSClient:
             tensors = write_push(peer, part)  # holds peer.lock when not None
             if peer is not None and tensors is not None:
                 header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i])
-                request = ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=tensors)
+                request = _shm_request(peer, header, tensors, pull=False)
                 header, _ = self._shm.call(i, stub, peer, request, locked=True)
                 return _push_result(header.push)
             if _nbytes(part) <= self._unary:
@@ -435,8 +428,7 @@ class PSClient:
                 if peer is not None and tensors is not None:
                     header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=versions[i], pull_age=pull_age,
                                                table_grads=pushed, table_pull=asked)
-                    requests.append(("shm", (peer, ps_pb2.ShmRequest(generation=peer.generation, push=header,
-                                                                    tensors=tensors, pull=True))))
+                    requests.append(("shm", (peer, _shm_request(peer, header, tensors, pull=True))))
                 elif self._pull_bytes[i] <= self._unary and _nbytes(part) + extra <= self._unary:
                     requests.append(("one", self._push_message(part, versions[i], worker, seq, pull_age, pushed, asked)))
                 else:

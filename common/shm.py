@@ -208,38 +208,25 @@ class Segment:
 
     def write(self, arrays: Mapping[str, np.ndarray], lo: int, hi: int) -> list[tuple[str, np.ndarray, int]] | None:
         """Copies `arrays` (little-endian C-order wire arrays) one after another into [lo, hi),
-        64-byte aligned (`place`); [(name, array, offset)], or None when they do not fit.
-
-        An array that already lies at its place (computed there: `buffers`) is not copied. One
-        that lies elsewhere in the segment is copied aside first, so no write here overwrites
-        an input before it was read."""
+        64-byte aligned (`place`); [(name, array, offset)], or None when they do not fit. An
+        array that lies in this segment itself is copied aside first, so no write here
+        overwrites an input before it was read."""
         offsets = place(((name, array.nbytes) for name, array in arrays.items()), lo, hi)
         if offsets is None:
             return None
         placed = [(name, array, offsets[name]) for name, array in arrays.items()]
-        base, writes = self._address(), []
-        for name, array, offset in placed:
-            if not array.nbytes:
-                continue
-            start, end = _byte_bounds(array)
-            if start < base + self.size and end > base:  # inside this segment
-                if start == base + offset and array.flags.c_contiguous:
-                    continue
-                array = array.copy()
-            writes.append((array, offset))
+        writes = [(array.copy() if self.holds(array) else array, offset) for _, array, offset in placed if array.nbytes]
         for array, offset in writes:
             np.copyto(self.view(array.dtype, array.shape, offset), array, casting="no")
         return placed
 
-    def buffers(self, specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]], lo: int, hi: int) -> dict | None:
-        """Writable views where `write` would place arrays of these (dtype, shape), in this
-        order, within [lo, hi); None when they do not fit. Arrays computed into them are written
-        without a copy (ShmPeer.push_buffers)."""
-        sizes = [(name, np.dtype(d).itemsize * math.prod(s)) for name, (d, s) in specs.items()]
-        offsets = place(sizes, lo, hi)
-        if offsets is None:
-            return None
-        return {name: self.view(np.dtype(d), tuple(s), offsets[name]) for name, (d, s) in specs.items()}
+    def holds(self, array: np.ndarray) -> bool:
+        """True when any byte of `array` lies in this segment's mapping."""
+        if not array.nbytes:
+            return False
+        start, end = _byte_bounds(array)
+        base = self._address()
+        return start < base + self.size and end > base
 
     def _address(self) -> int:
         """The mapping's address (kept: a view held here would stop `close` from unmapping)."""

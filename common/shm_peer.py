@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+import numpy as np
 
 from asyncps import shm
 from asyncps.errors import UserError
@@ -25,38 +26,62 @@ from asyncps.sparse import SparseRows
 logger = logging.getLogger(__name__)
 
 
+AT_LAYOUT = "at layout"  # ShmPeer.write_push: the gradients are at the segment's fixed layout
+
+
 class ShmPeer:
     """A confirmed segment with one shard: the layout, the control channel, and a lock held from
-    writing a push until its pulled values are read (one call per segment at a time)."""
+    writing a push until its pulled values are read (one call per segment at a time).
+
+    The shard fixes, at the handshake, where a push of every trainable variable puts each
+    gradient and where a pull of every variable finds each value (ShmOpenReply.push_layout,
+    pull_layout). The worker's steps are such pushes and pulls: they travel `at_layout`, with no
+    tensor described or checked per step on either side, and `push_at` / `pull_at` are those
+    places as arrays (gradients computed into push_at are pushed without a copy). Other calls
+    (a subset of variables, compressed or sparse gradients) describe their tensors."""
 
     def __init__(self, segment: shm.Segment, offer: ps_pb2.ShmOpenReply, worker: int,
                  control: ControlClient | None = None):
         self.segment, self.generation, self.worker = segment, offer.generation, worker
         self.push = (offer.push_offset, offer.push_offset + offer.push_bytes)
         self.pull = (offer.pull_offset, offer.pull_offset + offer.pull_bytes)
+        self.push_at = _places(segment, offer.push_layout, self.push, "gradient", writable=True)
+        self.pull_at = _places(segment, offer.pull_layout, self.pull, "pulled")
         self.control = control  # None: control messages over gRPC (ShmPushPull)
         self.lock = threading.Lock()
         self.closed = False
 
-    def write_push(self, part) -> list[ps_pb2.ShmTensor] | None:
-        """Writes dense gradients into the push region; their ShmTensors, or None (sparse rows,
-        more than fits, or a segment dropped meanwhile: such a push goes over gRPC)."""
+    def at_layout(self, part) -> bool:
+        """True when `part` is a push of every trainable variable with the layout's dtypes and
+        shapes, none of it lying elsewhere in the segment; its gradients are written to their
+        places then (those computed there already are not copied)."""
+        places = self.push_at
+        if not places or part.keys() != places.keys():
+            return False
+        for name, value in part.items():
+            place = places[name]
+            if value is not place and (type(value) is not np.ndarray or value.dtype != place.dtype
+                                       or value.shape != place.shape or self.segment.holds(value)):
+                return False
+        for name, value in part.items():
+            if value is not places[name]:
+                np.copyto(places[name], value, casting="no")
+        return True
+
+    def write_push(self, part) -> list[ps_pb2.ShmTensor] | str | None:
+        """Writes dense gradients into the push region: AT_LAYOUT (every trainable variable, at
+        its place), their ShmTensors, or None (sparse rows, more than fits, or a segment dropped
+        meanwhile: such a push goes over gRPC)."""
         if self.closed or any(isinstance(v, SparseRows) for v in part.values()):
             return None
+        if self.at_layout(part):
+            return AT_LAYOUT
         wire = {name: codec.wire_array(value) for name, value in part.items()}
         placed = self.segment.write(wire, *self.push)
         if placed is None:
             return None
         return [ps_pb2.ShmTensor(name=name, dtype=codec.dtype_name(a.dtype), shape=a.shape, offset=offset,
                                  nbytes=a.nbytes) for name, a, offset in placed]
-
-    def push_buffers(self, specs) -> dict | None:
-        """Views of the push region where `write_push` places gradients of these {name: (dtype,
-        shape)} in this order (Segment.buffers): gradients computed there are pushed without a
-        copy. None when the segment was dropped or they do not fit."""
-        if self.closed:
-            return None
-        return self.segment.buffers(specs, *self.push)
 
     def call(self, stub, request: ps_pb2.ShmRequest, timeout: float) -> ps_pb2.ShmReply:
         """One control message: over the socket, else the ShmPushPull method. Errors are
@@ -74,10 +99,12 @@ class ShmPeer:
         assert self.control is not None
         return ps_pb2.ShmReply.FromString(self.control.receive(timeout))
 
-    def read_pull(self, tensors, views: bool = False) -> dict:
+    def read_pull(self, reply: ps_pb2.ShmReply, views: bool = False) -> dict:
         """The pulled values the shard wrote into the pull region: copies, or with `views`
         read-only views of the region (see ShmLinks.views)."""
-        lo, hi = self.pull
+        if reply.at_layout:
+            return dict(self.pull_at) if views else {name: view.copy() for name, view in self.pull_at.items()}
+        tensors, (lo, hi) = reply.tensors, self.pull
         read = self.segment.checked_view if views else self.segment.copy_out
         return {t.name: read(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, lo, hi, f"pulled {t.name!r}")
                 for t in tensors}
@@ -91,7 +118,21 @@ class ShmPeer:
         self.closed = True
         if self.control is not None:
             self.control.close()
+        self.push_at, self.pull_at = {}, {}  # (the segment unmaps once no array of it is left)
         self.segment.close()
+
+
+def _places(segment: shm.Segment, layout, region: tuple[int, int], what: str, writable: bool = False) -> dict:
+    """{name: array} at the places a layout names, each checked to lie in `region`; the pulled
+    ones read-only (ShmError or ValueError when the shard's layout is out of bounds)."""
+    places = {}
+    for t in layout:
+        view = segment.checked_view(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, *region,
+                                    f"{what} {t.name!r}")
+        if writable and view.size:
+            view = segment.view(view.dtype, view.shape, t.offset)  # (checked_view's are read-only)
+        places[t.name] = view
+    return places
 
 
 def open_peer(call: Callable, stub, worker: int, token: str | None, timeout: float,
@@ -127,9 +168,10 @@ class ShmUnavailable(UserError):
     """cluster.transport shm, and a shard's shared-memory handshake failed (the message says why)."""
 
 
-def write_push(peer: ShmPeer | None, part) -> list | None:
-    """Writes `part` into `peer`'s push region and returns its ShmTensors with peer.lock held
-    (the call releases it); None (lock free) when the push goes over gRPC."""
+def write_push(peer: ShmPeer | None, part) -> list | str | None:
+    """Writes `part` into `peer`'s push region and returns AT_LAYOUT or its ShmTensors
+    (ShmPeer.write_push) with peer.lock held (the call releases it); None (lock free) when the
+    push goes over gRPC."""
     if peer is None:
         return None
     peer.lock.acquire()
@@ -218,7 +260,7 @@ class ShmLinks:
                 return None
         try:
             reply = peer.call(stub, request, self.timeout)
-            return reply.header, peer.read_pull(reply.tensors, self.views)
+            return reply.header, peer.read_pull(reply, self.views)
         except grpc.RpcError:
             self.drop(i, peer)
             raise
@@ -246,7 +288,7 @@ class ShmLinks:
             peer = calls[i][0]
             try:
                 reply = peer.receive(deadline - time.monotonic())
-                out[i] = reply.header, peer.read_pull(reply.tensors, self.views)
+                out[i] = reply.header, peer.read_pull(reply, self.views)
                 self._finish(i, peer, None)
             except BaseException as err:
                 error = error or err

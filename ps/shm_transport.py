@@ -40,7 +40,7 @@ from asyncps.ps import table_wire, validate
 from asyncps.ps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ShardError
 from asyncps.ps.servicer import push_reply
 from asyncps.ps.shard import Shard
-from asyncps.shm import HEADER_BYTES, Segment, ShmError, proof, region_bytes
+from asyncps.shm import HEADER_BYTES, Segment, ShmError, place, proof, region_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,15 @@ class _Channel:
     listener: socket.socket | None = None  # the control socket's name, until the worker connects
     control: socket.socket | None = None  # the worker's connected control socket
     closed: bool = False
+    # the fixed layout (ShmOpenReply.push_layout, pull_layout) as views of the segment: where an
+    # `at_layout` push finds each gradient, and where its pull writes each value
+    push_at: dict[str, np.ndarray] = field(default_factory=dict)
+    pull_at: dict[str, np.ndarray] = field(default_factory=dict)
 
     def close(self) -> None:
         """Unmaps the segment and ends its control socket (its thread returns)."""
         self.closed = True
+        self.push_at, self.pull_at = {}, {}  # (views held here would keep the mapping)
         for sock in (self.listener, self.control):
             if sock is not None:
                 try:
@@ -100,8 +105,10 @@ class ShmEndpoint:
         if request.proof:
             return self._confirm(request)
         variables = self._shard.variables
-        push_bytes = region_bytes((v.value.dtype, v.value.shape) for v in variables.values() if not v.frozen)
-        pull_bytes = region_bytes((v.value.dtype, v.value.shape) for v in variables.values())
+        trainable = {n: v.value for n, v in variables.items() if not v.frozen}
+        values = {n: v.value for n, v in variables.items()}
+        push_bytes = region_bytes((a.dtype, a.shape) for a in trainable.values())
+        pull_bytes = region_bytes((a.dtype, a.shape) for a in values.values())
         size = HEADER_BYTES + push_bytes + pull_bytes
         try:
             segment, nonce = Segment.create(self._prefix, size)
@@ -109,6 +116,12 @@ class ShmEndpoint:
             raise ShmUnavailable(f"shard {self._shard.index}: shared memory unavailable: {err}") from None
         channel = _Channel(request.worker, segment, next(self._ids), nonce, (HEADER_BYTES, HEADER_BYTES + push_bytes),
                            (HEADER_BYTES + push_bytes, size))
+        push_layout = _layout(trainable, *channel.push)
+        pull_layout = _layout(values, *channel.pull)
+        channel.push_at = {t.name: segment.view(trainable[t.name].dtype, trainable[t.name].shape, t.offset)
+                           for t in push_layout}
+        channel.pull_at = {t.name: segment.view(values[t.name].dtype, values[t.name].shape, t.offset)
+                           for t in pull_layout}
         with self._lock:
             if self._closed:
                 segment.close()
@@ -119,7 +132,8 @@ class ShmEndpoint:
             old.close()
         return ps_pb2.ShmOpenReply(name=segment.name, generation=channel.generation, size=size,
                                    push_offset=channel.push[0], push_bytes=push_bytes,
-                                   pull_offset=channel.pull[0], pull_bytes=pull_bytes)
+                                   pull_offset=channel.pull[0], pull_bytes=pull_bytes,
+                                   push_layout=push_layout, pull_layout=pull_layout)
 
     def _confirm(self, request: ps_pb2.ShmOpenRequest) -> ps_pb2.ShmOpenReply:
         with self._lock:
@@ -243,10 +257,15 @@ class ShmEndpoint:
             raise DeadlineExceeded(f"worker {worker}: its shared-memory segment is busy with another call")
         try:
             reply = ps_pb2.ShmReply()
+            if request.at_layout and (len(request.tensors) or len(request.names)):
+                raise InvalidArgument(f"worker {worker}: a request at the segment's layout names no tensors")
             if pushing:
                 header = request.push
                 self._shard.check_pusher(worker)
-                grads = self._read_push(channel, request.tensors, header.table_grads)
+                if request.at_layout:
+                    grads = self._read_layout(channel, header.table_grads)
+                else:
+                    grads = self._read_push(channel, request.tensors, header.table_grads)
                 result = self._shard.push(worker, header.seq, header.read_version, grads, remaining())
                 del grads
                 reply.header.push.CopyFrom(push_reply(result))
@@ -254,8 +273,8 @@ class ShmEndpoint:
                 age = request.push.pull_age if pushing else request.age
                 wanted = request.push.table_pull if pushing else request.tables
                 tables = table_wire.requested_ids(wanted, self._shard.tables) if len(wanted) else None
-                version = self._shard.pull(worker, request.names, remaining(), self._export(channel, reply), age=age,
-                                           tables=tables)
+                export = self._export_layout(channel, reply) if request.at_layout else self._export(channel, reply)
+                version = self._shard.pull(worker, request.names, remaining(), export, age=age, tables=tables)
                 reply.header.version = version
             elif pushing:
                 reply.header.version = reply.header.push.version
@@ -295,6 +314,34 @@ class ShmEndpoint:
             raise
         return grads
 
+    def _read_layout(self, channel: _Channel, table_grads=()) -> dict:
+        """`_read_push` for a push at the segment's layout: a private copy of every gradient
+        (the shard chose where each lies, so there is no declaration to check)."""
+        grads: dict[str, np.ndarray | table_wire.TableGrad] = {n: view.copy() for n, view in channel.push_at.items()}
+        if len(table_grads):
+            try:
+                grads.update(table_wire.pushed_rows(table_grads, self._shard.tables))
+            except (ShardError, codec.CodecError):
+                self._shard.count_rejected(channel.worker)
+                raise
+        return grads
+
+    def _export_layout(self, channel: _Channel, reply: ps_pb2.ShmReply):
+        """`_export` for a pull at the segment's layout: every value at its place."""
+        reply.at_layout = True
+
+        def export(version, values, rows=None):
+            reply.header.tables.extend(table_wire.answer(rows))
+            places = channel.pull_at
+            if values.keys() != places.keys():  # a pull of every variable fills the layout: always
+                raise FailedPrecondition(f"shard {self._shard.index}: pulled values do not match worker "
+                                         f"{channel.worker}'s segment layout; open it again")
+            for name, value in values.items():
+                np.copyto(places[name], value, casting="no")
+            return version
+
+        return export
+
     def _export(self, channel: _Channel, reply: ps_pb2.ShmReply):
         """Writes pulled values into the pull region (run under the shard's lock); the version."""
 
@@ -327,6 +374,15 @@ class ShmEndpoint:
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             channel.close()
+
+
+def _layout(arrays: dict[str, np.ndarray], lo: int, hi: int) -> list[ps_pb2.ShmTensor]:
+    """ShmTensors placing `arrays` (their dtype and shape) one after another in [lo, hi) as
+    Segment.write would (the region was sized for them)."""
+    offsets = place(((name, a.nbytes) for name, a in arrays.items()), lo, hi)
+    assert offsets is not None, "the region is sized for these arrays"
+    return [ps_pb2.ShmTensor(name=name, dtype=codec.dtype_name(a.dtype), shape=a.shape, offset=offsets[name],
+                             nbytes=a.nbytes) for name, a in arrays.items()]
 
 
 def _size(n: int) -> str:

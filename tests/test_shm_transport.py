@@ -138,6 +138,7 @@ def test_pulled_views_hold_the_pull_until_the_next_call(prefix_clean):
             np.testing.assert_array_equal(s_kept[n], g_first[n])  # what was pulled, bit for bit
             np.testing.assert_array_equal(s_second[n], g_second[n])
             assert not s_second[n].flags.writeable and not s_second[n].flags.owndata
+        assert all(s_second[n] is shm_run.client._shm.peers[0].pull_at[n] for n in s_second)  # at the layout
         # the second call rewrote the region the first pull's views show; gRPC's copies stay
         assert not np.array_equal(s_first["w"], s_kept["w"])
         np.testing.assert_array_equal(s_first["w"], s_second["w"])
@@ -345,6 +346,43 @@ def test_garbage_in_the_segment_is_refused_and_changes_nothing(via, prefix_clean
         c.close()
 
 
+@pytest.mark.parametrize("via", ["grpc", "socket"])
+def test_garbage_at_the_layout_is_refused_and_changes_nothing(via, prefix_clean):
+    """A push `at_layout` (the worker's steps) is checked like any other: NaN or Inf anywhere is
+    INVALID_ARGUMENT and changes nothing; naming tensors as well is refused too."""
+    c = Cluster(1, "shm")
+    try:
+        c.client.register(0)
+        before, versions = c.client.pull(worker=0)
+        peer = c.client._shm.peer(0, c.client._stubs[0], 0)
+        assert set(peer.push_at) == {"w", "b", "emb"} and set(peer.pull_at) == set(PARAMS)
+
+        def push(fill, tensors=()):
+            for name, place in peer.push_at.items():
+                place[...] = fill.get(name, 0.0)
+            request = ps_pb2.ShmRequest(generation=peer.generation, push=ps_pb2.PushHeader(worker=0, seq=0),
+                                        pull=True, at_layout=True, tensors=tensors)
+            if via == "socket":
+                return ps_pb2.ShmReply.FromString(peer.control.call(request.SerializeToString(), 10))
+            return c.client._stubs[0].ShmPushPull(request, timeout=10)
+
+        for fill, tensors in (({"b": np.nan}, ()), ({"w": np.inf}, ()),
+                              ({}, [ps_pb2.ShmTensor(name="b", dtype="float32", shape=[5], offset=peer.push[0],
+                                                     nbytes=20)])):
+            with pytest.raises(grpc.RpcError) as err:
+                push(fill, tensors)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fill
+        after, versions_after = c.client.pull(worker=0)
+        assert versions_after == versions == [0] and c.servers[0].shard.version == 0
+        for name in before:
+            np.testing.assert_array_equal(before[name], after[name])
+        reply = push({"b": 1.0})
+        assert reply.header.push.result == ps_pb2.PushReply.APPLIED and reply.at_layout and not reply.tensors
+        np.testing.assert_array_equal(peer.pull_at["b"], before["b"] - 0.5)  # lr 0.5, gradient 1
+    finally:
+        c.close()
+
+
 def test_a_stale_generation_is_refused(prefix_clean):
     c = Cluster(1, "shm")
     try:
@@ -363,27 +401,24 @@ def test_a_stale_generation_is_refused(prefix_clean):
         c.close()
 
 
-def test_segment_write_of_arrays_computed_in_place():
-    """Segment.buffers/write: arrays computed at their place are pushed without a copy; arrays
-    that lie elsewhere in the segment (asked for in another order) are copied aside first, so
-    no write overwrites an input before it was read."""
+def test_segment_write_copies_aside_what_lies_in_the_segment():
+    """Segment.write of arrays that lie in the segment itself, in an order that puts one over
+    another's bytes: each is copied aside first, so no write overwrites an input before it
+    was read."""
     seg, _ = shm.Segment.create(shm.prefix_for(None), shm.HEADER_BYTES + 8192)
     try:
         lo, hi = shm.HEADER_BYTES, seg.size
-        specs = {"a": (np.dtype(np.float32), (100,)), "b": (np.dtype(np.float32), (300,))}
-        bufs = seg.buffers(specs, lo, hi)
-        bufs["a"][:] = np.arange(100)
-        bufs["b"][:] = -np.arange(300)
-        placed = seg.write({"a": bufs["a"], "b": bufs["b"]}, lo, hi)
-        assert [(n, o) for n, _, o in placed] == [("a", lo), ("b", lo + 448)]  # 400 bytes, 64-aligned
-        np.testing.assert_array_equal(seg.view(np.float32, (100,), lo), np.arange(100))
-        # the other order: b goes first, over the bytes a holds
-        placed = seg.write({"b": bufs["b"].copy(), "a": bufs["a"]}, lo, hi)
+        a, b = seg.view(np.float32, (100,), lo), seg.view(np.float32, (300,), lo + 448)  # 400 bytes, 64-aligned
+        a[:], b[:] = np.arange(100), -np.arange(300)
+        assert seg.holds(a) and seg.holds(b) and not seg.holds(a.copy())
+        placed = seg.write({"b": b, "a": a}, lo, hi)  # b goes first, over the bytes a holds
         offsets = {n: o for n, _, o in placed}
+        assert offsets == {"b": lo, "a": lo + 1216}
         np.testing.assert_array_equal(seg.view(np.float32, (300,), offsets["b"]), -np.arange(300))
         np.testing.assert_array_equal(seg.view(np.float32, (100,), offsets["a"]), np.arange(100))
-        assert seg.buffers(specs, lo, lo + 600) is None  # they do not fit
+        assert seg.write({"b": b}, lo, lo + 600) is None  # does not fit
     finally:
+        del a, b
         seg.close()
 
 
