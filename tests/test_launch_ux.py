@@ -19,6 +19,7 @@ from asyncps.cli.processes import Child
 from asyncps.cli.watch import RunWatcher
 from asyncps.config import load_config
 from cli_runner import CONFIGS, asyncps, report, run_ok
+from conftest import PLAIN_LINEAR_STEPS
 
 LINEAR = CONFIGS / "linear_regression.yaml"
 
@@ -27,12 +28,10 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def linear_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("linear")
-    proc = run_ok("launch", LINEAR, f"run_dir={run_dir}", "train.max_steps=700", "train.eval_every=100",
-                  "telemetry.every_seconds=0.5", timeout=180)
-    return run_dir, proc
+@pytest.fixture
+def linear_run(plain_linear_launch):
+    """The suite's plain async run of y = 2x (tests/conftest.py), PLAIN_LINEAR_STEPS steps."""
+    return plain_linear_launch
 
 
 @pytest.mark.slow
@@ -40,7 +39,7 @@ def test_launch_ends_with_the_summary_train_prints(linear_run):
     run_dir, proc = linear_run
     out = proc.stdout.splitlines()
     assert out[0] == f"run_dir: {run_dir}"
-    assert out[1].startswith("final: loss=") and out[1].endswith("at step 700")
+    assert out[1].startswith("final: loss=") and out[1].endswith(f"at step {PLAIN_LINEAR_STEPS}")
     assert out[2].startswith("target mse 0.0001: reached at step ")
     assert out[3] == f"logs: {run_dir}/*.log"
 
@@ -78,16 +77,16 @@ def test_the_summary_puts_the_planted_model_beside_the_run_for_train_and_launch(
 def test_max_steps_is_exactly_the_updates_applied(linear_run):
     run_dir, _ = linear_run
     r = report(run_dir)
-    assert r["steps"] == r["requested_steps"] == 700
-    assert r["versions"] == [700] and r["pushes"]["applied"] == 700
+    assert r["steps"] == r["requested_steps"] == PLAIN_LINEAR_STEPS
+    assert r["versions"] == [PLAIN_LINEAR_STEPS] and r["pushes"]["applied"] == PLAIN_LINEAR_STEPS
 
 
 @pytest.mark.slow
 def test_evaluations_are_at_exact_multiples_of_eval_every(linear_run):
     run_dir, _ = linear_run
     steps = [r["step"] for r in rows(run_dir) if r["kind"] == "eval"]
-    assert steps[:-1] == [100, 200, 300, 400, 500, 600]  # the last one is the final evaluation
-    assert steps[-1] == 700
+    assert steps[:-1] == list(range(100, PLAIN_LINEAR_STEPS, 100))  # the last one is the final evaluation
+    assert steps[-1] == PLAIN_LINEAR_STEPS
     final = [r for r in rows(run_dir) if r["kind"] == "final"]
     assert len(final) == 1 and final[0]["evaluation"] == "at stop"
 

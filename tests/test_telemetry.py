@@ -30,6 +30,7 @@ from asyncps.telemetry import (
     metrics_port,
 )
 from cli_runner import CONFIGS, report, run_ok
+from conftest import PLAIN_LINEAR_STEPS
 
 
 def _needs(module: str):
@@ -294,20 +295,25 @@ def test_chief_metrics_endpoint(tmp_path):
 
 @pytest.mark.slow  # a real cluster (launcher, shard, chief, two workers), both ways
 @pytest.mark.parametrize("prefetch", [False, True], ids=["async", "prefetch"])
-def test_cluster_telemetry_rows_add_up_to_the_report(tmp_path, prefetch):
-    """Also the suite's plain async run of two workers through `asyncps launch` (y = 2x): both
-    workers push, every push is counted once, the model is learned, every process logs. Each
-    step sleeps 4 ms, so the run's 1200 steps last at least 1.2 s: several telemetry rows."""
-    run_ok("launch", CONFIGS / "linear_regression.yaml", f"run_dir={tmp_path}", "train.max_steps=1200",
-           "telemetry.every_seconds=0.3", "delay.kind=constant", "delay.mean_ms=4", f"cluster.prefetch={prefetch}",
-           timeout=300)
-    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "telemetry"]
-    rep = report(tmp_path)
+def test_cluster_telemetry_rows_add_up_to_the_report(tmp_path, prefetch, request):
+    """The suite's plain async run of two workers through `asyncps launch` (y = 2x, shared with
+    tests/test_launch_ux.py: tests/conftest.py), and the same run with prefetching: both workers
+    push, every push is counted once, the model is learned, every process logs. Each step sleeps
+    4 ms, so the run's 1200 steps last at least 1.2 s: several telemetry rows."""
+    if prefetch:
+        run_dir = tmp_path
+        run_ok("launch", CONFIGS / "linear_regression.yaml", f"run_dir={run_dir}", f"train.max_steps={PLAIN_LINEAR_STEPS}",
+               "telemetry.every_seconds=0.3", "delay.kind=constant", "delay.mean_ms=4", "cluster.prefetch=true",
+               timeout=300)
+    else:
+        run_dir, _ = request.getfixturevalue("plain_linear_launch")
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "telemetry"]
+    rep = report(run_dir)
     assert abs(rep["variables"]["linear.w"][0] - 2) < 0.02 and abs(rep["variables"]["linear.b"][0]) < 0.05
     assert rep["pushes"]["applied"] == rep["staleness"]["count"] >= rep["config"]["train"]["max_steps"]
     assert set(rep["staleness_per_worker"]) == {"0", "1"}
     for role in ("ps0", "worker0", "worker1", "chief"):
-        assert (tmp_path / f"{role}.log").exists()
+        assert (run_dir / f"{role}.log").exists()
     assert len(rows) >= 2 and rows[-1]["final"] and not any(r["final"] for r in rows[:-1])
     assert sum(r["staleness"]["count"] for r in rows) == rep["staleness"]["count"]  # exact, nothing lost
     assert sum(r["pushes"]["applied"] for r in rows) == rep["pushes"]["applied"]
@@ -321,5 +327,5 @@ def test_cluster_telemetry_rows_add_up_to_the_report(tmp_path, prefetch):
     assert sum(r["steps"] for r in rows) == rep["steps"]
     ptp = rep["pull_to_push_ms"]["overall"]
     assert ptp["count"] > 0 and 4.0 <= ptp["p50_ms"] and ptp["max_ms"] >= ptp["p99_ms"] >= ptp["p50_ms"]
-    workers = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "worker"]
+    workers = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "worker"]
     assert any("pull_to_push/p50_ms" in r for r in workers) and not any("pull_to_push/b/1" in json.dumps(r) for r in workers)
