@@ -61,7 +61,8 @@ class ShmPeer:
         for name, value in part.items():
             place = places[name]
             if value is not place and (type(value) is not np.ndarray or value.dtype != place.dtype
-                                       or value.shape != place.shape or self.segment.holds(value)):
+                                       or value.shape != place.shape
+                                       or (value.base is not None and self.segment.holds(value))):
                 return False
         for name, value in part.items():
             if value is not places[name]:
