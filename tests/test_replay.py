@@ -107,6 +107,9 @@ def test_replay_reproduces_each_mode(tmp_path, small_mnist, overrides):
     _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=200", "train.eval_every=0", f"data.path={small_mnist}",
             *overrides)
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+    if "cluster.mode=sync" in overrides:  # the suite's sync cluster (tests/test_cluster.py's own launch folded in)
+        staleness = json.loads((tmp_path / "report.json").read_text())["staleness"]
+        assert staleness["max"] == 0 and staleness["count"] > 0
 
 
 @pytest.mark.slow
