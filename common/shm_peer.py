@@ -196,12 +196,12 @@ class ShmLinks:
         self.worker: int | None = None  # the worker the client registered
         self.peers: list = [False if transport == "grpc" else None] * len(addresses)
         self._said = False  # a fallback to gRPC is logged once
+        self._control_said = False  # and so is a control socket that could not be connected
         # views: pulled values are read-only views of the segment instead of copies. They stay as
         # pulled until this client's next call to that shard (only that call writes the region),
         # so a loop that is done with its weights before it calls again saves a copy of the model
         # per step (PSClient.pulled_views). False: copies, which any caller may keep.
         self.views = False
-        self._control_said = False  # and so is a control socket that could not be connected
 
     def registered(self, worker: int) -> None:
         """The client (re)registered `worker`: segments open again on first use."""
