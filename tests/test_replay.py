@@ -99,7 +99,7 @@ DELAY = ("delay.kind=exponential", "delay.mean_ms=3")  # real asynchrony: stale 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [
     ("cluster.prefetch=true", "cluster.compression=bf16"),  # independent: one run for both
-    ("cluster.mode=ssp", "cluster.staleness_bound=1", *DELAY),
+    ("cluster.mode=ssp", "cluster.staleness_bound=2", "cluster.workers=3", *DELAY),
     ("cluster.mode=sync",),
     ("staleness.controlled=true", "staleness.distribution=uniform", "staleness.s=3"),
 ], ids=["prefetch-bf16", "ssp", "sync", "controlled"])
@@ -107,9 +107,19 @@ def test_replay_reproduces_each_mode(tmp_path, small_mnist, overrides):
     _launch(tmp_path, "mnist_softmax.yaml", "train.max_steps=200", "train.eval_every=0", f"data.path={small_mnist}",
             *overrides)
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
+    report = json.loads((tmp_path / "report.json").read_text())
     if "cluster.mode=sync" in overrides:  # the suite's sync cluster (tests/test_cluster.py's own launch folded in)
-        staleness = json.loads((tmp_path / "report.json").read_text())["staleness"]
-        assert staleness["max"] == 0 and staleness["count"] > 0
+        assert report["staleness"]["max"] == 0 and report["staleness"]["count"] > 0
+    if "cluster.mode=ssp" in overrides:  # the suite's SSP cluster, likewise
+        assert_ssp_bound_holds(report, s=2, workers=3)
+
+
+def assert_ssp_bound_holds(report: dict, s: int, workers: int) -> None:
+    # A worker at clock c may read once the slowest finished c - s; between its read and its
+    # push every other worker can push at most 2s + 1 times (see ps/shard.py).
+    assert report["staleness"]["max"] <= (workers - 1) * (2 * s + 1)
+    # in clocks: a worker pulls only at clock <= slowest + s, so it pushes at most to slowest + s + 1
+    assert 0 < report["max_clock_gap"] <= s + 1
 
 
 @pytest.mark.slow
