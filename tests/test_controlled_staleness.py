@@ -269,7 +269,9 @@ def test_ages_travel_through_grpc_to_every_shard(unary_bytes):
 
 
 # ----------------------------------------------------------------------------------------------
-# A real cluster (`asyncps launch`) against `asyncps train`, same config, same seed
+# A real cluster (`asyncps launch`) against `asyncps train`, same config, same seed, on the small
+# MNIST-shaped folder (tests/conftest.py): what is compared is the staleness drawn and served and
+# the runs' identity, which do not depend on the pixels
 
 MNIST_SOFTMAX = CONFIGS / "mnist_softmax.yaml"
 GEOMETRIC = ["staleness.controlled=true", "staleness.distribution=geometric", "staleness.s=8", "staleness.p=0.3"]
@@ -285,18 +287,18 @@ def _train_histograms(n: int) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_one_worker_cluster_records_exactly_the_staleness_train_records(tmp_path):
+def test_one_worker_cluster_records_exactly_the_staleness_train_records(tmp_path, small_mnist):
     """1 worker, 2 shards: every shard's staleness histogram is train's, draw for draw, and the
     run itself is the same run (same data order, same r per step: the same final metrics).
 
     The chief pauses the shards a little after max_steps; the last push may then be applied on
     one shard and not the other, so each shard is compared at its own version."""
-    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, "cluster.workers=1",
-           "train.max_steps=300", timeout=240)
+    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, f"data.path={small_mnist}",
+           "cluster.workers=1", "train.max_steps=300", timeout=240)
     cluster = report(tmp_path / "launch")
     steps = min(cluster["versions"])
-    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, f"train.max_steps={steps}",
-           timeout=240)
+    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, f"data.path={small_mnist}",
+           f"train.max_steps={steps}", timeout=240)
     single = report(tmp_path / "train")
     assert (single["staleness"]["histogram"], single["staleness"]["requested"]["histogram"]) == _train_histograms(steps)
     requested = Counter()
@@ -314,19 +316,19 @@ def test_one_worker_cluster_records_exactly_the_staleness_train_records(tmp_path
 
 
 @pytest.mark.slow
-def test_two_workers_draw_trains_sequence_and_add_their_own_staleness(tmp_path):
+def test_two_workers_draw_trains_sequence_and_add_their_own_staleness(tmp_path, small_mnist):
     """2 workers: worker 0 draws train's sequence (its requested r match train's over its own
     pushes), every push is served r versions back, and the recorded staleness is r plus the
     other worker's pushes meanwhile, so never below r and larger on average."""
     # 10 ms per step: both workers are up (MNIST loaded) long before the 600th update
-    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, "train.max_steps=600",
-           "delay.kind=constant", "delay.mean_ms=10", timeout=240)
+    run_ok("launch", MNIST_SOFTMAX, f"run_dir={tmp_path / 'launch'}", *GEOMETRIC, f"data.path={small_mnist}",
+           "train.max_steps=600", "delay.kind=constant", "delay.mean_ms=10", timeout=240)
     cluster = report(tmp_path / "launch")
     assert all(cluster["staleness_per_worker"][w]["count"] >= 100 for w in ("0", "1")), cluster["staleness_per_worker"]
     w0 = cluster["staleness_per_worker"]["0"]
     pushes0 = w0["requested"]["count"] // 2
-    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, f"train.max_steps={pushes0}",
-           timeout=240)
+    run_ok("train", MNIST_SOFTMAX, f"run_dir={tmp_path / 'train'}", *GEOMETRIC, f"data.path={small_mnist}",
+           f"train.max_steps={pushes0}", timeout=240)
     single = report(tmp_path / "train")
     assert {k: v // 2 for k, v in w0["requested"]["histogram"].items()} == single["staleness"]["requested"]["histogram"]
     st = cluster["staleness"]

@@ -3,7 +3,6 @@
 (A run whose worker was killed mid-run replays too: tests/test_faults.py checks it on the run
 that kills the worker.)"""
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -68,22 +67,6 @@ def test_shard_log_records_every_applied_push(softmax_run):
         pushes = records[records["kind"] == ul.PUSH]
         assert header["mode"] == "async" and len(pushes) == version
         assert list(pushes["version"]) == list(range(1, version + 1))
-
-
-@pytest.fixture(scope="module")
-def small_mnist(tmp_path_factory):
-    """A folder of MNIST-shaped IDX files (`data.path`): 1200 training and 200 test images of
-    random pixels. A replay checks arithmetic, not accuracy, and the chief's and the replay's
-    evaluations of a CNN on MNIST's 10,000 test images took most of a minute."""
-    folder = tmp_path_factory.mktemp("small_mnist")
-    rng = np.random.default_rng(0)
-    for split, stem, n in (("train", "train", 1200), ("test", "t10k", 200)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-            (folder / f"{stem}-{kind}-ubyte").write_bytes(header + array.tobytes())
-    return folder
 
 
 @pytest.mark.slow

@@ -48,9 +48,9 @@ def test_one_worker_with_zero_compute_time_is_plain_train_bit_for_bit(tmp_path):
     assert hist(simulated) == {0: 150} == hist(plain)
 
 
-@pytest.mark.slow
-def test_one_worker_mnist_softmax_is_plain_train_bit_for_bit(tmp_path):
-    over = ("train.max_steps=60", "train.batch_size=50")
+def test_one_worker_mnist_softmax_is_plain_train_bit_for_bit(tmp_path, small_mnist):
+    # the MNIST-shaped folder of tests/conftest.py: the identity does not depend on the pixels
+    over = ("train.max_steps=60", "train.batch_size=50", f"data.path={small_mnist}")
     plain, p0 = run(tmp_path, "plain", *over, config="mnist_softmax.yaml")
     simulated, p1 = run(tmp_path, "sim", sim(1, compute="{kind: constant, mean_ms: 3}"), *over,
                         config="mnist_softmax.yaml")
