@@ -11,8 +11,16 @@ exactly as a wire tensor's), and only the private copy is validated (shape, dtyp
 whatever the worker writes meanwhile. (A checksum would still need a second pass to apply from
 memory the worker can change after the check; the copy costs one memcpy and rules that out.)
 Pulled values are written into the segment's pull region by the shard (under its lock, one
-memcpy, as the gRPC path encodes under it) at offsets the shard chooses; the worker copies them
-out after the reply.
+memcpy, as the gRPC path encodes under it) at offsets the shard chooses; the worker reads them
+after the reply (copies, or views until its next call: PSClient.pulled_views).
+
+The fixed layout: the handshake's first answer also gives, in the shard's variable order, the
+place of every trainable variable's gradient in the push region and of every variable's value in
+the pull region (ShmOpenReply.push_layout, pull_layout). A request `at_layout` (a worker's step:
+a push of every trainable variable, a pull of every variable) names no tensors: the shard copies
+each gradient from its place (still copy-then-validate; there is no declaration to check, the
+shard chose the places) and writes each value to its place, through views made once per segment.
+That leaves no per-tensor work in the messages on either side (docs/performance.md).
 
 Rows of id-keyed tables (docs/sparse.md) ride in the control message, never in the segment:
 pushed row gradients in ``push.table_grads``, the ids wanted in ``push.table_pull`` (or
