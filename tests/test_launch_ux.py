@@ -30,11 +30,12 @@ def rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture
 def linear_run(plain_linear_launch):
-    """The suite's plain async run of y = 2x (tests/conftest.py), PLAIN_LINEAR_STEPS steps."""
+    """The suite's plain async run of y = 2x (tests/conftest.py), PLAIN_LINEAR_STEPS steps. Its
+    five tests stay in the quick subset (`-m "not slow"`): one real launch of every role over the
+    default transport, about 7 s, so the quick subset still starts a cluster end to end."""
     return plain_linear_launch
 
 
-@pytest.mark.slow
 def test_launch_ends_with_the_summary_train_prints(linear_run):
     run_dir, proc = linear_run
     out = proc.stdout.splitlines()
@@ -73,7 +74,6 @@ def test_the_summary_puts_the_planted_model_beside_the_run_for_train_and_launch(
     assert reference_section(Chief()) == {}
 
 
-@pytest.mark.slow
 def test_max_steps_is_exactly_the_updates_applied(linear_run):
     run_dir, _ = linear_run
     r = report(run_dir)
@@ -81,7 +81,6 @@ def test_max_steps_is_exactly_the_updates_applied(linear_run):
     assert r["versions"] == [PLAIN_LINEAR_STEPS] and r["pushes"]["applied"] == PLAIN_LINEAR_STEPS
 
 
-@pytest.mark.slow
 def test_evaluations_are_at_exact_multiples_of_eval_every(linear_run):
     run_dir, _ = linear_run
     steps = [r["step"] for r in rows(run_dir) if r["kind"] == "eval"]
@@ -91,7 +90,6 @@ def test_evaluations_are_at_exact_multiples_of_eval_every(linear_run):
     assert len(final) == 1 and final[0]["evaluation"] == "at stop"
 
 
-@pytest.mark.slow
 def test_one_zero_point_and_no_death_for_stopped_workers(linear_run):
     run_dir, _ = linear_run
     all_rows, r = rows(run_dir), report(run_dir)
@@ -105,7 +103,6 @@ def test_one_zero_point_and_no_death_for_stopped_workers(linear_run):
     assert all_rows[-1]["kind"] in ("final", "worker_exited") and r["membership"]["deaths"] == 0
 
 
-@pytest.mark.slow
 def test_the_last_telemetry_window_is_flushed_at_stop(linear_run):
     run_dir, _ = linear_run
     final_rows = [x for x in rows(run_dir) if x["kind"] == "telemetry" and x["final"]]
