@@ -65,10 +65,14 @@ _TAKES_OUT: dict = {}  # code object -> accepts_out (PerArg makes a new lambda p
 
 
 def _takes_out(fn) -> bool:
-    key = getattr(fn, "__code__", fn)
-    known = _TAKES_OUT.get(key)
+    """accepts_out, remembered per code object (a callable without one, a partial say, is asked
+    each time: keying on it could grow without bound)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return accepts_out(fn)
+    known = _TAKES_OUT.get(code)
     if known is None:
-        known = _TAKES_OUT[key] = accepts_out(fn)
+        known = _TAKES_OUT[code] = accepts_out(fn)
     return known
 
 
