@@ -15,6 +15,8 @@ memory, views of the segment instead of copies).
 bytes each way (identity serializers, prebuilt buffers, no work at either end).
 `--transport grpc shm`: the client's cluster.transport (default grpc), each setting interleaved
 with the others; shm moves the tensors through the shared-memory segment (common/shm.py).
+`--tiny` pushes six 8-float tensors instead (no bytes to speak of: the fixed cost of a round trip;
+not with `--compression raw`, whose floor is the MLP's bytes).
 `--profile OUT` writes a cProfile of client 0 (and OUT.ps<i>, a yappi CPU profile of every thread
 of each shard) for the last rep.
 """
@@ -34,6 +36,8 @@ from asyncps.allocator import tune_allocator
 
 MLP_SHAPES = {"dense0/w": (784, 256), "dense0/b": (256,), "dense1/w": (256, 256), "dense1/b": (256,),
               "dense2/w": (256, 10), "dense2/b": (10,)}
+# --tiny: six 8-float tensors, the same calls with no bytes to speak of: the fixed cost of a round trip
+TINY_SHAPES = {f"tiny{i}": (8,) for i in range(6)}
 
 
 def _cpu_seconds(proc: BaseProcess) -> float:
@@ -114,7 +118,7 @@ def _raw_client_main(conn, ports: list[int], worker: int, calls: int, *_ignored)
 
 
 def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str | None, unary: int | None,
-                 compression: str = "none") -> None:
+                 compression: str = "none", shapes: dict | None = None) -> None:
     tune_allocator()  # as every asyncps process does (common/allocator.py)
     from asyncps.config import from_dict
     from asyncps.partition import place
@@ -124,8 +128,9 @@ def _client_main(conn, ports: list[int], worker: int, calls: int, profile: str |
     cfg = from_dict({"cluster": {"ps": len(ports), "workers": 2, "compression": compression,
                                  "transport": transport or "grpc"}})  # validated: a typo is an error
     rng = np.random.default_rng(worker)
-    params = {n: rng.standard_normal(s).astype(np.float32) * 0.01 for n, s in MLP_SHAPES.items()}
-    grads = {n: (rng.standard_normal(s) * 1e-6).astype(np.float32) for n, s in MLP_SHAPES.items()}
+    shapes = shapes or MLP_SHAPES
+    params = {n: rng.standard_normal(s).astype(np.float32) * 0.01 for n, s in shapes.items()}
+    grads = {n: (rng.standard_normal(s) * 1e-6).astype(np.float32) for n, s in shapes.items()}
     placement = place({n: (v.shape, v.dtype) for n, v in params.items()}, len(ports))
     client = PSClient([f"127.0.0.1:{p}" for p in ports], placement, cfg,
                       unary_bytes=UNARY_BYTES if unary is None else unary)
@@ -169,7 +174,7 @@ def _answer(proc: BaseProcess, conn):
 
 
 def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, unary: int | None = None,
-        compression: str = "none") -> list[dict]:
+        compression: str = "none", shapes: dict | None = None) -> list[dict]:
     ctx = mp.get_context("spawn")
     servers = []
     for i in range(shards):
@@ -182,7 +187,7 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
     workers = []
     for w in range(clients):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_raw_client_main if compression == "raw" else _client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary, compression), daemon=True)
+        proc = ctx.Process(target=_raw_client_main if compression == "raw" else _client_main, args=(child, ports, w, calls, profile if w == 0 else None, unary, compression, shapes), daemon=True)
         proc.start()
         workers.append((proc, parent))
     for proc, conn in workers:
@@ -262,6 +267,8 @@ def main(argv=None) -> int:
                              "raw: the floor, a bare gRPC unary call with the same bytes each way and no work")
     parser.add_argument("--step-costs", action="store_true",
                         help="also print the CPU ms per step of the MLP gradient and of compressing it")
+    parser.add_argument("--tiny", action="store_true",
+                        help="six 8-float tensors instead of the MLP's: the fixed cost of a round trip")
     parser.add_argument("--transport", nargs="+", default=["grpc"], choices=["grpc", "shm", "auto"],
                         help="cluster.transport of the client; several: interleaved")
     args = parser.parse_args(argv)
@@ -274,8 +281,9 @@ def main(argv=None) -> int:
     for rep in range(args.reps):  # interleaved: rep 1 of every setting, then rep 2, ...
         for kind in settings:
             rows.setdefault(kind, []).extend(run(args.calls, args.clients, args.shards, 1, args.profile,
-                                                 args.unary_bytes, kind))
-    print(f"push_pull MLP 1.08 MB, {args.clients} client(s), {args.shards} shard(s), {args.calls} calls x {args.reps} reps (medians)")
+                                                 args.unary_bytes, kind, TINY_SHAPES if args.tiny else None))
+    model = "6 tensors of 8 floats (--tiny)" if args.tiny else "MLP 1.08 MB"
+    print(f"push_pull {model}, {args.clients} client(s), {args.shards} shard(s), {args.calls} calls x {args.reps} reps (medians)")
     for kind, kind_rows in rows.items():
         med = {k: statistics.median(r[k] for r in kind_rows) for k in kind_rows[0]}
         print(f"  compression@transport {kind:>9}: total calls/s {med['calls_per_s']:.0f}   wall/call {med['wall_ms']:.2f} ms   "

@@ -243,9 +243,9 @@ class Segment:
         return self.checked_view(dtype, shape, offset, nbytes, lo, hi, what).copy()
 
     def checked_view(self, dtype: np.dtype, shape: tuple[int, ...], offset: int, nbytes: int, lo: int, hi: int,
-                     what: str) -> np.ndarray:
-        """A read-only live view of the tensor at [offset, offset + nbytes), checked as by
-        `copy_out`. Its values change when the other side writes there again."""
+                     what: str, writable: bool = False) -> np.ndarray:
+        """A live view of the tensor at [offset, offset + nbytes), checked as by `copy_out`;
+        read-only unless `writable`. Its values change when the other side writes there again."""
         if any(d < 0 for d in shape):
             raise ShmError(f"{what}: negative dimension in shape {list(shape)}")
         expected = np.dtype(dtype).itemsize * math.prod(shape)
@@ -257,7 +257,7 @@ class Segment:
             view = np.zeros(shape, dtype=dtype)
         else:
             view = self.view(dtype, shape, offset)
-        view.flags.writeable = False
+        view.flags.writeable = writable
         return view
 
 
@@ -273,15 +273,10 @@ def place(sizes: Iterable[tuple[str, int]], lo: int, hi: int) -> dict[str, int] 
     return offsets
 
 
-def _byte_bounds(a: np.ndarray) -> tuple[int, int]:
-    """[start, end) addresses of the memory `a` spans (numpy's byte_bounds, which numpy 2 moved)."""
-    start = end = int(a.__array_interface__["data"][0])
-    for n, stride in zip(a.shape, a.strides):
-        if stride < 0:
-            start += (n - 1) * stride
-        else:
-            end += (n - 1) * stride
-    return start, end + a.itemsize
+try:  # where numpy keeps it: numpy.lib.array_utils since 2.0, the top level before
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:  # numpy < 2
+    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
 
 
 def _unlink(path: str) -> None:

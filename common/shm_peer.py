@@ -126,14 +126,8 @@ class ShmPeer:
 def _places(segment: shm.Segment, layout, region: tuple[int, int], what: str, writable: bool = False) -> dict:
     """{name: array} at the places a layout names, each checked to lie in `region`; the pulled
     ones read-only (ShmError or ValueError when the shard's layout is out of bounds)."""
-    places = {}
-    for t in layout:
-        view = segment.checked_view(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, *region,
-                                    f"{what} {t.name!r}")
-        if writable and view.size:
-            view = segment.view(view.dtype, view.shape, t.offset)  # (checked_view's are read-only)
-        places[t.name] = view
-    return places
+    return {t.name: segment.checked_view(codec.dtype_of(t.dtype), tuple(t.shape), t.offset, t.nbytes, *region,
+                                         f"{what} {t.name!r}", writable=writable) for t in layout}
 
 
 def open_peer(call: Callable, stub, worker: int, token: str | None, timeout: float,
