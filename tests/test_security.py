@@ -312,3 +312,12 @@ def test_launch_linear_with_mtls_and_token(tmp_path, certs, token_file, monkeypa
     assert TOKEN not in text and TOKEN not in (tmp_path / "config.yaml").read_text()
     assert "serving on 127.0.0.1:" in text
     assert "refused" not in text  # every role's calls are allowed by its own certificate (test_authz.py)
+
+
+def test_channels_reconnect_quickly_unless_the_caller_says_otherwise(monkeypatch):
+    seen = []
+    monkeypatch.setattr(security.grpc, "insecure_channel", lambda address, options: seen.append(dict(options)))
+    open_channel("127.0.0.1:1", Security())
+    open_channel("127.0.0.1:1", Security(), options=[("grpc.initial_reconnect_backoff_ms", 5000)])
+    assert seen[0]["grpc.initial_reconnect_backoff_ms"] == 50 and seen[0]["grpc.max_reconnect_backoff_ms"] == 2000
+    assert seen[1]["grpc.initial_reconnect_backoff_ms"] == 5000

