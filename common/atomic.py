@@ -44,10 +44,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_save_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
-    """Write name-keyed arrays as an uncompressed .npz (readable with allow_pickle=False)."""
-    import numpy as np  # imported here: the CLI loads this module before BLAS threads are pinned
+    """Write name-keyed arrays as an uncompressed .npz (readable with allow_pickle=False), each
+    array's data 64-byte aligned so that it can be mapped (`asyncps.aligned_npz`)."""
+    from asyncps.aligned_npz import write_aligned_npz  # numpy: not before the CLI pins BLAS threads
 
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_write(path, lambda f: write_aligned_npz(f, arrays))
 
 
 def fsync_dir(folder: str | Path) -> None:

