@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from asyncps.config import is_import_path
 from asyncps.imports import accepts, check_call
-from asyncps.worker.data import data_factory
-from asyncps.worker.models import model_factory
 
 
 def preflight(cfg) -> None:
@@ -16,10 +14,16 @@ def preflight(cfg) -> None:
     signature) without building anything: what `asyncps launch`, `asyncps train` and
     `asyncps.launch` check before any process starts, so a wrong name is one line here and not
     one per process."""
+    # The registries import numpy and every model and loader: only for a user's names, so that
+    # `asyncps launch` of a built-in model starts its processes without paying for them.
     if is_import_path(cfg.model.name):
+        from asyncps.worker.models import model_factory
+
         check_call(model_factory(cfg.model.name), cfg.model.name, "model.name", (cfg.model, None),
                    dict(cfg.model.options), "model")
     if is_import_path(cfg.data.name):
+        from asyncps.worker.data import data_factory
+
         factory = data_factory(cfg.data.name)
         options = dict(cfg.data.options)
         if "seed" not in options and accepts(factory, "seed"):
