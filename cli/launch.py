@@ -28,7 +28,7 @@ import yaml
 from asyncps.atomic import atomic_write_bytes, atomic_write_json
 from asyncps.cli.data import fetch_before_run
 from asyncps.cli.common_args import add_config_arguments, config_from_args
-from asyncps.cli.processes import Child, python_module_argv, stop_all, wait_for_exit
+from asyncps.cli.processes import Child, can_fork, preload_roles, python_module_argv, stop_all, wait_for_exit
 from asyncps.cli.summary import logs_hint, summary_lines
 from asyncps.cli.watch import RunWatcher
 from asyncps.cluster import check_ports_free, spec_for_launch
@@ -283,6 +283,8 @@ def supervise(children: list[Child], cfg: Config | None = None, stream=None) -> 
                          stream=stream or sys.stderr) if cfg is not None else None
     say = watcher.event if watcher is not None else (lambda m: print(f"asyncps launch: {m}", file=sys.stderr))
     try:
+        if can_fork():
+            preload_roles()
         for child in children:
             child.start()
         write_pids(pids_path, children)
@@ -360,7 +362,7 @@ def may_restart(child: Child, policy) -> bool:
 
 def write_pids(path: Path | None, children: list[Child]) -> None:
     if path is not None:
-        atomic_write_json(path, {c.name: {"pid": c.pid, "restarts": c.restarts} for c in children})
+        atomic_write_json(path, {c.name: {"pid": c.pid, "restarts": c.restarts, "started": c.started} for c in children})
 
 
 def no_worker_left(children: list[Child], policy) -> bool:

@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # freed step buffers stay in the process (common/allocator.py)
     args = parse(sys.argv[1:] if argv is None else list(argv))
     configure_logging(args.command in ROLE_COMMANDS)
+    if args.command == "launch" and argv is None:  # the command itself, not a role forked from it
+        from asyncps.cli.processes import allow_fork
+
+        allow_fork()
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

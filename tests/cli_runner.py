@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,14 +14,14 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
 
-def asyncps(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`asyncps ARGS...`; the completed process, output captured as text."""
+def asyncps(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`asyncps ARGS...`; the completed process, output captured as text. `env`: added to ours."""
     return subprocess.run([sys.executable, "-m", "asyncps.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+                          timeout=timeout, cwd=REPO, env=None if env is None else {**os.environ, **env})
 
 
-def run_ok(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = asyncps(*args, timeout=timeout)
+def run_ok(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = asyncps(*args, timeout=timeout, env=env)
     assert proc.returncode == 0, f"asyncps {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc
 

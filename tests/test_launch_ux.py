@@ -113,8 +113,18 @@ def test_the_last_telemetry_window_is_flushed_at_stop(linear_run):
 @pytest.mark.slow
 def test_a_missed_target_is_said_in_words_and_exits_0(tmp_path):
     proc = run_ok("launch", LINEAR, f"run_dir={tmp_path}", "train.max_steps=60", "train.target.value=1.0e-30",
-                  "cluster.workers=1", timeout=180)
+                  "cluster.workers=1", timeout=180, env={"ASYNCPS_SPAWN": "exec"})
     assert "target mse 1e-30: NOT reached" in proc.stdout
+    # ASYNCPS_SPAWN=exec: every role a fresh interpreter, as before roles were forked (cli/processes.py)
+    assert {entry["started"] for entry in json.loads((tmp_path / "pids.json").read_text()).values()} == {"exec"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="roles are forked on Linux only")
+def test_the_launch_command_forks_its_roles_from_itself(linear_run):
+    run_dir, _ = linear_run
+    pids = json.loads((run_dir / "pids.json").read_text())
+    assert {entry["started"] for entry in pids.values()} == {"fork"}, pids
+    assert "Traceback" not in "".join(p.read_text() for p in run_dir.glob("*.log"))
 
 
 @pytest.mark.parametrize("key", ["cluster.chief_port", "cluster.ps_ports", "telemetry.prometheus_port"])
