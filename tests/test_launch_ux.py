@@ -263,3 +263,36 @@ def test_a_stop_file_ends_the_run_cleanly_with_its_report(tmp_path):
     r = report(run_dir)
     assert 0 < r["steps"] < 100000000 and r["final"]
     assert any(x["kind"] == "stop_requested" for x in rows(run_dir))
+
+
+def test_roles_are_forked_only_by_the_launch_command_with_one_thread_and_blas_pinned(monkeypatch):
+    import threading
+
+    from asyncps.cli import processes
+
+    monkeypatch.setattr(processes, "_fork_allowed", False)
+    for var in processes.BLAS_THREAD_VARS:
+        monkeypatch.setenv(var, "1")
+    monkeypatch.delenv(processes.SPAWN_ENV, raising=False)
+    monkeypatch.setattr(processes, "_threads", lambda: 1)
+    assert not processes.can_fork()  # this process never said it is the launch command
+    processes.allow_fork()
+    assert processes.can_fork() == sys.platform.startswith("linux")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # BLAS may already run 4 threads here: exec instead
+    assert not processes.can_fork()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv(processes.SPAWN_ENV, "exec")
+    assert not processes.can_fork()
+    monkeypatch.delenv(processes.SPAWN_ENV)
+    monkeypatch.undo()  # the real thread count from here on
+    monkeypatch.setattr(processes, "_fork_allowed", True)
+    for var in processes.BLAS_THREAD_VARS:
+        monkeypatch.setenv(var, "1")
+    held = threading.Event()
+    thread = threading.Thread(target=held.wait)
+    thread.start()
+    try:
+        assert not processes.can_fork()  # a second thread (it might hold a lock the child needs)
+    finally:
+        held.set()
+        thread.join()
