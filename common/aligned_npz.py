@@ -74,9 +74,6 @@ def map_npz(path: str | Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | 
             if info.compress_type != zipfile.ZIP_STORED:
                 return None
             members[key] = info
-        size = f.seek(0, 2)
-        if size == 0:
-            raise ValueError("empty file")
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # outlives `f`: the arrays hold it
         arrays = {}
         for key, info in members.items():

@@ -401,3 +401,22 @@ def test_an_old_unaligned_mnist_cache_is_rewritten_aligned_once(tmp_path, rng):
     assert after is not None
     for key in mnist.ARRAY_KEYS:
         np.testing.assert_array_equal(after[key], before[key])
+
+
+def test_an_old_cache_that_cannot_be_rewritten_is_still_read(tmp_path, rng, monkeypatch):
+    fake = tmp_path / "mnist.pkl.gz"
+    sha = _write_pkl_gz(fake, _fake_splits(rng))
+    npz_path = mnist.prepare_mnist(tmp_path, source=fake, sha256=sha)
+    arrays = {key: np.array(value) for key, value in mnist.load_npz(npz_path).items()}
+    old = tmp_path / "old.npz"
+    np.savez(old, **arrays)  # unaligned, as caches were written before
+    os.replace(old, npz_path)
+
+    def read_only_folder(*_args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(mnist, "atomic_save_npz", read_only_folder)
+    loaded = mnist.load_npz(npz_path)  # read whole, not rewritten, no error
+    for key in mnist.ARRAY_KEYS:
+        np.testing.assert_array_equal(loaded[key], arrays[key])
+    assert not mnist.align_once(npz_path)

@@ -41,10 +41,19 @@ def test_a_worker_whose_steps_stand_still_learns_of_the_stop_without_waiting_an_
 def test_a_worker_not_yet_started_does_not_count_as_stalled(chief):
     client, stop, _ = chief
     index = client.register().worker_index
-    beat = Heartbeat(client, index, lambda: 0, interval=LONG_INTERVAL, give_up=3600)
-    beat.start()  # loading its data: no stalled beats before the start barrier
+    looks, looked_enough = [0], threading.Event()
+
+    def step() -> int:  # the heartbeat thread reads the counter at every look (every 50 ms)
+        looks[0] += 1
+        if looks[0] >= 20:  # well past StallWatch's 0.1 s: a started worker would have beaten
+            looked_enough.set()
+        return 0
+
+    beat = Heartbeat(client, index, step, interval=LONG_INTERVAL, give_up=3600)
     stop.set()
-    assert not beat.stop.wait(0.5)
+    beat.start()  # loading its data: no stalled beats before the start barrier
+    assert looked_enough.wait(60)
+    assert not beat.stop.is_set()  # it never asked the chief, so it never heard the stop
     beat.finish("test over")
 
 

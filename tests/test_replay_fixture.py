@@ -15,7 +15,6 @@ CPU since 2013) were made by replaying the fixture with today's code, which repr
 recording under SkylakeX (so the Haswell hashes are what the recorded code computes there).
 numpy's own SIMD paths did not change the hashes (checked with NPY_DISABLE_CPU_FEATURES).
 """
-import hashlib
 import json
 import os
 import subprocess
@@ -41,12 +40,6 @@ print(json.dumps({name: {"dtype": str(a.dtype), "shape": list(a.shape),
                          "sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()}
                   for name, a in sorted(params.items())}))
 """
-
-
-def fingerprint(params: dict) -> dict:
-    return {name: {"dtype": str(a.dtype), "shape": list(a.shape),
-                   "sha256": hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()}
-            for name, a in sorted(params.items())}
 
 
 def cpu_has(feature: str) -> bool:

