@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     fetch_before_run(cfg.data, lambda m: print(f"asyncps launch: {m}", file=sys.stderr, flush=True))
     cfg.run_dir = str(resolve_run_dir(cfg).resolve())
     children = plan_children(cfg)
-    print(f"asyncps launch: run_dir {cfg.run_dir}; {cfg.cluster.ps} shards, {cfg.cluster.workers} workers, "
+    ps, workers = cfg.cluster.ps, cfg.cluster.workers
+    print(f"asyncps launch: run_dir {cfg.run_dir}; {ps} shard{'s' * (ps != 1)}, {workers} worker{'s' * (workers != 1)}, "
           f"mode {cfg.cluster.mode}" + (f"; resuming from {cfg.checkpoint.resume}" if args.resume else ""),
           file=sys.stderr)
     code = supervise(children, cfg)

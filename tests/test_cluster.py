@@ -16,7 +16,7 @@ LINEAR = CONFIGS / "linear_regression.yaml"
 
 def test_dry_run_prints_every_process(tmp_path):
     proc = run_ok("launch", CONFIGS / "mnist_mlp.yaml", "--dry-run")
-    assert proc.stdout.count("TF_CONFIG=") == 2 + 2 + 1
+    assert proc.stdout.count("TF_CONFIG=") == 1 + 2 + 1  # 1 shard, 2 workers, the chief
     assert not (tmp_path / "report.json").exists()
 
 

@@ -421,13 +421,14 @@ def test_chief_killed_and_restarted_by_the_launcher_adopts_the_live_shards(tmp_p
 
 @pytest.mark.slow
 def test_mnist_mlp_survives_worker_shard_and_chief_kills_and_reaches_97_percent(tmp_path, launch):
-    """The drill on configs/mnist_mlp.yaml as shipped (the README's first command, 2 shards, 2
-    async workers): kill a worker, then a shard, then the chief at random moments; resume. The
-    run reaches 97%, async staleness is real, and every failure is recorded. (This is the one
-    end-to-end MLP run through the cluster in the suite.)"""
+    """The drill on configs/mnist_mlp.yaml (the README's first command) partitioned over 2 shards
+    (cluster.ps=2: one shard restores while the other keeps its state), 2 async workers: kill a
+    worker, then a shard, then the chief at random moments; resume. The run reaches 97%, async
+    staleness is real, and every failure is recorded. (This is the one end-to-end MLP run through
+    the cluster in the suite.)"""
     seed = int(os.environ.get("FAULT_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    args = [CONFIGS / "mnist_mlp.yaml", "checkpoint.every_steps=250", "train.log_every=50",
+    args = [CONFIGS / "mnist_mlp.yaml", "cluster.ps=2", "checkpoint.every_steps=250", "train.log_every=50",
             "cluster.heartbeat_timeout=15"]  # generous: a loaded 2-core machine delays heartbeats
     run = launch(tmp_path / "run", *args)
     # MLP steps take milliseconds of compute each: the 3000 steps leave seconds between the
@@ -455,4 +456,4 @@ def test_mnist_mlp_survives_worker_shard_and_chief_kills_and_reaches_97_percent(
     # two async workers: pushes computed on weights others had updated since (staleness > 0)
     assert r["staleness"]["max"] > 0 and sum(v for k, v in r["staleness"]["histogram"].items() if k != "0") > 0
     assert run.count("eval") > 0
-    assert transport_used(tmp_path / "run", 2, 2) == "shm"  # the README's command: auto, shared memory
+    assert transport_used(tmp_path / "run", 2, 2) == "shm"  # the README's config: auto, shared memory
