@@ -5,6 +5,7 @@ Staleness comes from the shards' own counters (exact, one entry per applied push
 `staleness_per_worker` break it down. `pull_to_push_ms` is the workers' time from a pull to the
 push of its gradient (chief/telemetry.py). `failures` lists every process death the chiefs of this
 run saw (docs/failures.md), `checkpoints` the checkpoints taken and their pause times.
+`transport` says which data plane the workers used (`transport_section`).
 """
 from __future__ import annotations
 
@@ -116,9 +117,33 @@ def cluster_report(run, final: dict, stats, params: dict, seconds: float) -> dic
         "failures": run.failures,
         "resumed_from": run.resumed_from,
         "checkpoints": run.checkpoints.summary(),
+        "transport": transport_section(stats, cfg),
         **tables_section(stats),
         **reference_section(run),
         "variables": small_variables(params),
+    }
+
+
+def transport_section(stats, cfg) -> dict:
+    """Which data plane the run used, from the shards' own count of shared-memory segments at
+    the end (ps/shm_transport.py: one per worker that proved it shares the shard's host; a
+    worker that fell back to gRPC has none). `used`: "shm" when every shard holds a segment for
+    every worker, "grpc" when none holds any, "mixed" otherwise (say, a compose run where only
+    some containers share /dev/shm)."""
+    segments = {str(s.shard): int(getattr(s, "shm_segments", 0)) for s in stats}
+    workers = cfg.cluster.workers
+    if segments and all(n >= workers for n in segments.values()):
+        used = "shm"
+    elif not any(segments.values()):
+        used = "grpc"
+    else:
+        used = "mixed"
+    return {
+        "configured": cfg.cluster.transport,
+        "used": used,
+        "workers": workers,
+        "shm_segments_per_shard": segments,
+        "shm_bytes_per_shard": {str(s.shard): int(getattr(s, "shm_bytes", 0)) for s in stats},
     }
 
 

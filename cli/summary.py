@@ -2,9 +2,9 @@
 
 Read from report.json, so what the terminal says is what the run recorded: the final metrics
 (and which evaluation they are), the target (reached at step N in S s, or NOT reached), the
-steps applied against the steps requested, the data's own model beside the run's where the data
-has one (click_logs: the planted model, `reference` in report.json), and where the run directory
-and the logs are.
+steps applied against the steps requested, the throughput (and, for a cluster, which data plane
+its workers used), the data's own model beside the run's where the data has one (click_logs: the
+planted model, `reference` in report.json), and where the run directory and the logs are.
 """
 from __future__ import annotations
 
@@ -30,12 +30,43 @@ def summary_lines(report: dict, logs: str | None = None) -> list[str]:
                          + (f", {target['metric']}={_fmt(value)} there" if value is not None else ""))
         else:
             lines.append(head + "NOT reached")
+    speed = throughput_line(report)
+    if speed:
+        lines.append(speed)
     if report.get("reference"):
         lines.append(reference_line(report["reference"], final))
     lines += table_lines(report)
     if logs:
         lines.append(f"logs: {logs}")
     return lines
+
+
+def throughput_line(report: dict) -> str | None:
+    """`throughput: R steps/s (N steps in S s)`, then `; transport: ...` for a cluster run; None
+    when the report has no throughput (an older report)."""
+    rate = (report.get("throughput") or {}).get("steps_per_second")
+    steps, seconds = report.get("steps"), report.get("seconds")
+    if rate is None or steps is None or seconds is None:
+        return None
+    line = f"throughput: {rate:.1f} steps/s ({steps} steps in {seconds:.1f} s)"
+    transport = report.get("transport")
+    return line + f"; transport: {transport_words(transport)}" if transport else line
+
+
+def transport_words(t: dict) -> str:
+    """chief/report.py's `transport` section in words."""
+    segments = t.get("shm_segments_per_shard") or {}
+    shards = len(segments)
+    workers = t.get("workers", 0)
+    mib = sum((t.get("shm_bytes_per_shard") or {}).values()) / 2**20
+    where = "the shard" if shards == 1 else f"each of {shards} shards"
+    if t.get("used") == "shm":
+        return f"shared memory, {workers} of {workers} workers on {where} ({mib:.1f} MiB of segments)"
+    if t.get("used") == "grpc":
+        return f"gRPC (cluster.transport {t.get('configured')})"
+    low, high = min(segments.values(), default=0), max(segments.values(), default=0)
+    count = f"{low}" if low == high else f"{low}-{high}"
+    return f"mixed: shared memory for {count} of {workers} workers per shard ({mib:.1f} MiB), gRPC for the rest"
 
 
 def reference_line(reference: dict, final: dict) -> str:

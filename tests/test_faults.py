@@ -314,6 +314,7 @@ def test_worker_killed_mid_step_training_continues_and_the_run_replays_bit_for_b
     assert len(run.steps_logged(1)) == 2 and len(run.steps_logged(0)) == 1  # worker1.log: index 1 only
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
     assert transport_used(tmp_path, 1, 2) == "grpc"
+    assert r["transport"]["used"] == "grpc" and r["transport"]["shm_segments_per_shard"] == {"0": 0}
 
 
 @pytest.mark.slow
@@ -457,3 +458,5 @@ def test_mnist_mlp_survives_worker_shard_and_chief_kills_and_reaches_97_percent(
     assert r["staleness"]["max"] > 0 and sum(v for k, v in r["staleness"]["histogram"].items() if k != "0") > 0
     assert run.count("eval") > 0
     assert transport_used(tmp_path / "run", 2, 2) == "shm"  # the README's config: auto, shared memory
+    # the report says so too: both shards (one of them restored) hold a segment of each worker
+    assert r["transport"]["used"] == "shm" and r["transport"]["shm_segments_per_shard"] == {"0": 2, "1": 2}

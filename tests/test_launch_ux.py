@@ -42,7 +42,41 @@ def test_launch_ends_with_the_summary_train_prints(linear_run):
     assert out[0] == f"run_dir: {run_dir}"
     assert out[1].startswith("final: loss=") and out[1].endswith(f"at step {PLAIN_LINEAR_STEPS}")
     assert out[2].startswith("target mse 0.0001: reached at step ")
-    assert out[3] == f"logs: {run_dir}/*.log"
+    r = report(run_dir)  # the throughput line says what report.json recorded, transport included
+    assert r["transport"] == {"configured": "auto", "used": "shm", "workers": 2, "shm_segments_per_shard": {"0": 2},
+                              "shm_bytes_per_shard": {"0": r["transport"]["shm_bytes_per_shard"]["0"]}}
+    mib = r["transport"]["shm_bytes_per_shard"]["0"] / 2**20
+    assert out[3] == (f"throughput: {r['throughput']['steps_per_second']:.1f} steps/s ({r['steps']} steps in "
+                      f"{r['seconds']:.1f} s); transport: shared memory, 2 of 2 workers on the shard ({mib:.1f} MiB "
+                      "of segments)")
+    assert out[4] == f"logs: {run_dir}/*.log"
+
+
+def test_the_throughput_line_says_which_data_plane_the_workers_used():
+    """chief/report.py's `transport` section from the shards' segment counts, and its words in
+    the summary: every worker on every shard, none (gRPC), or some (mixed, e.g. a compose run
+    where only some containers share /dev/shm)."""
+    from types import SimpleNamespace
+
+    from asyncps.chief.report import transport_section
+    from asyncps.cli.summary import throughput_line
+
+    cfg = load_config(LINEAR, ["cluster.ps=2", "cluster.workers=3"])
+
+    def section(*segments):
+        stats = [SimpleNamespace(shard=i, shm_segments=n, shm_bytes=n << 20) for i, n in enumerate(segments)]
+        return transport_section(stats, cfg)
+
+    base = {"throughput": {"steps_per_second": 612.34}, "steps": 3000, "seconds": 4.9}
+    assert section(3, 3)["used"] == "shm" and section(0, 0)["used"] == "grpc" and section(3, 1)["used"] == "mixed"
+    assert throughput_line({**base, "transport": section(3, 3)}) == (
+        "throughput: 612.3 steps/s (3000 steps in 4.9 s); transport: shared memory, 3 of 3 workers on each of 2 "
+        "shards (6.0 MiB of segments)")
+    assert throughput_line({**base, "transport": section(0, 0)}).endswith("; transport: gRPC (cluster.transport auto)")
+    assert throughput_line({**base, "transport": section(3, 1)}).endswith(
+        "; transport: mixed: shared memory for 1-3 of 3 workers per shard (4.0 MiB), gRPC for the rest")
+    assert throughput_line(base) == "throughput: 612.3 steps/s (3000 steps in 4.9 s)"  # asyncps train: no transport
+    assert throughput_line({"steps": 3}) is None  # a report without throughput: no line
 
 
 def test_the_summary_puts_the_planted_model_beside_the_run_for_train_and_launch():
