@@ -15,7 +15,8 @@ memory, views of the segment instead of copies).
 bytes each way (identity serializers, prebuilt buffers, no work at either end).
 `--transport grpc shm`: the client's cluster.transport (default grpc), each setting interleaved
 with the others; shm moves the tensors through the shared-memory segment (common/shm.py).
-`--tiny` pushes six 8-float tensors instead (no bytes to speak of: the fixed cost of a round trip;
+`--tiny` pushes six 8-float tensors instead (`--tiny-tensors N`: N of them; no bytes to speak of: the
+fixed cost of a round trip, and what each tensor adds to it;
 not with `--compression raw`, whose floor is the MLP's bytes).
 `--profile OUT` writes a cProfile of client 0 (and OUT.ps<i>, a yappi CPU profile of every thread
 of each shard) for the last rep.
@@ -37,7 +38,10 @@ from asyncps.allocator import tune_allocator
 MLP_SHAPES = {"dense0/w": (784, 256), "dense0/b": (256,), "dense1/w": (256, 256), "dense1/b": (256,),
               "dense2/w": (256, 10), "dense2/b": (10,)}
 # --tiny: six 8-float tensors, the same calls with no bytes to speak of: the fixed cost of a round trip
-TINY_SHAPES = {f"tiny{i}": (8,) for i in range(6)}
+
+
+def tiny_shapes(n: int = 6) -> dict[str, tuple[int, ...]]:
+    return {f"tiny{i}": (8,) for i in range(n)}
 
 
 def _cpu_seconds(proc: BaseProcess) -> float:
@@ -269,6 +273,8 @@ def main(argv=None) -> int:
                         help="also print the CPU ms per step of the MLP gradient and of compressing it")
     parser.add_argument("--tiny", action="store_true",
                         help="six 8-float tensors instead of the MLP's: the fixed cost of a round trip")
+    parser.add_argument("--tiny-tensors", type=int, default=6, metavar="N",
+                        help="with --tiny: this many 8-float tensors (what each tensor costs)")
     parser.add_argument("--transport", nargs="+", default=["grpc"], choices=["grpc", "shm", "auto"],
                         help="cluster.transport of the client; several: interleaved")
     args = parser.parse_args(argv)
@@ -281,8 +287,9 @@ def main(argv=None) -> int:
     for rep in range(args.reps):  # interleaved: rep 1 of every setting, then rep 2, ...
         for kind in settings:
             rows.setdefault(kind, []).extend(run(args.calls, args.clients, args.shards, 1, args.profile,
-                                                 args.unary_bytes, kind, TINY_SHAPES if args.tiny else None))
-    model = "6 tensors of 8 floats (--tiny)" if args.tiny else "MLP 1.08 MB"
+                                                 args.unary_bytes, kind,
+                                                 tiny_shapes(args.tiny_tensors) if args.tiny else None))
+    model = f"{args.tiny_tensors} tensors of 8 floats (--tiny)" if args.tiny else "MLP 1.08 MB"
     print(f"push_pull {model}, {args.clients} client(s), {args.shards} shard(s), {args.calls} calls x {args.reps} reps (medians)")
     for kind, kind_rows in rows.items():
         med = {k: statistics.median(r[k] for r in kind_rows) for k in kind_rows[0]}

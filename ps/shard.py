@@ -301,19 +301,25 @@ class Shard:
             self.observers.served(worker, version, self.version, age)
         return version, values
 
-    def push(self, worker: int, seq: int, read_version: int, grads: Mapping, timeout: float | None = None) -> PushResult:
+    def push(self, worker: int, seq: int, read_version: int, grads: Mapping, timeout: float | None = None,
+             checked: bool = False) -> PushResult:
         """Applies (or accumulates, drops, ignores as duplicate) one worker's gradients.
 
         Validation happens before anything changes; a rejected push raises ShardError and is
         counted against the worker. A push with ``seq <= last_seq`` of the worker is a retry:
         nothing is done and DUPLICATE is returned.
+
+        `checked`: the caller made the dense gradients from this shard's own variable specs (a
+        push at a shared-memory segment's layout: names, dtypes and shapes the shard chose) and
+        proved their values finite, so they are not checked again (ps/shm_transport.py).
         """
         with self._cond:
             self._require_init()
             self._worker(worker)
         try:
             dense = {n: g for n, g in grads.items() if not isinstance(g, TableGrad)}
-            clean = validate.check_gradients(dense, self._vars)  # outside the lock: specs are fixed
+            # outside the lock: specs are fixed
+            clean = dict(dense) if checked else validate.check_gradients(dense, self._vars)
             clean.update(self.table_service.check_grads(grads))
         except ShardError:
             self.count_rejected(worker)

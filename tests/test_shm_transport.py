@@ -347,9 +347,11 @@ def test_garbage_in_the_segment_is_refused_and_changes_nothing(via, prefix_clean
 
 
 @pytest.mark.parametrize("via", ["grpc", "socket"])
-def test_garbage_at_the_layout_is_refused_and_changes_nothing(via, prefix_clean):
+def test_garbage_at_the_layout_is_refused_and_changes_nothing(via, prefix_clean, monkeypatch):
     """A push `at_layout` (the worker's steps) is checked like any other: NaN or Inf anywhere is
-    INVALID_ARGUMENT and changes nothing; naming tensors as well is refused too."""
+    INVALID_ARGUMENT and changes nothing; naming tensors as well is refused too. Its values are
+    checked in one pass over the copied block; only when that fails (a bad value, or garbage in
+    a gap between places) does the shard check tensor by tensor, to name the bad one or accept."""
     c = Cluster(1, "shm")
     try:
         c.client.register(0)
@@ -357,10 +359,10 @@ def test_garbage_at_the_layout_is_refused_and_changes_nothing(via, prefix_clean)
         peer = c.client._shm.peer(0, c.client._stubs[0], 0)
         assert set(peer.push_at) == {"w", "b", "emb"} and set(peer.pull_at) == set(PARAMS)
 
-        def push(fill, tensors=()):
+        def push(fill, tensors=(), seq=0):
             for name, place in peer.push_at.items():
                 place[...] = fill.get(name, 0.0)
-            request = ps_pb2.ShmRequest(generation=peer.generation, push=ps_pb2.PushHeader(worker=0, seq=0),
+            request = ps_pb2.ShmRequest(generation=peer.generation, push=ps_pb2.PushHeader(worker=0, seq=seq),
                                         pull=True, at_layout=True, tensors=tensors)
             if via == "socket":
                 return ps_pb2.ShmReply.FromString(peer.control.call(request.SerializeToString(), 10))
@@ -372,13 +374,37 @@ def test_garbage_at_the_layout_is_refused_and_changes_nothing(via, prefix_clean)
             with pytest.raises(grpc.RpcError) as err:
                 push(fill, tensors)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fill
+            if fill:  # the one-pass check of the block failed; the per-tensor check names the variable
+                assert f"variable {next(iter(fill))!r}" in err.value.details(), err.value.details()
         after, versions_after = c.client.pull(worker=0)
         assert versions_after == versions == [0] and c.servers[0].shard.version == 0
         for name in before:
             np.testing.assert_array_equal(before[name], after[name])
-        reply = push({"b": 1.0})
+        from asyncps.ps import validate
+
+        per_tensor = []  # pushes the shard checked tensor by tensor
+        check = validate.check_gradients
+        monkeypatch.setattr(validate, "check_gradients", lambda *a: per_tensor.append(1) or check(*a))
+        # NaN bytes in the gap after b's 20 bytes (places are 64-byte aligned; emb's comes next)
+        # are no gradient: the block's one-pass check sees them, the per-tensor check accepts
+        base = np.frombuffer(peer.segment.mm, np.uint8, count=1).ctypes.data
+        gap = peer.push_at["b"].ctypes.data - base + 20
+        del base
+        peer.segment.mm[gap:gap + 44] = np.full(11, np.nan, np.float32).tobytes()
+        for name, place in peer.push_at.items():
+            place[...] = 1.0 if name == "b" else 0.0
+        request = ps_pb2.ShmRequest(generation=peer.generation, push=ps_pb2.PushHeader(worker=0, seq=0),
+                                    pull=True, at_layout=True)
+        reply = (ps_pb2.ShmReply.FromString(peer.control.call(request.SerializeToString(), 10)) if via == "socket"
+                 else c.client._stubs[0].ShmPushPull(request, timeout=10))
         assert reply.header.push.result == ps_pb2.PushReply.APPLIED and reply.at_layout and not reply.tensors
         np.testing.assert_array_equal(peer.pull_at["b"], before["b"] - 0.5)  # lr 0.5, gradient 1
+        assert per_tensor == [1]
+        peer.segment.mm[gap:gap + 44] = bytes(44)  # a clean gap: the one pass proves the push finite
+        reply = push({"b": 1.0}, seq=1)
+        assert reply.header.push.result == ps_pb2.PushReply.APPLIED and reply.header.version == 2
+        np.testing.assert_array_equal(peer.pull_at["b"], before["b"] - 1.0)
+        assert per_tensor == [1]  # (not checked again tensor by tensor)
     finally:
         c.close()
 
