@@ -62,12 +62,15 @@ def test_worker_pushing_nan_exits_at_once_naming_the_variable(tmp_path, launch):
 # ----------------------------------------------------------------------------------------------
 # The chaos drill
 
-# CHAOS_KILLS=N for a longer drill: half workers, half shards (max_steps grows with N)
+# CHAOS_KILLS=N for a longer drill: half workers, half shards
 KILLS = (["worker", "ps"] * 50)[:int(os.environ.get("CHAOS_KILLS", "6"))]  # shuffled per seed; signals drawn per kill
 CHAOS_ARGS = [
     "cluster.ps=2", "cluster.workers=3", "checkpoint.every_steps=100",
     "optimizer.learning_rate=0.05",  # 0.1 with 3 async workers swings (0.79-0.92 between evals)
-    f"train.max_steps={4000 + 600 * max(0, len(KILLS) - 6)}",  # room for the kills: ~250 steps each
+    # the drill ends the run itself (the STOP file) once every kill is done and the target was
+    # reached: a step count could run out first (softmax on a fast host trains 2000 steps a
+    # second, and 4000 steps were over before the sixth kill)
+    "train.max_steps=10000000",
     "train.eval_every=100", "train.log_every=10", "cluster.heartbeat_interval=0.5",
     "cluster.heartbeat_timeout=15",  # generous: a loaded 2-core CI machine delays heartbeats
     f"cluster.restart_policy.max_restarts={len(KILLS) + 2}",
@@ -159,6 +162,12 @@ def test_mnist_survives_random_kills_of_workers_and_shards_with_sigkill_and_sigt
         run.wait_until(f"step {base + gap}", lambda: current_step(run) >= base + gap, timeout=180)
         time.sleep(rng.uniform(0, 0.3))  # land anywhere inside a step, a push or a checkpoint
         done.append(kill_one(run, rng, role, rng.choice([signal.SIGKILL, signal.SIGTERM])))
+    # then some training with every replacement in, the target reached, and the run ends cleanly
+    base = current_step(run)
+    run.wait_until("100 steps after the last kill", lambda: current_step(run) >= base + 100, timeout=180)
+    run.wait_until("the target", lambda: any(r["kind"] == "eval" and r.get("accuracy", 0) >= 0.91 for r in run.rows()),
+                   timeout=300)
+    (tmp_path / "STOP").touch()
     assert run.wait(300) == 0, run.tail()
     run.pids()  # the last processes too, then every process of the job (killed or not) gone:
     assert_all_gone(run.seen_pids)
