@@ -2,8 +2,9 @@
 
     python bench/transport.py [--sizes-mib 1 16 256] [--repeats 15 7 3] [--json out.json] [--unary-bytes N]
 
-One server process (spawned, so no gRPC object crosses a fork) hosts both a parameter-server
-shard (SGD, async) and a bare bytes service with identity serializers and no protobuf:
+One server process (spawned, so no gRPC object crosses a fork; `--split`: one per server, as a
+shard process holds one shard) hosts both a parameter-server shard (SGD, async) and a bare bytes
+service with identity serializers and no protobuf:
     /raw.Raw/PushUnary   bytes -> b""                      /raw.Raw/PullUnary   size -> bytes
     /raw.Raw/PushStream  stream of 1 MiB bytes -> b""      /raw.Raw/PullStream  size -> stream of 1 MiB
 The raw side sends and serves prebuilt buffers, so it measures the transport alone. The asyncps
@@ -79,9 +80,13 @@ class NoOpOptimizer:
         pass
 
 
-def _server_main(conn, max_mib: int) -> None:
+SERVERS = ("sgd", "noop", "raw")
+
+
+def _server_main(conn, max_mib: int, which: tuple[str, ...] = SERVERS) -> None:
     tune_allocator()  # as every asyncps process does (common/allocator.py)
-    """Child process: SGD shard, no-op shard and raw server; sends the ports, serves until told."""
+    """Child process: the servers in `which` (SGD shard, no-op shard, raw server); sends their
+    ports in that order, serves until told."""
     import grpc
 
     from asyncps.config import Config
@@ -90,17 +95,23 @@ def _server_main(conn, max_mib: int) -> None:
 
     cfg = Config()
     cfg.cluster.ps, cfg.cluster.workers = 1, 1
-    sgd = ShardServer(cfg, 0)
-    noop = ShardServer(cfg, 0, shard=Shard(cfg, 0, optimizer=NoOpOptimizer()))
-    raw = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTIONS)
-    raw.add_generic_rpc_handlers((_raw_handlers(grpc, max_mib),))
-    raw_port = raw.add_insecure_port("127.0.0.1:0")
-    raw.start()
-    conn.send((sgd.start(), noop.start(), raw_port))
+    servers: list = []  # grpc.Server and ShardServer: both stop(grace)
+    ports: list[int] = []
+    for kind in which:
+        if kind == "raw":
+            raw = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=OPTIONS)
+            raw.add_generic_rpc_handlers((_raw_handlers(grpc, max_mib),))
+            ports.append(raw.add_insecure_port("127.0.0.1:0"))
+            raw.start()
+            servers.append(raw)
+        else:
+            shard = ShardServer(cfg, 0) if kind == "sgd" else ShardServer(cfg, 0, shard=Shard(cfg, 0, optimizer=NoOpOptimizer()))
+            ports.append(shard.start())
+            servers.append(shard)
+    conn.send(tuple(ports))
     conn.recv()
-    raw.stop(0)
-    sgd.stop(0)
-    noop.stop(0)
+    for server in servers:
+        server.stop(0)
 
 
 def _interleaved_medians(calls: dict, repeats: int) -> dict[str, float]:
@@ -143,8 +154,9 @@ def _asyncps_calls(client, name: str, nbytes: int, seq):
     }
 
 
-def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None) -> list[dict]:
-    """Measures every size; one row per (size, direction)."""
+def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None, split: bool = False) -> list[dict]:
+    """Measures every size; one row per (size, direction). `split`: each server in a process of
+    its own (as a shard process holds one shard) instead of all three in one."""
     import grpc
 
     from asyncps.config import Config
@@ -152,10 +164,16 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
     from asyncps.ps_client import UNARY_BYTES, PSClient
 
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_server_main, args=(child, max(sizes_mib)), daemon=True)
-    proc.start()
-    sgd_port, noop_port, raw_port = parent.recv()
+    groups = [(kind,) for kind in SERVERS] if split else [SERVERS]
+    pipes: list = []
+    ports: dict[str, int] = {}
+    for which in groups:
+        parent, child = ctx.Pipe()
+        ctx.Process(target=_server_main, args=(child, max(sizes_mib), which), daemon=True).start()
+        pipes.append((parent, which))
+    for parent, which in pipes:
+        ports.update(zip(which, parent.recv()))
+    sgd_port, noop_port, raw_port = (ports[kind] for kind in SERVERS)
     cfg = Config()
     cfg.cluster.ps, cfg.cluster.workers, cfg.cluster.rpc_timeout = 1, 1, 600.0
     cfg.cluster.transport = "grpc"  # this bench measures the gRPC path against raw gRPC
@@ -185,8 +203,8 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
             client.close()
         channel.close()
     finally:
-        parent.send("stop")
-        proc.join(30)
+        for parent, _ in pipes:
+            parent.send("stop")
     return rows
 
 
@@ -210,8 +228,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--unary-bytes", type=int, default=None,
                         help="PSClient unary_bytes: transfers up to this size go as one unary message")
+    parser.add_argument("--split", action="store_true",
+                        help="each server (SGD shard, no-op shard, raw) in a process of its own")
     args = parser.parse_args(argv)
-    rows = run(args.sizes_mib, args.repeats, args.unary_bytes)
+    rows = run(args.sizes_mib, args.repeats, args.unary_bytes, args.split)
     print(f"{'size':>8} {'dir':>5} {'asyncps s':>10} {'no-op opt s':>11} {'raw unary s':>12} {'raw stream s':>13} "
           f"{'asyncps GB/s':>13} {'raw GB/s':>9} {'ratio':>6} {'ratio no-op':>11}")
     for r in rows:
