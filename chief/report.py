@@ -130,7 +130,7 @@ def transport_section(stats, cfg) -> dict:
     worker that fell back to gRPC has none). `used`: "shm" when every shard holds a segment for
     every worker, "grpc" when none holds any, "mixed" otherwise (say, a compose run where only
     some containers share /dev/shm)."""
-    segments = {str(s.shard): int(getattr(s, "shm_segments", 0)) for s in stats}
+    segments = {str(s.shard): int(s.shm_segments) for s in stats}
     workers = cfg.cluster.workers
     if segments and all(n >= workers for n in segments.values()):
         used = "shm"
@@ -143,7 +143,7 @@ def transport_section(stats, cfg) -> dict:
         "used": used,
         "workers": workers,
         "shm_segments_per_shard": segments,
-        "shm_bytes_per_shard": {str(s.shard): int(getattr(s, "shm_bytes", 0)) for s in stats},
+        "shm_bytes_per_shard": {str(s.shard): int(s.shm_bytes) for s in stats},
     }
 
 

@@ -319,7 +319,7 @@ class Shard:
         try:
             dense = {n: g for n, g in grads.items() if not isinstance(g, TableGrad)}
             # outside the lock: specs are fixed
-            clean = dict(dense) if checked else validate.check_gradients(dense, self._vars)
+            clean = dense if checked else validate.check_gradients(dense, self._vars)
             clean.update(self.table_service.check_grads(grads))
         except ShardError:
             self.count_rejected(worker)

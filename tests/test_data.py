@@ -394,8 +394,8 @@ def test_an_old_unaligned_mnist_cache_is_rewritten_aligned_once(tmp_path, rng):
     old = tmp_path / "old.npz"
     np.savez(old, **before)  # as caches were written before: members wherever the headers end
     os.replace(old, npz_path)
-    assert mnist.align_once(npz_path)
-    assert not mnist.align_once(npz_path)
+    assert mnist.align_once(npz_path, before)
+    assert not mnist.align_once(npz_path, before)
     from asyncps.aligned_npz import map_npz
     after = map_npz(npz_path, mnist.ARRAY_KEYS)
     assert after is not None
@@ -419,4 +419,4 @@ def test_an_old_cache_that_cannot_be_rewritten_is_still_read(tmp_path, rng, monk
     loaded = mnist.load_npz(npz_path)  # read whole, not rewritten, no error
     for key in mnist.ARRAY_KEYS:
         np.testing.assert_array_equal(loaded[key], arrays[key])
-    assert not mnist.align_once(npz_path)
+    assert not mnist.align_once(npz_path, arrays)

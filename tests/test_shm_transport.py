@@ -387,9 +387,7 @@ def test_garbage_at_the_layout_is_refused_and_changes_nothing(via, prefix_clean,
         monkeypatch.setattr(validate, "check_gradients", lambda *a: per_tensor.append(1) or check(*a))
         # NaN bytes in the gap after b's 20 bytes (places are 64-byte aligned; emb's comes next)
         # are no gradient: the block's one-pass check sees them, the per-tensor check accepts
-        base = np.frombuffer(peer.segment.mm, np.uint8, count=1).ctypes.data
-        gap = peer.push_at["b"].ctypes.data - base + 20
-        del base
+        gap = peer.push_at["b"].ctypes.data - peer.segment._address() + 20
         peer.segment.mm[gap:gap + 44] = np.full(11, np.nan, np.float32).tobytes()
         for name, place in peer.push_at.items():
             place[...] = 1.0 if name == "b" else 0.0

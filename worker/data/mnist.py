@@ -81,7 +81,7 @@ def prepare_mnist(cache_dir: str | Path | None = None, source: str | Path | None
     return npz_path
 
 
-def align_once(npz_path: Path, arrays: Mapping[str, np.ndarray] | None = None) -> bool:
+def align_once(npz_path: Path, arrays: Mapping[str, np.ndarray]) -> bool:
     """Rewrite a cache written before its arrays were aligned (``np.savez``), so that every later
     load maps it instead of reading it (`load_npz` calls this with the arrays it had to read);
     True if rewritten here. The same arrays, put in place atomically under the cache's lock: a
@@ -91,16 +91,11 @@ def align_once(npz_path: Path, arrays: Mapping[str, np.ndarray] | None = None) -
         with file_lock(npz_path.with_name(npz_path.name + ".lock")):
             if _mappable(npz_path):  # another process rewrote it meanwhile
                 return False
-            if arrays is None:
-                with np.load(npz_path, allow_pickle=False) as npz:
-                    arrays = {key: npz[key] for key in ARRAY_KEYS}
             atomic_save_npz(npz_path, arrays)
     except OSError as exc:
         logger.info(f"{npz_path}: cannot rewrite the MNIST cache with aligned arrays ({exc}); "
                     "each load reads it whole")
         return False
-    except (KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error):
-        return False  # damaged: load_npz says so, naming the file
     return True
 
 
