@@ -1,6 +1,7 @@
 """Transport benchmark: push and pull through PSClient + shard vs raw gRPC bytes, same machine.
 
-    python bench/transport.py [--sizes-mib 1 16 256] [--repeats 15 7 3] [--json out.json] [--unary-bytes N]
+    python bench/transport.py [--sizes-mib 1 16 256] [--repeats 15 7 3] [--block 10 3 1] [--split]
+                              [--json out.json] [--unary-bytes N]
 
 One server process (spawned, so no gRPC object crosses a fork; `--split`: one per server, as a
 shard process holds one shard) hosts both a parameter-server shard (SGD, async) and a bare bytes
@@ -11,8 +12,16 @@ The raw side sends and serves prebuilt buffers, so it measures the transport alo
 side does everything a worker sees: encode, chunk, send, decode, validate, apply (push) or
 encode, send, reassemble, join (pull). A second shard with a no-op optimizer isolates the wire
 path (codec + gRPC + validation) from the update math (SGD on N bytes is two passes over them).
-Reported: median seconds (all operations of one size interleaved, one of each per round), GB/s,
-and best raw / asyncps (1.0 = as fast as raw gRPC).
+Reported: median seconds, GB/s, and best raw / asyncps (1.0 = as fast as raw gRPC).
+
+Timing: the operations of one size are interleaved in rounds, so that a change in the machine's
+load hits all of them alike. `--block K` (default 10 at 1 MiB, fewer for larger sizes): in each
+round every operation runs 1 + K calls back to back, the first not timed, so each is measured in
+the same state, warm, as a worker's consecutive calls to one shard. `--block 0`: one timed call
+of each per round (the method before), where each call follows a call of another operation,
+often to another server, and pays that server's wake-up: a raw 1 MiB push took 0.65 ms back to
+back and 0.84 / 1.12 ms after 2 / 10 ms idle on the 2-core machine, which made the ratios of
+that method move 0.53-0.90 between runs (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -114,16 +123,20 @@ def _server_main(conn, max_mib: int, which: tuple[str, ...] = SERVERS) -> None:
         server.stop(0)
 
 
-def _interleaved_medians(calls: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each call, the calls interleaved (one of each per round), so that a
-    change in the machine's load hits all of them alike; one warm-up round first."""
+def _interleaved_medians(calls: dict, repeats: int, block: int = 0) -> dict[str, float]:
+    """Median seconds of each call over `repeats` rounds, the calls interleaved, one warm-up
+    round first. `block` 0: one call of each per round; K > 0: per round, each call 1 + K times
+    in a row, the first not timed (module docstring)."""
     times: dict[str, list[float]] = {k: [] for k in calls}
     for rnd in range(repeats + 1):
         for k, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            if rnd:
-                times[k].append(time.perf_counter() - t0)
+            if block:
+                fn()  # the block's untimed first call
+            for _ in range(max(block, 1)):
+                t0 = time.perf_counter()
+                fn()
+                if rnd:
+                    times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -154,9 +167,11 @@ def _asyncps_calls(client, name: str, nbytes: int, seq):
     }
 
 
-def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None, split: bool = False) -> list[dict]:
+def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None, split: bool = False,
+        blocks: list[int] | None = None) -> list[dict]:
     """Measures every size; one row per (size, direction). `split`: each server in a process of
-    its own (as a shard process holds one shard) instead of all three in one."""
+    its own (as a shard process holds one shard) instead of all three in one. `blocks`: per size,
+    the calls of an operation in a row per round (0: one; see the module docstring)."""
     import grpc
 
     from asyncps.config import Config
@@ -190,15 +205,15 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
             client.register(0)
         del variables
         seq = iter(range(1 << 40))
-        for mib, reps in zip(sizes_mib, repeats):
+        for mib, reps, block in zip(sizes_mib, repeats, blocks or [0] * len(sizes_mib)):
             nbytes = mib * MIB
             calls = {f"raw_{k}": f for k, f in _raw_calls(channel, nbytes).items()}
             calls.update({f"{k}_{op}": f for k, client in clients.items()
                           for op, f in _asyncps_calls(client, f"x{mib}", nbytes, seq).items()})
-            med = _interleaved_medians(calls, reps)
+            med = _interleaved_medians(calls, reps, block)
             raw = {k[4:]: v for k, v in med.items() if k.startswith("raw_")}
             ours = {k: v for k, v in med.items() if not k.startswith("raw_")}
-            rows += [_row(mib, d, reps, nbytes, ours, raw) for d in ("push", "pull")]
+            rows += [_row(mib, d, reps, block, nbytes, ours, raw) for d in ("push", "pull")]
         for client in clients.values():
             client.close()
         channel.close()
@@ -208,11 +223,11 @@ def run(sizes_mib: list[int], repeats: list[int], unary_bytes: int | None = None
     return rows
 
 
-def _row(mib, direction, reps, nbytes, ours, raw) -> dict:
+def _row(mib, direction, reps, block, nbytes, ours, raw) -> dict:
     best = min(raw[f"{direction}_unary"], raw[f"{direction}_stream"])
     sgd, noop = ours[f"sgd_{direction}"], ours[f"noop_{direction}"]
     return {
-        "mib": mib, "direction": direction, "repeats": reps,
+        "mib": mib, "direction": direction, "repeats": reps, "block": block,
         "asyncps_sgd_s": sgd, "asyncps_noop_s": noop,
         "raw_unary_s": raw[f"{direction}_unary"], "raw_stream_s": raw[f"{direction}_stream"],
         "asyncps_gbps": nbytes / sgd / 1e9, "raw_best_gbps": nbytes / best / 1e9,
@@ -225,13 +240,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[1, 16, 256])
     parser.add_argument("--repeats", type=int, nargs="+", default=[15, 7, 3])
+    parser.add_argument("--block", type=int, nargs="+", default=None,
+                        help="per size, calls of an operation in a row per round, the first untimed "
+                             "(default 10 at 1 MiB, 3 at 16, 1 at 256 and above; 0: one call each)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--unary-bytes", type=int, default=None,
                         help="PSClient unary_bytes: transfers up to this size go as one unary message")
     parser.add_argument("--split", action="store_true",
                         help="each server (SGD shard, no-op shard, raw) in a process of its own")
     args = parser.parse_args(argv)
-    rows = run(args.sizes_mib, args.repeats, args.unary_bytes, args.split)
+    n = len(args.sizes_mib)
+    blocks = args.block or [10 if mib <= 1 else 3 if mib <= 16 else 1 for mib in args.sizes_mib]
+    repeats, blocks = (x * n if len(x) == 1 else x for x in (args.repeats, blocks))
+    if len(repeats) < n or len(blocks) < n:
+        parser.error("--repeats and --block take one number for all sizes or one per size")
+    rows = run(args.sizes_mib, repeats[:n], args.unary_bytes, args.split, blocks[:n])
     print(f"{'size':>8} {'dir':>5} {'asyncps s':>10} {'no-op opt s':>11} {'raw unary s':>12} {'raw stream s':>13} "
           f"{'asyncps GB/s':>13} {'raw GB/s':>9} {'ratio':>6} {'ratio no-op':>11}")
     for r in rows:
