@@ -20,8 +20,8 @@ round every operation runs 1 + K calls back to back, the first not timed, so eac
 the same state, warm, as a worker's consecutive calls to one shard. `--block 0`: one timed call
 of each per round (the method before), where each call follows a call of another operation,
 often to another server, and pays that server's wake-up: a raw 1 MiB push took 0.65 ms back to
-back and 0.84 / 1.12 ms after 2 / 10 ms idle on the 2-core machine, which made the ratios of
-that method move 0.53-0.90 between runs (docs/performance.md).
+back and 0.84 / 1.12 ms after 2 / 10 ms idle on the 2-core machine, and that method's ratios at
+1 MiB moved 0.53-0.90 between runs (docs/performance.md, issue 14's sixth pass).
 """
 from __future__ import annotations
 
