@@ -21,7 +21,6 @@ from asyncps import shm
 from asyncps.errors import UserError
 from asyncps.protos import codec, ps_pb2
 from asyncps.shm_control import ControlClient
-from asyncps.sparse import SparseRows
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +69,27 @@ class ShmPeer:
         return True
 
     def write_push(self, part) -> list[ps_pb2.ShmTensor] | str | None:
-        """Writes dense gradients into the push region: AT_LAYOUT (every trainable variable, at
-        its place), their ShmTensors, or None (sparse rows, more than fits, or a segment dropped
-        meanwhile: such a push goes over gRPC)."""
-        if self.closed or any(isinstance(v, SparseRows) for v in part.values()):
+        """Writes gradients into the push region: AT_LAYOUT (every trainable variable dense, at
+        its place), their ShmTensors, or None (more than fits, or a segment dropped meanwhile:
+        such a push goes over gRPC).
+
+        Sparse rows (an embedding's gradient) put their values in the region and their row
+        indices in the ShmTensor (`rows`, as Tensor.rows on the wire): the indices are a few
+        KiB and travel in the control message, which the shard has parsed into memory of its own
+        before it reads them. The region, sized for every trainable variable dense, holds them
+        unless a variable has more sparse rows than rows (duplicates not summed), which the shard
+        would refuse on either path."""
+        if self.closed:
             return None
         if self.at_layout(part):
             return AT_LAYOUT
-        wire = {name: codec.wire_array(value) for name, value in part.items()}
-        placed = self.segment.write(wire, *self.push)
+        pieces = {name: codec.wire_pieces(value) for name, value in part.items()}
+        placed = self.segment.write({name: values for name, (values, _, _) in pieces.items()}, *self.push)
         if placed is None:
             return None
         return [ps_pb2.ShmTensor(name=name, dtype=codec.dtype_name(a.dtype), shape=a.shape, offset=offset,
-                                 nbytes=a.nbytes) for name, a, offset in placed]
+                                 nbytes=a.nbytes, sparse=pieces[name][2], rows=pieces[name][1])
+                for name, a, offset in placed]
 
     def call(self, stub, request: ps_pb2.ShmRequest, timeout: float) -> ps_pb2.ShmReply:
         """One control message: over the socket, else the ShmPushPull method. Errors are

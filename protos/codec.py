@@ -189,6 +189,9 @@ def _pieces(value) -> tuple[np.ndarray, bytes, bool]:
     return _wire_array(value), b"", False
 
 
+wire_pieces = _pieces  # public name: the shared-memory transport carries sparse rows the same way
+
+
 def _items(tensors) -> Iterator[tuple[str, str, Any]]:
     """(name, slot, value) from a mapping name -> value or an iterable of such triples."""
     if isinstance(tensors, Mapping):

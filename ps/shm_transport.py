@@ -23,6 +23,12 @@ each gradient from its place (still copy-then-validate; there is no declaration 
 shard chose the places) and writes each value to its place, through views made once per segment.
 That leaves no per-tensor work in the messages on either side (docs/performance.md).
 
+Sparse rows of a variable (an embedding's gradient, SparseRows) are a described tensor: their
+values in the push region, copied out like any gradient's, their row indices in the ShmTensor
+(`rows`), which the control message's parsing has already copied out of the worker's reach; the
+shard's push then checks them as it checks a wire tensor's (range, shape, finiteness, duplicates
+summed).
+
 Rows of id-keyed tables (docs/sparse.md) ride in the control message, never in the segment:
 pushed row gradients in ``push.table_grads``, the ids wanted in ``push.table_pull`` (or
 ``tables`` for a pull alone), the rows answered in ``header.tables``. They are a batch's unique
@@ -50,6 +56,7 @@ from asyncps.ps.errors import DeadlineExceeded, FailedPrecondition, InvalidArgum
 from asyncps.ps.servicer import push_reply
 from asyncps.ps.shard import Shard
 from asyncps.shm import HEADER_BYTES, Segment, ShmError, place, proof, region_bytes
+from asyncps.sparse import SparseRows
 
 logger = logging.getLogger(__name__)
 
@@ -318,18 +325,19 @@ class ShmEndpoint:
         refused before anything is copied and counted against the worker."""
         variables = self._shard.variables
         lo, hi = channel.push
-        grads: dict[str, np.ndarray | table_wire.TableGrad] = {}  # dense gradients, then the tables' rows
+        grads: dict[str, np.ndarray | SparseRows | table_wire.TableGrad] = {}  # gradients, then the tables' rows
         try:
             for t in tensors:
                 if t.name in grads:
                     raise InvalidArgument(f"variable {t.name!r} appears twice in one push")
                 dtype, shape = codec.dtype_of(t.dtype), tuple(t.shape)
-                validate.check_declared(t.name, "", dtype, shape, False, variables)
+                validate.check_declared(t.name, "", dtype, shape, t.sparse, variables)
+                rows = _row_indices(t, shape) if t.sparse else None  # parsed from the message: the shard's own
                 try:
-                    grads[t.name] = channel.segment.copy_out(dtype, shape, t.offset, t.nbytes, lo, hi,
-                                                             f"variable {t.name!r}")
+                    values = channel.segment.copy_out(dtype, shape, t.offset, t.nbytes, lo, hi, f"variable {t.name!r}")
                 except ShmError as err:
                     raise InvalidArgument(str(err)) from None
+                grads[t.name] = values if rows is None else SparseRows(rows, values)
             if len(table_grads):
                 grads.update(table_wire.pushed_rows(table_grads, self._shard.tables))
         except (ShardError, codec.CodecError):
@@ -412,6 +420,15 @@ class ShmEndpoint:
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             channel.close()
+
+
+def _row_indices(t: ps_pb2.ShmTensor, shape: tuple[int, ...]) -> np.ndarray:
+    """The int64 row indices of a sparse ShmTensor (one per row of its values; range, duplicates
+    and the values are checked by the shard's push, as for a wire tensor's)."""
+    if not shape or len(t.rows) != 8 * shape[0]:
+        raise InvalidArgument(f"variable {t.name!r}: sparse values of shape {shape} need "
+                              f"{8 * (shape[0] if shape else 0)} bytes of int64 row indices, got {len(t.rows)}")
+    return np.frombuffer(t.rows, dtype="<i8")
 
 
 def _layout(arrays: dict[str, np.ndarray], lo: int, hi: int) -> list[ps_pb2.ShmTensor]:

@@ -22,6 +22,7 @@ from asyncps import shm
 from asyncps.config import Config
 from asyncps.partition import place
 from asyncps.protos import ps_pb2
+from asyncps.ps import shm_transport
 from asyncps.ps.server import ShardServer
 from asyncps.ps_client import PSClient, ShmUnavailable
 from asyncps.sparse import SparseRows
@@ -107,9 +108,16 @@ def _sequence(transport: str, shards: int, sparse: bool, **cluster):
 
 
 @pytest.mark.parametrize("shards,sparse", [(1, False), (2, False), (2, True)])
-def test_shm_and_grpc_give_the_same_results(shards, sparse, prefix_clean):
+def test_shm_and_grpc_give_the_same_results(shards, sparse, prefix_clean, monkeypatch):
+    sparse_reads = []  # sparse tensors the shards read from a segment (not from the wire)
+    monkeypatch.setattr(shm_transport, "_row_indices",
+                        lambda t, shape, real=shm_transport._row_indices: sparse_reads.append(t.name) or real(t, shape))
     seen_g, final_g, v_g, counts_g, used_g = _sequence("grpc", shards, sparse)
+    assert sparse_reads == []
     seen_s, final_s, v_s, counts_s, used_s = _sequence("shm", shards, sparse)
+    # every push of the sequence (7: a push, 4 push-pulls, the retry, an async one) carried
+    # `emb`'s rows in the segment
+    assert sparse_reads == (["emb"] * 7 if sparse else [])
     assert used_g == [False] * shards and used_s == [True] * shards
     assert v_g == v_s and counts_g == counts_s
     assert repr(seen_g) == repr(seen_s)  # versions, results, every pulled value, bit for bit
@@ -289,20 +297,25 @@ def test_shard_with_transport_grpc_means_grpc(prefix_clean):
         c.close()
 
 
+def _rows(*indices: int) -> bytes:
+    return np.array(indices, "<i8").tobytes()
+
+
 def _raw_push(c: Cluster, tensors, seq=0, version=0, via="grpc"):
-    """A ShmPushPull written by hand: `tensors` (name -> (array, offset or None)) into the segment;
-    `via` "grpc" (the method) or "socket" (the control socket, common/shm_control.py)."""
+    """A ShmPushPull written by hand: `tensors` (name -> (array, offset or None[, sparse rows'
+    index bytes])) into the segment; `via` "grpc" (the method) or "socket" (the control socket,
+    common/shm_control.py)."""
     client = c.client
     stub = client._stubs[0]
     peer = client._shm.peer(0, stub, 0)
     lo, hi = peer.push
     specs, at = [], lo
-    for name, (array, offset) in tensors.items():
+    for name, (array, offset, *rows) in tensors.items():
         offset = at if offset is None else offset
         if 0 <= offset and offset + array.nbytes <= peer.segment.size:
             peer.segment.mm[offset:offset + array.nbytes] = array.tobytes()
         specs.append(ps_pb2.ShmTensor(name=name, dtype=array.dtype.name, shape=array.shape, offset=offset,
-                                      nbytes=array.nbytes))
+                                      nbytes=array.nbytes, sparse=bool(rows), rows=rows[0] if rows else b""))
         at = shm.aligned(at + array.nbytes)
     header = ps_pb2.PushHeader(worker=0, seq=seq, read_version=version)
     request = ps_pb2.ShmRequest(generation=peer.generation, push=header, tensors=specs, pull=True)
@@ -329,6 +342,13 @@ def test_garbage_in_the_segment_is_refused_and_changes_nothing(via, prefix_clean
             {"nope": (np.full(5, 1, np.float32), None)},  # unknown variable
             {"frozen_k": (np.ones(3, np.float32), None)},  # frozen
             {"w": (np.full((512, 8), np.inf, np.float32), None), "b": (np.ones(5, np.float32), None)},
+            # sparse rows of `emb` (32 x 4): indices short, out of range, more rows than it has,
+            # NaN values, the wrong row shape
+            {"emb": (np.ones((2, 4), np.float32), None, _rows(1))},
+            {"emb": (np.ones((2, 4), np.float32), None, _rows(1, 32))},
+            {"emb": (np.ones((33, 4), np.float32), None, _rows(*range(33)))},
+            {"emb": (np.full((2, 4), np.nan, np.float32), None, _rows(1, 2))},
+            {"emb": (np.ones((2, 3), np.float32), None, _rows(1, 2))},
         ]
         for tensors in bad:
             with pytest.raises(grpc.RpcError) as err:
@@ -339,9 +359,12 @@ def test_garbage_in_the_segment_is_refused_and_changes_nothing(via, prefix_clean
         for name in before:
             np.testing.assert_array_equal(before[name], after[name])
         assert shard.stats()["workers"][0]["rejected"] == len(bad)
-        # the same segment still serves a good push
-        reply = _raw_push(c, {"b": (np.ones(5, np.float32), None)}, via=via)
+        # the same segment still serves a good push, sparse rows included
+        reply = _raw_push(c, {"b": (np.ones(5, np.float32), None),
+                              "emb": (np.ones((2, 4), np.float32), None, _rows(3, 3))}, via=via)
         assert reply.header.push.result == ps_pb2.PushReply.APPLIED and reply.header.version == 1
+        emb = shard.variables["emb"].value
+        assert np.all(emb[3] == -1.0) and not np.any(np.delete(emb, 3, axis=0))  # lr 0.5 x (1 + 1): duplicates summed
     finally:
         c.close()
 
