@@ -187,9 +187,10 @@ def test_gradients_computed_in_the_push_region_push_the_same(shards, prefix_clea
 
 
 @pytest.mark.parametrize("compression", ["fp16", "bf16"])
-def test_compressed_pushes_over_shm(compression, prefix_clean):
-    a = _sequence("grpc", 2, False, compression=compression)
-    b = _sequence("shm", 2, False, compression=compression)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compressed_pushes_over_shm(compression, sparse, prefix_clean):
+    a = _sequence("grpc", 2, sparse, compression=compression)
+    b = _sequence("shm", 2, sparse, compression=compression)
     assert repr(a[0]) == repr(b[0]) and b[4] == [True, True]
 
 
