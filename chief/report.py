@@ -129,7 +129,8 @@ def transport_section(stats, cfg) -> dict:
     the end (ps/shm_transport.py: one per worker that proved it shares the shard's host; a
     worker that fell back to gRPC has none). `used`: "shm" when every shard holds a segment for
     every worker, "grpc" when none holds any, "mixed" otherwise (say, a compose run where only
-    some containers share /dev/shm)."""
+    some containers share /dev/shm). `pushes`: the pushes the shards answered, by the path their
+    gradients took (StatsReply.shm_pushes, grpc_pushes)."""
     segments = {str(s.shard): int(s.shm_segments) for s in stats}
     workers = cfg.cluster.workers
     if segments and all(n >= workers for n in segments.values()):
@@ -144,6 +145,9 @@ def transport_section(stats, cfg) -> dict:
         "workers": workers,
         "shm_segments_per_shard": segments,
         "shm_bytes_per_shard": {str(s.shard): int(s.shm_bytes) for s in stats},
+        # how the pushes' gradients travelled, all shards together: a worker holding a segment
+        # still pushes over gRPC what does not fit it
+        "pushes": {"shm": sum(int(s.shm_pushes) for s in stats), "grpc": sum(int(s.grpc_pushes) for s in stats)},
     }
 
 

@@ -61,12 +61,17 @@ def transport_words(t: dict) -> str:
     mib = sum((t.get("shm_bytes_per_shard") or {}).values()) / 2**20
     where = "the shard" if shards == 1 else f"each of {shards} shards"
     if t.get("used") == "shm":
-        return f"shared memory, {workers} of {workers} workers on {where} ({mib:.1f} MiB of segments)"
-    if t.get("used") == "grpc":
+        words = f"shared memory, {workers} of {workers} workers on {where} ({mib:.1f} MiB of segments)"
+    elif t.get("used") == "grpc":
         return f"gRPC (cluster.transport {t.get('configured')})"
-    low, high = min(segments.values(), default=0), max(segments.values(), default=0)
-    count = f"{low}" if low == high else f"{low}-{high}"
-    return f"mixed: shared memory for {count} of {workers} workers per shard ({mib:.1f} MiB), gRPC for the rest"
+    else:
+        low, high = min(segments.values(), default=0), max(segments.values(), default=0)
+        count = f"{low}" if low == high else f"{low}-{high}"
+        words = f"mixed: shared memory for {count} of {workers} workers per shard ({mib:.1f} MiB), gRPC for the rest"
+    pushes = t.get("pushes") or {}
+    if pushes.get("grpc") and t.get("used") == "shm":  # segments held, yet some pushes took gRPC
+        words += f"; {pushes['grpc']} of {pushes['grpc'] + pushes.get('shm', 0)} pushes over gRPC"
+    return words
 
 
 def reference_line(reference: dict, final: dict) -> str:

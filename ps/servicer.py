@@ -143,6 +143,8 @@ class ParameterServerServicer:
         self._declared: tuple[Mapping | None, set] = (None, set())  # (the shard's variables, valid dense declarations)
         # pull snapshots and reassembled pushes: buffers reused once dropped (codec.BufferPool)
         self._pool = codec.BufferPool()
+        self._pushes_lock = threading.Lock()
+        self.grpc_pushes = 0  # pushes answered whose gradients came in gRPC messages (StatsReply)
 
     @_rpc
     def Init(self, request_iterator, context):
@@ -258,6 +260,8 @@ class ParameterServerServicer:
             header, grads = self._read_push(request_iterator, take)
             result = self._shard.push(header.worker, header.seq, header.read_version, grads, context.time_remaining())
             del grads
+        with self._pushes_lock:
+            self.grpc_pushes += 1
         return (result, header) if with_header else result
 
     def _read_push(self, request_iterator, take=None):
@@ -391,7 +395,7 @@ class ParameterServerServicer:
                            for t in stats["tables"]]
         if self.shm is not None:
             stats.update(self.shm.stats())
-        return ps_pb2.StatsReply(workers=workers, **stats)
+        return ps_pb2.StatsReply(workers=workers, grpc_pushes=self.grpc_pushes, **stats)
 
     @_rpc
     def Stop(self, request, context):

@@ -119,6 +119,7 @@ class ShmEndpoint:
         self._channels: dict[int, _Channel] = {}
         self._closed = False
         self._ids = itertools.count(secrets.randbits(40) << 20)
+        self._pushes = 0  # pushes answered through a segment (StatsReply.shm_pushes)
 
     # -- handshake -----------------------------------------------------------------------------
 
@@ -298,6 +299,8 @@ class ShmEndpoint:
                     grads = self._read_push(channel, request.tensors, header.table_grads)
                 result = self._shard.push(worker, header.seq, header.read_version, grads, remaining(), checked=checked)
                 del grads
+                with self._lock:
+                    self._pushes += 1
                 reply.header.push.CopyFrom(push_reply(result))
             if request.pull:
                 age = request.push.pull_age if pushing else request.age
@@ -409,9 +412,11 @@ class ShmEndpoint:
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """{"shm_segments", "shm_bytes"}: segments held and their bytes."""
+        """{"shm_segments", "shm_bytes", "shm_pushes"}: segments held, their bytes, and the
+        pushes answered through them."""
         with self._lock:
-            return {"shm_segments": len(self._channels), "shm_bytes": sum(c.segment.size for c in self._channels.values())}
+            return {"shm_segments": len(self._channels), "shm_bytes": sum(c.segment.size for c in self._channels.values()),
+                    "shm_pushes": self._pushes}
 
     def close(self) -> None:
         """Unlinks and unmaps every segment (the shard stops); later handshakes are refused."""

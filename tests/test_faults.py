@@ -315,6 +315,7 @@ def test_worker_killed_mid_step_training_continues_and_the_run_replays_bit_for_b
     assert "bit-identical" in run_ok("replay", tmp_path, timeout=300).stdout
     assert transport_used(tmp_path, 1, 2) == "grpc"
     assert r["transport"]["used"] == "grpc" and r["transport"]["shm_segments_per_shard"] == {"0": 0}
+    assert r["transport"]["pushes"]["shm"] == 0 and r["transport"]["pushes"]["grpc"] >= r["steps"]
 
 
 @pytest.mark.slow

@@ -43,8 +43,11 @@ def test_launch_ends_with_the_summary_train_prints(linear_run):
     assert out[1].startswith("final: loss=") and out[1].endswith(f"at step {PLAIN_LINEAR_STEPS}")
     assert out[2].startswith("target mse 0.0001: reached at step ")
     r = report(run_dir)  # the throughput line says what report.json recorded, transport included
+    pushes = r["transport"]["pushes"]
     assert r["transport"] == {"configured": "auto", "used": "shm", "workers": 2, "shm_segments_per_shard": {"0": 2},
-                              "shm_bytes_per_shard": {"0": r["transport"]["shm_bytes_per_shard"]["0"]}}
+                              "shm_bytes_per_shard": {"0": r["transport"]["shm_bytes_per_shard"]["0"]},
+                              "pushes": pushes}
+    assert pushes["grpc"] == 0 and pushes["shm"] >= r["steps"]  # every applied push came through the segment
     mib = r["transport"]["shm_bytes_per_shard"]["0"] / 2**20
     assert out[3] == (f"throughput: {r['throughput']['steps_per_second']:.1f} steps/s ({r['steps']} steps in "
                       f"{r['seconds']:.1f} s); transport: shared memory, 2 of 2 workers on the shard ({mib:.1f} MiB "
@@ -63,8 +66,9 @@ def test_the_throughput_line_says_which_data_plane_the_workers_used():
 
     cfg = load_config(LINEAR, ["cluster.ps=2", "cluster.workers=3"])
 
-    def section(*segments):
-        stats = [SimpleNamespace(shard=i, shm_segments=n, shm_bytes=n << 20) for i, n in enumerate(segments)]
+    def section(*segments, grpc_pushes=0):
+        stats = [SimpleNamespace(shard=i, shm_segments=n, shm_bytes=n << 20, shm_pushes=100 if n else 0,
+                                 grpc_pushes=grpc_pushes) for i, n in enumerate(segments)]
         return transport_section(stats, cfg)
 
     base = {"throughput": {"steps_per_second": 612.34}, "steps": 3000, "seconds": 4.9}
@@ -75,6 +79,10 @@ def test_the_throughput_line_says_which_data_plane_the_workers_used():
     assert throughput_line({**base, "transport": section(0, 0)}).endswith("; transport: gRPC (cluster.transport auto)")
     assert throughput_line({**base, "transport": section(3, 1)}).endswith(
         "; transport: mixed: shared memory for 1-3 of 3 workers per shard (4.0 MiB), gRPC for the rest")
+    # segments held, yet some pushes took gRPC (one that did not fit its segment): said, counted
+    assert section(3, 3, grpc_pushes=5)["pushes"] == {"shm": 200, "grpc": 10}
+    assert throughput_line({**base, "transport": section(3, 3, grpc_pushes=5)}).endswith(
+        "(6.0 MiB of segments); 10 of 210 pushes over gRPC")
     assert throughput_line(base) == "throughput: 612.3 steps/s (3000 steps in 4.9 s)"  # asyncps train: no transport
     assert throughput_line({"steps": 3}) is None  # a report without throughput: no line
 

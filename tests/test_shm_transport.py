@@ -102,7 +102,8 @@ def _sequence(transport: str, shards: int, sparse: bool, **cluster):
         final, fversions = c.client.pull(["b", "w"])  # the chief's kind of pull: gRPC
         stats = [s.shard.stats() for s in c.servers]
         counts = [(w["applied"], w["duplicates"], w["staleness_sum"]) for st in stats for w in st["workers"]]
-        return seen, final, fversions, counts, used
+        paths = [(r.shm_pushes, r.grpc_pushes) for r in c.client.stats()]  # StatsReply: pushes by path
+        return seen, final, fversions, counts, used, paths
     finally:
         c.close()
 
@@ -112,9 +113,11 @@ def test_shm_and_grpc_give_the_same_results(shards, sparse, prefix_clean, monkey
     sparse_reads = []  # sparse tensors the shards read from a segment (not from the wire)
     monkeypatch.setattr(shm_transport, "_row_indices",
                         lambda t, shape, real=shm_transport._row_indices: sparse_reads.append(t.name) or real(t, shape))
-    seen_g, final_g, v_g, counts_g, used_g = _sequence("grpc", shards, sparse)
+    seen_g, final_g, v_g, counts_g, used_g, paths_g = _sequence("grpc", shards, sparse)
     assert sparse_reads == []
-    seen_s, final_s, v_s, counts_s, used_s = _sequence("shm", shards, sparse)
+    seen_s, final_s, v_s, counts_s, used_s, paths_s = _sequence("shm", shards, sparse)
+    # each of the 7 pushes reached every shard, by one path only (the shards count them)
+    assert paths_g == [(0, 7)] * shards and paths_s == [(7, 0)] * shards
     # every push of the sequence (7: a push, 4 push-pulls, the retry, an async one) carried
     # `emb`'s rows in the segment
     assert sparse_reads == (["emb"] * 7 if sparse else [])
