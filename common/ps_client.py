@@ -39,9 +39,9 @@ Shared memory (``cluster.transport``: auto, the default, or shm; common/shm.py):
 `register(worker)` the client proves to each shard, by the handshake of ps.proto's ShmOpen, that
 they share a host; a worker's pulls, pushes and push-pulls to that shard then carry their
 tensors in the segment and only a small control message: over the Unix socket the shard offers
-(common/shm_control.py), else as a gRPC call (ShmPushPull). Everything else
-(the chief's pulls at_version, Init, snapshots, pushes of a client that registered no worker)
-stays on gRPC; a push of sparse rows takes the segment too (their indices in the control message). With auto, a failed handshake (another host, no
+(common/shm_control.py), else as a gRPC call (ShmPushPull); sparse rows too, their indices in the
+control message. Everything else (the chief's pulls at_version, Init, snapshots, pushes of a
+client that registered no worker) stays on gRPC. With auto, a failed handshake (another host, no
 /dev/shm, a shard with transport grpc, a wrong proof) is logged once and the shard is used
 over gRPC; with shm it raises `ShmUnavailable` (one line). An error of a shared-memory call
 drops the segment: the next call after `register` opens a new one.
