@@ -430,10 +430,11 @@ class ShmEndpoint:
 def _row_indices(t: ps_pb2.ShmTensor, shape: tuple[int, ...]) -> np.ndarray:
     """The int64 row indices of a sparse ShmTensor (one per row of its values; range, duplicates
     and the values are checked by the shard's push, as for a wire tensor's)."""
-    if not shape or len(t.rows) != 8 * shape[0]:
+    raw = t.rows  # (each read of a protobuf bytes field is a copy)
+    if not shape or len(raw) != 8 * shape[0]:
         raise InvalidArgument(f"variable {t.name!r}: sparse values of shape {shape} need "
-                              f"{8 * (shape[0] if shape else 0)} bytes of int64 row indices, got {len(t.rows)}")
-    return np.frombuffer(t.rows, dtype="<i8")
+                              f"{8 * (shape[0] if shape else 0)} bytes of int64 row indices, got {len(raw)}")
+    return np.frombuffer(raw, dtype="<i8")
 
 
 def _layout(arrays: dict[str, np.ndarray], lo: int, hi: int) -> list[ps_pb2.ShmTensor]:

@@ -163,6 +163,8 @@ def check_declared(name: str, slot: str, dtype: np.dtype, shape: tuple, sparse: 
         return
     if value.ndim == 0:
         raise InvalidArgument(f"variable {name!r} is a scalar: it takes no sparse rows")
+    if not shape:  # sparse values are (rows, *row shape): a declaration without a row count is malformed
+        raise InvalidArgument(f"variable {name!r}: sparse rows declared with an empty shape (no row count)")
     if shape[1:] != value.shape[1:]:
         raise InvalidArgument(f"variable {name!r}: sparse rows of shape {shape[1:]}, expected {value.shape[1:]}")
     if shape[0] > value.shape[0]:

@@ -552,3 +552,20 @@ def test_malformed_headers_are_invalid_argument(shard):
     for method in ("Push", "PushPull", "Restore"):
         code, details = call(shard, method, [b"\x0a\x02\xff\xff"])  # field 1 (header) = bytes that are no message
         check(shard, f"{method} malformed header", code, {C.INVALID_ARGUMENT}, before)
+
+
+def test_sparse_rows_without_a_row_count_are_invalid_for_a_vector():
+    """A sparse declaration of shape () for a 1-D variable: its row shape () matches, so only
+    the missing row count tells it apart; refused as INVALID_ARGUMENT (it raised IndexError, an
+    INTERNAL answer and a traceback per call, found in review). Both paths declare through
+    validate.check_declared: gRPC's admission (codec) and the segment's (ps/shm_transport.py,
+    tests/test_shm_transport.py's garbage list has the case end to end)."""
+    from types import SimpleNamespace
+
+    from asyncps.ps import validate
+    from asyncps.ps.errors import InvalidArgument
+
+    variables = {"b": SimpleNamespace(value=np.zeros(5, np.float32), frozen=False)}
+    with pytest.raises(InvalidArgument, match="empty shape"):
+        validate.check_declared("b", "", np.dtype(np.float32), (), True, variables)
+    validate.check_declared("b", "", np.dtype(np.float32), (2,), True, variables)  # 2 rows of a vector: fine

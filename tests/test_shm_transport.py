@@ -59,11 +59,11 @@ def _grads(i: int, sparse: bool = True) -> dict:
 class Cluster:
     """`shards` in-process shard servers and one client."""
 
-    def __init__(self, shards: int, transport: str, cfg: Config | None = None, **cluster):
+    def __init__(self, shards: int, transport: str, cfg: Config | None = None, split_bytes: int = 4096, **cluster):
         self.cfg = cfg or _cfg(shards, transport, **cluster)
         self.servers = [ShardServer(self.cfg, i) for i in range(shards)]
         self.addresses = [f"127.0.0.1:{s.start()}" for s in self.servers]
-        self.placement = place({n: (a.shape, a.dtype) for n, a in PARAMS.items()}, shards, split_bytes=4096)
+        self.placement = place({n: (a.shape, a.dtype) for n, a in PARAMS.items()}, shards, split_bytes=split_bytes)
         self.client = self.new_client()
         self.client.init(PARAMS)
 
@@ -83,8 +83,8 @@ def prefix_clean():
     assert shm.count_segments(shm.prefix_for(None)) == before  # nothing left in /dev/shm
 
 
-def _sequence(transport: str, shards: int, sparse: bool, **cluster):
-    c = Cluster(shards, transport, **cluster)
+def _sequence(transport: str, shards: int, sparse: bool, split_bytes: int = 4096, **cluster):
+    c = Cluster(shards, transport, split_bytes=split_bytes, **cluster)
     try:
         c.client.register(0)
         seen = []
@@ -108,19 +108,23 @@ def _sequence(transport: str, shards: int, sparse: bool, **cluster):
         c.close()
 
 
-@pytest.mark.parametrize("shards,sparse", [(1, False), (2, False), (2, True)])
-def test_shm_and_grpc_give_the_same_results(shards, sparse, prefix_clean, monkeypatch):
+@pytest.mark.parametrize("shards,sparse,split_bytes", [(1, False, 4096), (2, False, 4096), (2, True, 4096),
+                                                      (2, True, 256)])  # 256: emb's rows split over both shards
+def test_shm_and_grpc_give_the_same_results(shards, sparse, split_bytes, prefix_clean, monkeypatch):
     sparse_reads = []  # sparse tensors the shards read from a segment (not from the wire)
     monkeypatch.setattr(shm_transport, "_row_indices",
                         lambda t, shape, real=shm_transport._row_indices: sparse_reads.append(t.name) or real(t, shape))
-    seen_g, final_g, v_g, counts_g, used_g, paths_g = _sequence("grpc", shards, sparse)
+    seen_g, final_g, v_g, counts_g, used_g, paths_g = _sequence("grpc", shards, sparse, split_bytes)
     assert sparse_reads == []
-    seen_s, final_s, v_s, counts_s, used_s, paths_s = _sequence("shm", shards, sparse)
+    seen_s, final_s, v_s, counts_s, used_s, paths_s = _sequence("shm", shards, sparse, split_bytes)
     # each of the 7 pushes reached every shard, by one path only (the shards count them)
     assert paths_g == [(0, 7)] * shards and paths_s == [(7, 0)] * shards
     # every push of the sequence (7: a push, 4 push-pulls, the retry, an async one) carried
-    # `emb`'s rows in the segment
-    assert sparse_reads == (["emb"] * 7 if sparse else [])
+    # `emb`'s rows in the segment: to its shard, or, split, to each shard holding some of them
+    holders = {b.shard for b in place({n: (a.shape, a.dtype) for n, a in PARAMS.items()}, shards,
+                                      split_bytes=split_bytes).variables["emb"].blocks}
+    assert len(holders) == (2 if split_bytes == 256 else 1)
+    assert sparse_reads == (["emb"] * 7 * len(holders) if sparse else [])
     assert used_g == [False] * shards and used_s == [True] * shards
     assert v_g == v_s and counts_g == counts_s
     assert repr(seen_g) == repr(seen_s)  # versions, results, every pulled value, bit for bit
@@ -353,6 +357,7 @@ def test_garbage_in_the_segment_is_refused_and_changes_nothing(via, prefix_clean
             {"emb": (np.ones((33, 4), np.float32), None, _rows(*range(33)))},
             {"emb": (np.full((2, 4), np.nan, np.float32), None, _rows(1, 2))},
             {"emb": (np.ones((2, 3), np.float32), None, _rows(1, 2))},
+            {"b": (np.ones((), np.float32), None, b"")},  # sparse rows without a row count
         ]
         for tensors in bad:
             with pytest.raises(grpc.RpcError) as err:
