@@ -37,10 +37,9 @@ from asyncps.allocator import tune_allocator
 
 MLP_SHAPES = {"dense0/w": (784, 256), "dense0/b": (256,), "dense1/w": (256, 256), "dense1/b": (256,),
               "dense2/w": (256, 10), "dense2/b": (10,)}
-# --tiny: six 8-float tensors, the same calls with no bytes to speak of: the fixed cost of a round trip
-
-
 def tiny_shapes(n: int = 6) -> dict[str, tuple[int, ...]]:
+    """--tiny: n 8-float tensors, the same calls with no bytes to speak of: the fixed cost of a
+    round trip, and what each tensor adds to it."""
     return {f"tiny{i}": (8,) for i in range(n)}
 
 

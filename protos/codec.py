@@ -313,8 +313,9 @@ def _header(piece) -> tuple[np.dtype, tuple[int, ...], int]:
     return dtype, shape, expected
 
 
-def _row_indices(piece, shape) -> np.ndarray | None:
-    """The int64 row indices of a sparse first piece (None for a dense one)."""
+def row_indices(piece, shape) -> np.ndarray | None:
+    """The int64 row indices of a sparse first piece (None for a dense one); `piece` has
+    `name`, `sparse` and `rows` (a wire Tensor's, or a shared-memory ShmTensor's)."""
     if not piece.sparse:
         return None
     raw = piece.rows
@@ -388,7 +389,7 @@ class Assembler:
             raise CodecError(f"tensor {label}: first piece starts at byte {piece.offset}, expected 0 (missing or out-of-order chunk)")
         if len(data) > total:
             raise CodecError(f"tensor {label}: piece of {len(data)} bytes exceeds the declared total of {total}")
-        rows = _row_indices(piece, shape)
+        rows = row_indices(piece, shape)
         if len(data) == total:  # whole tensor in one piece: no copy beyond the field read
             self._done[key] = _finished(dtype, shape, rows, np.frombuffer(data, dtype=dtype))
             return

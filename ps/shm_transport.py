@@ -335,7 +335,7 @@ class ShmEndpoint:
                     raise InvalidArgument(f"variable {t.name!r} appears twice in one push")
                 dtype, shape = codec.dtype_of(t.dtype), tuple(t.shape)
                 validate.check_declared(t.name, "", dtype, shape, t.sparse, variables)
-                rows = _row_indices(t, shape) if t.sparse else None  # parsed from the message: the shard's own
+                rows = codec.row_indices(t, shape)  # None if dense; parsed from the message: the shard's own
                 try:
                     values = channel.segment.copy_out(dtype, shape, t.offset, t.nbytes, lo, hi, f"variable {t.name!r}")
                 except ShmError as err:
@@ -425,16 +425,6 @@ class ShmEndpoint:
             channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             channel.close()
-
-
-def _row_indices(t: ps_pb2.ShmTensor, shape: tuple[int, ...]) -> np.ndarray:
-    """The int64 row indices of a sparse ShmTensor (one per row of its values; range, duplicates
-    and the values are checked by the shard's push, as for a wire tensor's)."""
-    raw = t.rows  # (each read of a protobuf bytes field is a copy)
-    if not shape or len(raw) != 8 * shape[0]:
-        raise InvalidArgument(f"variable {t.name!r}: sparse values of shape {shape} need "
-                              f"{8 * (shape[0] if shape else 0)} bytes of int64 row indices, got {len(raw)}")
-    return np.frombuffer(raw, dtype="<i8")
 
 
 def _layout(arrays: dict[str, np.ndarray], lo: int, hi: int) -> list[ps_pb2.ShmTensor]:

@@ -432,9 +432,9 @@ def test_mnist_mlp_survives_worker_shard_and_chief_kills_and_reaches_97_percent(
     rng = random.Random(seed)
     args = [CONFIGS / "mnist_mlp.yaml", "cluster.ps=2", "checkpoint.every_steps=250", "train.log_every=50",
             "cluster.heartbeat_timeout=15"]  # generous: a loaded 2-core machine delays heartbeats
-    run = launch(tmp_path / "run", *args)
-    # MLP steps take milliseconds of compute each: the 3000 steps leave seconds between the
-    # triggers below and the end of the run even on an idle machine
+    # The first run cannot end before its faults are in: no step budget for the kills to race
+    # (it ends with the chief's kill); the resume trains to the config's 3000 steps.
+    run = launch(tmp_path / "run", *args, "train.max_steps=1000000")
     at = rng.randint(200, 700)
     run.wait_until("the worker kill", lambda: run.training(at), timeout=300)
     run.kill(f"worker{rng.randint(0, 1)}")

@@ -21,8 +21,7 @@ import pytest
 from asyncps import shm
 from asyncps.config import Config
 from asyncps.partition import place
-from asyncps.protos import ps_pb2
-from asyncps.ps import shm_transport
+from asyncps.protos import codec, ps_pb2
 from asyncps.ps.server import ShardServer
 from asyncps.ps_client import PSClient, ShmUnavailable
 from asyncps.sparse import SparseRows
@@ -112,8 +111,9 @@ def _sequence(transport: str, shards: int, sparse: bool, split_bytes: int = 4096
                                                       (2, True, 256)])  # 256: emb's rows split over both shards
 def test_shm_and_grpc_give_the_same_results(shards, sparse, split_bytes, prefix_clean, monkeypatch):
     sparse_reads = []  # sparse tensors the shards read from a segment (not from the wire)
-    monkeypatch.setattr(shm_transport, "_row_indices",
-                        lambda t, shape, real=shm_transport._row_indices: sparse_reads.append(t.name) or real(t, shape))
+    real = codec.row_indices  # the shard's reads of sparse rows from a segment (ShmTensor), not the wire's
+    monkeypatch.setattr(codec, "row_indices", lambda t, shape: (
+        sparse_reads.append(t.name) if isinstance(t, ps_pb2.ShmTensor) and t.sparse else None) or real(t, shape))
     seen_g, final_g, v_g, counts_g, used_g, paths_g = _sequence("grpc", shards, sparse, split_bytes)
     assert sparse_reads == []
     seen_s, final_s, v_s, counts_s, used_s, paths_s = _sequence("shm", shards, sparse, split_bytes)
