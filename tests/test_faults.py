@@ -4,8 +4,11 @@ Each test starts the launcher as a child process, waits (polling with a deadline
 sleep) for an event of the run (a metrics.jsonl row, a record in a worker's update log, a new
 pid in pids.json), hurts one process found in pids.json, and checks what the run recorded.
 No test relies on a race going one way: where the run must not end while a fault is being put
-in place, the workers are frozen (SIGSTOP) until it is, or every worker step sleeps a few
-milliseconds (`delay:`), which bounds from below the time the run has left (`PACED`). Every
+in place, the workers are frozen (SIGSTOP) until the run has recovered from it, or the run has
+no step budget to race (it ends with the fault: a chief killed under restart policy `never`);
+only where workers must go on training through the fault (a worker declared dead while its
+peer trains; workers heartbeating a restarted chief after they wake) does a paced step
+(`delay:`, `PACED`) bound from below the time the run has left. Every
 process is reaped: the launcher reaps its children, the test reaps the launcher and checks
 that no process of the run is left.
 
@@ -47,7 +50,7 @@ FAST = ["cluster.heartbeat_interval=0.5", "cluster.heartbeat_timeout=5", "train.
 # heartbeat_timeout seconds for an unreachable chief).
 PATIENT = ["cluster.heartbeat_interval=0.5", "cluster.heartbeat_timeout=60", "train.log_every=20", "train.eval_every=200"]
 # Every worker step sleeps 5 ms: two workers apply at most 400 updates a second however idle the
-# machine, so a run of max_steps N past step k has at least (N - k) / 400 s left.
+# machine (runs long enough for several checkpoints before they end).
 PACED = ["delay.kind=constant", "delay.mean_ms=5"]
 GRPC = ["cluster.transport=grpc"]  # the scenarios that run over gRPC (the others: auto, i.e. shared memory)
 TRANSPORTS = ["grpc", pytest.param("shm", marks=pytest.mark.skipif(not shm.available(), reason="no /dev/shm"))]
@@ -350,11 +353,12 @@ def test_worker_declared_dead_while_alive_is_replaced_and_the_run_finishes(tmp_p
 def test_shard_killed_restores_every_shard_from_the_checkpoint(tmp_path, launch):
     """docs/failures.md, "A shard dies": restarted empty, every shard restored from the latest
     valid checkpoint, the failure's steps lost are what the versions show, the run finishes."""
-    run = launch(tmp_path, LINEAR, "cluster.ps=2", "checkpoint.every_steps=100", "train.max_steps=800", *PACED, *FAST,
-                 *GRPC)
+    run = launch(tmp_path, LINEAR, "cluster.ps=2", "checkpoint.every_steps=100", "train.max_steps=800", *PACED,
+                 *PATIENT, *GRPC)
     run.wait_until("a checkpoint at step >= 100", lambda: run.checkpoint_at_least(100))
-    run.kill("ps1")  # >= 1.7 s before the end (PACED); no update applies on both shards until the restore
-    run.wait_until("the restore", lambda: run.count("failure", role="ps"))
+    with run.frozen("worker0", "worker1"):  # no step until the restore: the run cannot end first
+        run.kill("ps1")
+        run.wait_until("the restore", lambda: run.count("failure", role="ps"), timeout=120)
     assert run.wait() == 0, run.tail()
     r = report(tmp_path)
     (failure,) = [f for f in r["failures"] if f["role"] == "ps"]
@@ -376,15 +380,18 @@ def test_shard_killed_restores_every_shard_from_the_checkpoint(tmp_path, launch)
 def test_chief_killed_then_resume_continues_from_the_checkpoint(tmp_path, launch):
     """restart_policy.chief `never`: the launcher stops the run (no report); `--resume` restores
     the shards from the latest checkpoint and the run continues and records the chief's failure."""
-    args = [LINEAR, "checkpoint.every_steps=100", "train.max_steps=1000", *PACED, *FAST, *GRPC]
-    run = launch(tmp_path, *args)
+    args = [LINEAR, "checkpoint.every_steps=100", *PACED, *FAST, *GRPC]
+    # The first run has no step budget for the kill to race (it ends with the chief's kill); the
+    # resume trains 600 steps past the last checkpoint it recorded.
+    run = launch(tmp_path, *args, "train.max_steps=1000000")
     saved = run.wait_until("a checkpoint at step >= 200", lambda: run.checkpoint_at_least(200))
-    run.kill("chief")  # >= 800 steps (2 s) before the end
+    run.kill("chief")
     assert run.wait() != 0  # restart_policy.chief is `never`: the launcher stops the run
     assert not (tmp_path / "report.json").exists()
-    run_ok("launch", *args, "--resume", f"run_dir={tmp_path}", timeout=180)
+    end = max(row["step"] for row in run.rows() if row["kind"] == "checkpoint") + 600
+    run_ok("launch", *args, f"train.max_steps={end}", "--resume", f"run_dir={tmp_path}", timeout=180)
     r = report(tmp_path)
-    assert r["resumed_from"] >= saved["step"] and r["steps"] >= 1000
+    assert r["resumed_from"] >= saved["step"] and r["steps"] >= end
     (failure,) = [f for f in r["failures"] if f["role"] == "chief"]
     assert failure["restored_step"] == r["resumed_from"] and failure["at_step"] >= failure["restored_step"]
     assert abs(r["variables"]["linear.w"][0] - 2) < 0.02

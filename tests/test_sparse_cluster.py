@@ -281,6 +281,7 @@ def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(
     """configs/ctr.yaml on 2 shards x 2 workers (shared memory where the host has it): a shard
     killed after a checkpoint comes back empty, every shard restores its variables AND its table
     rows from the checkpoint, and the run finishes with per-row staleness in its report."""
+    import contextlib
     import json
     import os
     import signal
@@ -292,7 +293,8 @@ def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(
 
     args = [CONFIGS / "ctr.yaml", f"run_dir={tmp_path}", "cluster.ps=2", "cluster.workers=2", "train.max_steps=1500",
             "train.eval_every=500", "checkpoint.every_steps=300", "data.num_train=50000", "data.num_test=5000",
-            "delay.kind=constant", "delay.mean_ms=5", "cluster.heartbeat_interval=0.5", "cluster.heartbeat_timeout=5"]
+            "delay.kind=constant", "delay.mean_ms=5", "cluster.heartbeat_interval=0.5",
+            "cluster.heartbeat_timeout=60"]  # patient: the workers are frozen through the shard's restore
     out = (tmp_path / "launch.out").open("ab") if tmp_path.mkdir(exist_ok=True) is None else None
     proc = subprocess.Popen([sys.executable, "-m", "asyncps.cli", "launch", *map(str, args)], stdout=out,
                             stderr=subprocess.STDOUT, cwd=REPO)
@@ -301,9 +303,18 @@ def test_launch_ctr_reports_row_staleness_and_restores_tables_of_a_killed_shard(
             (r for r in metrics_rows(tmp_path) if r["kind"] == "checkpoint" and r["step"] >= 300), None))
         folder = ckpt.load(saved["path"])
         assert folder.tables and sum(p["rows"] for p in folder.tables[0]["parts"]) > 0
-        pid = json.loads((tmp_path / "pids.json").read_text())["ps1"]["pid"]
-        os.kill(pid, signal.SIGKILL)  # >= 1200 steps (3 s, paced) before the end
-        wait_until(proc, "the restore", lambda: any(r["kind"] == "failure" and r["role"] == "ps" for r in metrics_rows(tmp_path)))
+        pids = json.loads((tmp_path / "pids.json").read_text())
+        workers = [pids[f"worker{i}"]["pid"] for i in (0, 1)]
+        for pid in workers:  # no step until the restore: the run cannot end first
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            os.kill(pids["ps1"]["pid"], signal.SIGKILL)
+            wait_until(proc, "the restore", lambda: any(r["kind"] == "failure" and r["role"] == "ps"
+                                                        for r in metrics_rows(tmp_path)))
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         assert proc.wait(timeout=300) == 0, (tmp_path / "launch.out").read_text()[-3000:]
     finally:
         if proc.poll() is None:
