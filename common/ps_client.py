@@ -26,7 +26,10 @@ pulled blocks back. Every shard gets every push, even an empty one, so that ssp 
 Transport: a call whose request and reply both fit in `unary_bytes` (UNARY_BYTES, 4 MiB) uses the
 unary twin (PullOne, PushOne, PushPullOne: one message each way); larger ones stream 1 MiB
 chunks. For MLP-sized pushes the unary path costs about half the client CPU of a stream (no
-request-iterator thread, one send per direction; see docs/performance.md).
+request-iterator thread, one send per direction; see docs/performance.md). A push-pull of that
+size goes, message after message, on a stream held open per shard (PushPullSession,
+common/ps_session.py: the same messages without a call's setup each step); anything that ends
+such a session before it answers sends the request as PushPullOne.
 
 gRPC: channels are made in the constructor, so build the client inside the process that uses it
 (never before a fork). Every call has a deadline (``cluster.rpc_timeout``) and waits for the
@@ -48,6 +51,7 @@ drops the segment: the next call after `register` opens a new one.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -63,6 +67,7 @@ from asyncps.config import ClusterConfig, Config
 from asyncps.protos import codec, ps_pb2, table_rows
 from asyncps.protos.table_rows import TableGrad
 from asyncps.protos.rpc import ps_stub
+from asyncps.ps_session import Session
 from asyncps.shard_types import PushResult, Snapshot
 from asyncps.shm_peer import AT_LAYOUT, ShmLinks, ShmPeer, ShmUnavailable, write_push
 from asyncps.table_router import TableRouter
@@ -135,7 +140,8 @@ class PSClient:
     """
 
     def __init__(self, addresses: list[str], placement, cfg: ClusterConfig | Config, chunk_bytes: int = codec.CHUNK_BYTES,
-                 unary_bytes: int = UNARY_BYTES, transport: str | None = None, tables: Mapping[str, int] | None = None):
+                 unary_bytes: int = UNARY_BYTES, transport: str | None = None, tables: Mapping[str, int] | None = None,
+                 sessions: bool = True):
         if len(addresses) != placement.num_shards:
             raise ValueError(f"{len(addresses)} shard addresses for a placement of {placement.num_shards} shards")
         self.addresses = list(addresses)
@@ -157,6 +163,11 @@ class PSClient:
         security = resolve(cluster.security)
         self._channels = [open_channel(a, security, channel_options()) for a in self.addresses]
         self._stubs = [ps_stub(c) for c in self._channels]  # tensor streams as codec wire bytes
+        # unary-sized push-pulls on a stream held open per shard (common/ps_session.py);
+        # `sessions` False: each as its own PushPullOne call
+        self._sessions = [Session(stub.PushPullSession, functools.partial(self._call, stub.PushPullOne), self.timeout,
+                                  f"shard {i} ({address})")
+                          for i, (stub, address) in enumerate(zip(self._stubs, self.addresses))] if sessions else None
         # One small pool per calling thread: a call that waits at a shard (ssp/sync pull) must
         # not hold a thread that another caller of this client needs (a shared pool deadlocks).
         self._local = threading.local()
@@ -430,7 +441,8 @@ class PSClient:
                                                table_grads=pushed, table_pull=asked)
                     requests.append(("shm", (peer, _shm_request(peer, header, tensors, pull=True))))
                 elif self._pull_bytes[i] <= self._unary and _nbytes(part) + extra <= self._unary:
-                    requests.append(("one", self._push_message(part, versions[i], worker, seq, pull_age, pushed, asked)))
+                    requests.append(("one", self._push_message(part, versions[i], worker, seq, pull_age, pushed, asked,
+                                                               wait_s=self.timeout)))
                 else:
                     stream = self._push_stream(part, versions[i], worker, seq, pull_age, pushed, asked)
                     requests.append(("stream", list(stream) if eager else stream))
@@ -447,7 +459,8 @@ class PSClient:
                 peer, shm_request = request
                 header, values = self._shm.call(i, stub, peer, shm_request, locked=True)
             elif kind == "one":
-                header, values = self._read_pull((self._call(stub.PushPullOne, request),))
+                reply = self._sessions[i].call(request) if self._sessions else self._call(stub.PushPullOne, request)
+                header, values = self._read_pull((reply,))
             else:
                 header, values = self._read_pull(self._call(stub.PushPull, iter(request)))
             return _push_result(header.push), values, header.version, header
@@ -468,9 +481,11 @@ class PSClient:
 
     @staticmethod
     def _push_message(part, read_version: int, worker: int, seq: int, pull_age: int = 0, table_grads=(),
-                      table_pull=()) -> bytes:
+                      table_pull=(), wait_s: float = 0.0) -> bytes:
+        """One PushOne/PushPullOne request; `wait_s` bounds its waits on the shard when it travels
+        on a session (the unary calls' deadline does it for them)."""
         header = ps_pb2.PushHeader(worker=worker, seq=seq, read_version=read_version, pull_age=pull_age,
-                                   table_grads=table_grads, table_pull=table_pull)
+                                   table_grads=table_grads, table_pull=table_pull, wait_s=wait_s)
         return codec.encode_message(part, header.SerializeToString())
 
     def stats(self, hot_ids: bool = False) -> list[ps_pb2.StatsReply]:
@@ -534,6 +549,8 @@ class PSClient:
         Channels first: a call still in flight (a push waiting at a paused or stopped shard)
         ends at once with CANCELLED instead of holding a pool thread until its deadline.
         """
+        for session in self._sessions or ():
+            session.close()
         for channel in self._channels:
             channel.close()
         self._shm.interrupt()  # a control call in flight ends as a gRPC call does: at once

@@ -30,6 +30,7 @@ PS_METHODS = {
     "PullOne": ("unary_unary", ps_pb2.PullRequest, WIRE),
     "PushOne": ("unary_unary", WIRE, ps_pb2.PushReply),
     "PushPullOne": ("unary_unary", WIRE, WIRE),
+    "PushPullSession": ("stream_stream", WIRE, WIRE),
     "Pause": ("unary_unary", ps_pb2.PauseRequest, ps_pb2.PauseReply),
     "Resume": ("unary_unary", ps_pb2.ResumeRequest, ps_pb2.ResumeReply),
     "Snapshot": ("unary_stream", ps_pb2.SnapshotRequest, WIRE),

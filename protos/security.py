@@ -278,7 +278,7 @@ POLICY: dict[str, frozenset[str]] = {
     **{_PS + m: CHIEF_ONLY for m in ("Init", "Pause", "Resume", "Snapshot", "Restore", "Stop",
                                         "SnapshotTable", "RestoreTable")},
     **{_PS + m: DATA for m in ("RegisterWorker", "Push", "PushPull", "PushOne", "PushPullOne",
-                                  "ShmOpen", "ShmPushPull")},
+                                  "PushPullSession", "ShmOpen", "ShmPushPull")},
     **{_PS + m: READ for m in ("Pull", "PullOne", "Stats")},
     **{_CHIEF + m: DATA for m in ("Register", "Heartbeat", "ReportMetrics")},
 }

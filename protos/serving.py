@@ -153,13 +153,16 @@ class RequestGuard(grpc.ServerInterceptor):
 # Request streams: admission, idle timeout, overall deadline
 
 
+STREAM_IDLE_TIMEOUT = 10.0  # seconds a request stream may wait for its next message (a worker's session reopens sooner)
+
+
 @dataclass(frozen=True)
 class StreamLimits:
     """Limits on client-streaming calls (see the module docstring and `StreamGuard`)."""
 
     max_streams: int = 16  # open at once, all callers together (and threads kept for them)
     per_peer: int = 4  # open at once on one connection
-    idle_timeout: float = 10.0  # seconds the handler may wait for the next message
+    idle_timeout: float = STREAM_IDLE_TIMEOUT  # seconds the handler may wait for the next message
     max_duration: float = 300.0  # seconds a stream may keep sending (its own deadline, if sooner)
 
 

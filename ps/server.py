@@ -24,7 +24,7 @@ from asyncps.config import Config, load_config
 from asyncps.errors import UserError
 from asyncps.logs import configure as configure_logging
 from asyncps.protos.rpc import ps_handler
-from asyncps.protos.serving import RoleServer, StreamLimits
+from asyncps.protos.serving import STREAM_IDLE_TIMEOUT, RoleServer, StreamLimits
 from asyncps.ps import counters
 from asyncps.ps.servicer import SERVICE_NAME, ParameterServerServicer
 from asyncps.ps.shard import Shard
@@ -33,7 +33,6 @@ from asyncps.telemetry import FunctionCollector, MetricsServer, metrics_port
 
 logger = logging.getLogger(__name__)
 DEFAULT_GRACE = 5.0  # seconds in-flight calls get at shutdown
-STREAM_IDLE_TIMEOUT = 10.0  # seconds a push/init/restore stream may wait for its next message
 STREAMS_PER_PEER = 4  # request streams open at once on one connection
 
 

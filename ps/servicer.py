@@ -26,6 +26,7 @@ import functools
 import inspect
 import itertools
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -67,6 +68,21 @@ def _rpc(method):
             _abort(context, err)
 
     return unary
+
+
+def _message_deadline(header: ps_pb2.PushHeader, session_start: float | None) -> float | None:
+    """A session message's own deadline (monotonic seconds): its arrival + the header's wait_s."""
+    return session_start + header.wait_s if session_start is not None and header.wait_s > 0 else None
+
+
+def _time_left(context: grpc.ServicerContext, deadline: float | None) -> float | None:
+    """Seconds the call may still wait: its deadline's, or fewer where a session message's own
+    deadline comes first (None: no deadline at all)."""
+    left = context.time_remaining()
+    if deadline is None:
+        return left
+    mine = max(0.0, deadline - time.monotonic())
+    return mine if left is None else min(left, mine)
 
 
 def push_reply(result) -> ps_pb2.PushReply:
@@ -205,9 +221,22 @@ class ParameterServerServicer:
     @_rpc
     def PushPullOne(self, request, context):
         """PushPull with one request and one reply message."""
-        result, header = self._push((request,), context, with_header=True, streamed=False)
-        return self._shard.pull(header.worker, (), context.time_remaining(), self._export(push_reply(result), one=True),
-                                age=header.pull_age, tables=self._wanted(header.table_pull))
+        return self._push_pull_one(request, context)
+
+    @_rpc
+    def PushPullSession(self, request_iterator, context):
+        """PushPullOne, message after message on one stream held open (a worker's session, see
+        protos/ps.proto): each push and its pull wait on the shard at most the header's `wait_s`;
+        an error ends the stream with the status PushPullOne would have returned."""
+        for request in request_iterator:
+            yield self._push_pull_one(request, context, session_start=time.monotonic())
+
+    def _push_pull_one(self, request, context, session_start: float | None = None) -> bytes:
+        result, header = self._push((request,), context, with_header=True, streamed=False, session_start=session_start)
+        deadline = _message_deadline(header, session_start)
+        return self._shard.pull(header.worker, (), _time_left(context, deadline),
+                                self._export(push_reply(result), one=True), age=header.pull_age,
+                                tables=self._wanted(header.table_pull))
 
     def _export(self, pushed: ps_pb2.PushReply | None = None, one: bool = False):
         """What the shard runs under its lock on the values of a pull.
@@ -253,12 +282,14 @@ class ParameterServerServicer:
         """{table: ids} a pull asks for (None: no table rows)."""
         return table_wire.requested_ids(messages, self._shard.tables) if len(messages) else None
 
-    def _push(self, request_iterator, context, with_header=False, streamed=True):
+    def _push(self, request_iterator, context, with_header=False, streamed=True, session_start: float | None = None):
         # streamed: charged to the byte budget (a unary push is one message, already received
-        # whole and bounded by the server's message limit)
+        # whole and bounded by the server's message limit). session_start: when a session's
+        # message arrived (its header's wait_s counts from then)
         with self.budget.lease() if streamed else contextlib.nullcontext() as take:
             header, grads = self._read_push(request_iterator, take)
-            result = self._shard.push(header.worker, header.seq, header.read_version, grads, context.time_remaining())
+            result = self._shard.push(header.worker, header.seq, header.read_version, grads,
+                                      _time_left(context, _message_deadline(header, session_start)))
             del grads
         with self._pushes_lock:
             self.grpc_pushes += 1

@@ -1,0 +1,182 @@
+"""A worker's session with one shard on the gRPC path: a PushPullSession stream held open.
+
+Why: a unary call pays gRPC's per-call setup (call object, metadata, status, the server's
+interceptors) on every step. A message each way on a stream that stays open costs half as much
+(bench/grpc_floor.py: 64 bytes, 0.61 ms as a unary call, 0.30 ms on an open stream). For the
+worker's push-pull of six 8-float tensors that was 1.10 ms a round trip as PushPullOne and 0.72
+ms on a session; for the MNIST MLP's 1.08 MB, 2.55 ms and 2.23 ms.
+
+What it sends is exactly PushPullOne's request and what it gets back is PushPullOne's reply, one
+message each, in order (protos/ps.proto). The session is an optimization that never changes
+an outcome:
+- It is opened on first use, and opened again before a call when it has ended, has idled for
+  half the shard's idle limit (`STREAM_IDLE_TIMEOUT`), or is within one rpc_timeout of its own
+  deadline. So the shard's stream guard does not end a session in use.
+- If the session ends before it answers (the shard restarted or is stopping: UNAVAILABLE,
+  CANCELLED; the shard's stream limits are full: RESOURCE_EXHAUSTED; a clean end), the same
+  request goes again as PushPullOne, and so do the calls of the next RETRY_AFTER_S seconds.
+  Pushes are idempotent per (worker, seq): one that reached the shard is answered DUPLICATE,
+  and the pull still comes back. PushPullOne waits for a restarting shard as every unary call
+  does.
+- A status the shard gave the push (INVALID_ARGUMENT, FAILED_PRECONDITION, DEADLINE_EXCEEDED
+  after waiting its header's `wait_s`, ...) is raised as it is: the RpcError a PushPullOne would
+  have raised. The session is dropped, and the next call opens a new one.
+- If no answer comes within rpc_timeout (+ ANSWER_SLACK_S, for the shard's own answer to a wait
+  that timed out to arrive first), the session is cancelled and DEADLINE_EXCEEDED raised, as a
+  unary call's deadline would.
+- One call at a time: a second caller while one is in flight (a background push-pull beside
+  the worker's own) takes PushPullOne.
+
+A daemon thread per open session reads the replies, so a call can wait with a timeout. It costs
+0-30 us a round trip against reading in the caller (measured beside the numbers above).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from asyncps.protos.serving import STREAM_IDLE_TIMEOUT
+
+logger = logging.getLogger(__name__)
+
+# A session that ends with one of these before it answers hands its request to PushPullOne.
+FALLBACK_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED})
+IDLE_REOPEN_S = STREAM_IDLE_TIMEOUT / 2  # reopen a session idle this long (the shard ends it at the full limit)
+# A call waits this much longer than the push's wait_s (rpc_timeout), so that a shard that gave up
+# waiting answers first with its own DEADLINE_EXCEEDED, which names what it waited for.
+ANSWER_SLACK_S = 1.0
+LIFETIMES = 4  # a session's deadline in rpc_timeouts (as the shard's cap on a stream without one)
+# After a session ended before answering (refused by the shard's stream limits, the shard gone),
+# calls go as PushPullOne this long before a session is tried again: an over-subscribed shard
+# must not pay a refused stream on top of every call.
+RETRY_AFTER_S = 5.0
+
+
+class SessionTimeout(grpc.RpcError):
+    """No answer on a session within the client's deadline: what a unary call's deadline raises."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"no answer from the shard's session within {seconds:g} s")
+        self._details = str(self)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return self._details
+
+
+class _Stream:
+    """One open PushPullSession call and the thread that reads its replies."""
+
+    def __init__(self, method, lifetime: float):
+        self.opened = self.used = time.monotonic()
+        self.deadline = self.opened + lifetime
+        self.ended = False  # the reader saw the stream end (an error or a clean end)
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = method(iter(self._requests.get, None), timeout=lifetime, wait_for_ready=True)
+        threading.Thread(target=self._read, name="ps-session", daemon=True).start()
+
+    def _read(self) -> None:
+        end: object = None  # a clean end
+        try:
+            for reply in self._call:
+                self._replies.put(reply)
+        except Exception as err:  # an RpcError; anything else must not leave a caller waiting either
+            end = err
+        self.ended = True
+        self._replies.put(end)
+
+    def exchange(self, request: bytes, timeout: float) -> bytes | grpc.RpcError | BaseException | None:
+        """Sends one request; its reply (bytes), or how the stream ended (an error, None)."""
+        self._requests.put(request)
+        try:
+            item = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            raise SessionTimeout(timeout) from None
+        self.used = time.monotonic()
+        return item
+
+    def close(self) -> None:
+        self._requests.put(None)  # ends the request stream: the shard's handler returns
+        self._call.cancel()
+
+
+class Session:
+    """PushPullOne requests to one shard, over a stream held open (module docstring)."""
+
+    def __init__(self, method, fallback: Callable[[bytes], bytes], rpc_timeout: float, name: str = "shard"):
+        self.name = name  # for the log
+        self._method = method  # the stub's PushPullSession
+        self._fallback = fallback  # request -> reply as PushPullOne
+        self._timeout = rpc_timeout
+        self._lock = threading.Lock()
+        self._stream: _Stream | None = None
+        self._closed = False
+        self._retry_at = 0.0  # monotonic time before which calls go as PushPullOne
+        self.opened = 0  # streams opened so far (tests, logs)
+        self.fallbacks = 0  # requests that went as PushPullOne because a session could not answer
+
+    def call(self, request: bytes) -> bytes:
+        """The reply to one PushPullOne request."""
+        if not self._lock.acquire(blocking=False):
+            return self._fallback(request)  # another call of this client holds the session
+        try:
+            if self._closed:
+                return self._fallback(request)
+            if time.monotonic() < self._retry_at:
+                self.fallbacks += 1
+                return self._fallback(request)
+            stream = self._fresh()
+            reply = stream.exchange(request, self._timeout + ANSWER_SLACK_S)
+            if isinstance(reply, bytes):
+                return reply
+            self._drop()
+            if self._closed and isinstance(reply, BaseException):
+                raise reply  # closed under this call: it ends, as a unary call on a closed channel
+            if reply is None or (isinstance(reply, grpc.RpcError) and reply.code() in FALLBACK_CODES):
+                self.fallbacks += 1
+                self._retry_at = time.monotonic() + RETRY_AFTER_S
+                how = "ended" if reply is None else reply.code().name
+                logger.debug(f"session to {self.name} {how} before answering; PushPullOne for {RETRY_AFTER_S:g} s")
+                return self._fallback(request)
+            raise reply
+        except SessionTimeout:
+            self._stream = None
+            raise
+        finally:
+            self._lock.release()
+
+    def _fresh(self) -> _Stream:
+        now = time.monotonic()
+        stream = self._stream
+        if stream is not None and (stream.ended or now - stream.used > IDLE_REOPEN_S
+                                   or stream.deadline - now < self._timeout + ANSWER_SLACK_S):
+            self._drop()
+            stream = None
+        if stream is None:
+            stream = self._stream = _Stream(self._method, LIFETIMES * self._timeout + ANSWER_SLACK_S)
+            self.opened += 1
+        return stream
+
+    def _drop(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def close(self) -> None:
+        """Ends the open stream at once, without waiting for a call on it: a push left waiting at
+        a frozen shard ends with CANCELLED, as a unary call ends when its channel closes (the
+        worker closes its client so that its process can exit). Later calls go as PushPullOne."""
+        self._closed = True
+        stream = self._stream
+        if stream is not None:
+            stream.close()
