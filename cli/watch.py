@@ -24,8 +24,9 @@ RATE_WINDOW = 3.0  # seconds of rows the steps/s on the live line is measured ov
 class RunWatcher:
     """Follows metrics.jsonl from its current end; `poll()` reads new rows and redraws."""
 
-    def __init__(self, run_dir: str | Path, max_steps: int, workers: int, stream: TextIO = sys.stderr,
+    def __init__(self, run_dir: str | Path, max_steps: int, workers: int, stream: TextIO | None = None,
                  every_seconds: float = 5.0, clock=time.monotonic):
+        stream = sys.stderr if stream is None else stream  # the stderr of the moment, not of import time
         self.path = Path(run_dir) / "metrics.jsonl"
         self.max_steps, self.workers, self.stream = max_steps, workers, stream
         self.tty = stream.isatty()

@@ -86,7 +86,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 class Progress:
     """One progress line on a terminal (redrawn in place); plain log lines when not a TTY."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, every: int = 100):
+    def __init__(self, total: int, stream: TextIO | None = None, every: int = 100):
+        # the stderr of the moment, not of import time (a caller, or pytest, may have replaced it since)
+        stream = sys.stderr if stream is None else stream
         self.total, self.stream, self.every = total, stream, every
         self.tty = stream.isatty()
         self.start = time.time()

@@ -338,3 +338,15 @@ def test_roles_are_forked_only_by_the_launch_command_with_one_thread_and_blas_pi
     finally:
         held.set()
         thread.join()
+
+
+def test_progress_lines_go_to_the_stderr_of_the_moment_not_of_import_time(tmp_path, monkeypatch):
+    """A default of `stream=sys.stderr` was bound when the module was imported: a later run in a
+    process whose stderr had been replaced since (pytest's capture, a library user's redirect)
+    wrote to, or failed on, the old one (ValueError: I/O operation on closed file)."""
+    from asyncps.runs import Progress
+
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    assert Progress(10).stream is now
+    assert RunWatcher(tmp_path, max_steps=10, workers=1).stream is now
