@@ -87,6 +87,11 @@ _SERVICE_CONFIG = json.dumps({
             "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
         },
+    }, {
+        # a worker's session (common/ps_session.py) is not retried: one that cannot open hands its
+        # request to PushPullOne at once, which retries as above (retrying the session first cost
+        # about 1.5 s of backoff whenever the shard's stream slots were full)
+        "name": [{"service": "asyncps.ParameterServer", "method": "PushPullSession"}],
     }]
 })
 

@@ -26,6 +26,11 @@ an outcome:
   unary call's deadline would.
 - One call at a time: a second caller while one is in flight (a background push-pull beside
   the worker's own) takes PushPullOne.
+- The shard ends a session cleanly (no error) when it idled past the shard's limit or the shard
+  is stopping: a request caught in that end goes as PushPullOne, and the next call opens a new
+  session. A shard from before sessions (UNIMPLEMENTED) gets PushPullOne from then on.
+- Retries: the channel's retry policy (common/ps_client.py) leaves the session out; its
+  fallback, PushPullOne, is retried as every call is.
 
 A daemon thread per open session reads the replies, so a call can wait with a timeout. It costs
 0-30 us a round trip against reading in the caller (measured beside the numbers above).
@@ -142,6 +147,10 @@ class Session:
             self._drop()
             if self._closed and isinstance(reply, BaseException):
                 raise reply  # closed under this call: it ends, as a unary call on a closed channel
+            if isinstance(reply, grpc.RpcError) and reply.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._closed = True  # a shard from before sessions: PushPullOne from now on
+                logger.info(f"{self.name} has no sessions (an older shard); its push-pulls go as PushPullOne")
+                return self._fallback(request)
             if reply is None or (isinstance(reply, grpc.RpcError) and reply.code() in FALLBACK_CODES):
                 self.fallbacks += 1
                 self._retry_at = time.monotonic() + RETRY_AFTER_S
@@ -175,7 +184,10 @@ class Session:
     def close(self) -> None:
         """Ends the open stream at once, without waiting for a call on it: a push left waiting at
         a frozen shard ends with CANCELLED, as a unary call ends when its channel closes (the
-        worker closes its client so that its process can exit). Later calls go as PushPullOne."""
+        worker closes its client so that its process can exit). Later calls go as PushPullOne.
+        Not under the lock, on purpose: a call that passed the closed check just before may
+        still open a stream, which PSClient.close(), closing the channels next, cancels (or on a
+        closed channel it fails as a unary call would)."""
         self._closed = True
         stream = self._stream
         if stream is not None:

@@ -228,6 +228,18 @@ class StreamGuard(grpc.ServerInterceptor):
         """Stops the watchdog (the server has stopped)."""
         self._closed.set()
 
+    def end(self, method: str, why: str) -> int:
+        """Ends every open stream of `method` (its full name): a handler waiting for its next
+        message sees StreamExpired(why) at once, one busy with a message after it (a stopping
+        server's idle request streams, which would otherwise hold its grace). The number ended."""
+        with self._lock:
+            streams = [s for s in self._open if s.method == method and s.expired_at is None]
+        for stream in streams:
+            stream.why, stream.expired_at = f"{self.role}: {method}: {why}", time.monotonic()
+            if stream.context is not None:
+                self._expire(stream.context)
+        return len(streams)
+
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         if handler is None or not handler.request_streaming:

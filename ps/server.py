@@ -92,6 +92,8 @@ class ShardServer:
         """Health NOT_SERVING, waiting calls woken with UNAVAILABLE, then stop with `grace`."""
         self._role.health.enter_graceful_shutdown()
         self.shard.stop()
+        if self.streams is not None:  # workers' sessions idle between steps: end them, or they hold the grace
+            self.streams.end(f"/{SERVICE_NAME}/PushPullSession", "the shard is stopping")
         self._role.stop(self._grace if grace is None else grace)
         if self.shm is not None:
             self.shm.close()  # unlinks segments whose handshake did not complete, unmaps the rest

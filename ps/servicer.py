@@ -35,6 +35,7 @@ import numpy as np
 
 from asyncps.protos import codec, ps_pb2
 from asyncps.protos.codec import CodecError
+from asyncps.protos.serving import StreamExpired
 from asyncps.ps import table_wire, validate
 from asyncps.ps.errors import ShardError
 from asyncps.ps.shard import Shard
@@ -227,9 +228,19 @@ class ParameterServerServicer:
     def PushPullSession(self, request_iterator, context):
         """PushPullOne, message after message on one stream held open (a worker's session, see
         protos/ps.proto): each push and its pull wait on the shard at most the header's `wait_s`;
-        an error ends the stream with the status PushPullOne would have returned."""
-        for request in request_iterator:
-            yield self._push_pull_one(request, context, session_start=time.monotonic())
+        an error ends the stream with the status PushPullOne would have returned.
+
+        Ends cleanly (no error) when the stream guard ends it (idle past its limit, or the shard
+        stopping: ShardServer.stop) or the shard is stopping when a message comes: the client
+        sends a request caught in that end as PushPullOne (common/ps_session.py), which a
+        stopping server refuses like any new call."""
+        try:
+            for request in request_iterator:
+                if self._shard.stopping:
+                    return
+                yield self._push_pull_one(request, context, session_start=time.monotonic())
+        except StreamExpired:
+            return
 
     def _push_pull_one(self, request, context, session_start: float | None = None) -> bytes:
         result, header = self._push((request,), context, with_header=True, streamed=False, session_start=session_start)

@@ -147,6 +147,11 @@ class Shard:
         never change once initialized (a restore swaps in a new dict, never mutates this one)."""
         return self._vars
 
+    @property
+    def stopping(self) -> bool:
+        """`stop` was called: waiting calls were woken with Unavailable, new waits fail."""
+        return self._stopping
+
     def check_pusher(self, worker: int) -> None:
         """Raises unless the shard is initialized and `worker` registered and active (what
         `push` checks first), so a transport can refuse before reading a payload."""

@@ -34,7 +34,7 @@ from asyncps.ps_client import PSClient, channel_options
 TOKEN = "authz-job-token"
 PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
 CONTROL = ("Init", "Pause", "Resume", "Snapshot", "Restore", "Stop")
-DATA = ("RegisterWorker", "Pull", "Push", "PushPull", "PullOne", "PushOne", "PushPullOne")
+DATA = ("RegisterWorker", "Pull", "Push", "PushPull", "PullOne", "PushOne", "PushPullOne", "PushPullSession")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,7 @@ def every_call(stub, snapshot_bytes: bytes = b""):
         "PullOne": lambda: stub.PullOne(ps_pb2.PullRequest(), timeout=3),
         "PushOne": lambda: stub.PushOne(push_message(), timeout=3),
         "PushPullOne": lambda: stub.PushPullOne(push_message(), timeout=3),
+        "PushPullSession": lambda: list(stub.PushPullSession(iter([push_message()]), timeout=3)),
         "Stats": lambda: stub.Stats(ps_pb2.StatsRequest(), timeout=3),
     }
 
@@ -239,7 +240,7 @@ def test_ps_and_client_certificates_get_only_their_share(shard, role, allowed):
         # health stays open to everyone
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    assert denied == 14 - len(allowed)
+    assert denied == 15 - len(allowed)
     assert not server.stop_requested.is_set()
     assert_unchanged(before, state(address, cfg))
     assert server._role.refusals.counts()["PERMISSION_DENIED"] == denied

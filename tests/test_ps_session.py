@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -14,6 +16,7 @@ from asyncps import ps_session
 from asyncps.config import Config
 from asyncps.partition import place
 from asyncps.protos.codec import SparseRows
+from asyncps.protos.rpc import ps_stub
 from asyncps.protos.serving import StreamLimits
 from asyncps.ps.server import ShardServer
 from asyncps.ps_client import PSClient
@@ -124,10 +127,13 @@ def test_a_session_the_shard_cannot_admit_hands_each_request_to_push_pull_one(mo
     session is tried for RETRY_AFTER_S (an over-subscribed shard pays no refused stream per call)."""
     monkeypatch.setattr(ps_session, "RETRY_AFTER_S", 3600.0)  # however slow the machine, one try
     full = StreamLimits(max_streams=0)
-    with _cluster(1, streams=full) as (client, _):
+    with _cluster(1, streams=full) as (client, servers):
         seen, final, versions = _sequence(client)
         session = client._sessions[0]
         assert session.fallbacks == 6 and session.opened == 1
+        # the channel's retry policy leaves the session out: one refused stream, not five
+        # retried with backoff first (about 1.5 s of the step)
+        assert servers[0].streams.counts["refused_total"] == 1
     with _cluster(1, sessions=False) as (client, _):
         assert repr(_sequence(client)[0]) == repr(seen)
 
@@ -179,3 +185,54 @@ def test_closing_the_client_ends_a_push_left_waiting_on_a_session_at_once():
         client.close()
         caller.join(5)  # well under the push's wait_s (rpc_timeout 10 s)
         assert not caller.is_alive() and ended == [grpc.StatusCode.CANCELLED]
+
+
+def _wait_for(what: str, predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.01)
+
+
+def test_a_session_the_shard_ended_for_idling_is_reopened_without_an_error():
+    """The shard's stream guard ends an idle session cleanly; the next push-pull opens another."""
+    with _cluster(1, streams=StreamLimits(idle_timeout=0.2)) as (client, servers):
+        client.register(0)
+        _, versions = client.pull(worker=0)
+        _, _, versions = client.push_pull(_grads(0), versions, 0, 0)
+        session = client._sessions[0]
+        _wait_for("end of the idle session", lambda: session._stream is not None and session._stream.ended)
+        assert servers[0].streams.counts["idle"] == 1
+        results, _, _ = client.push_pull(_grads(1), versions, 0, 1)
+        assert results[0].result == "APPLIED" and session.opened == 2 and session.fallbacks == 0
+
+
+def test_stopping_a_shard_ends_its_idle_sessions_instead_of_waiting_out_the_grace():
+    """An open session is a call in flight: the server's stop(grace) used to wait all of the grace
+    for it (5 s at every shard's shutdown)."""
+    with _cluster(1) as (client, servers):
+        client.register(0)
+        _, versions = client.pull(worker=0)
+        client.push_pull(_grads(0), versions, 0, 0)  # the session stays open, idle
+        assert servers[0].streams.open_streams == 1
+        started = time.monotonic()
+        servers[0].stop(120)
+        assert time.monotonic() - started < 60  # not the grace
+        assert servers[0].streams.open_streams == 0
+
+
+def test_a_shard_without_sessions_gets_push_pull_one_from_then_on():
+    """A shard from before sessions answers UNIMPLEMENTED: the request and every later one go as
+    PushPullOne, and no session is tried again."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))  # serves no method at all
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            sent: list[bytes] = []
+            session = ps_session.Session(ps_stub(channel).PushPullSession, lambda r: sent.append(r) or b"as unary", 5.0)
+            assert [session.call(b"a"), session.call(b"b")] == [b"as unary", b"as unary"]
+            assert sent == [b"a", b"b"] and session.opened == 1
+            session.close()
+    finally:
+        server.stop(0)
