@@ -44,22 +44,15 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benches' shared helpers
+from procstat import cpu_seconds  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 CPU: dict[str, list[dict[str, float]]] = {}  # setting -> per run: CPU ms per step by role (steady state)
 WALL: dict[str, list[float]] = {}  # setting -> wall seconds of each whole command (start-up, data, final evaluation)
 _last_wall = 0.0
-
-
-def _cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a live process, all its threads (from /proc); NaN if gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pids(run_dir: Path, own: int) -> dict[str, int]:
@@ -92,7 +85,7 @@ def asyncps(*args: str, run_dir: Path | None = None, kind: str = "", steps: int 
                 continue
             step = _last_step(run_dir / "metrics.jsonl", kind)
             if step >= (steps // 10 if not marks else steps * 9 // 10):
-                marks.append((step, {role: _cpu_seconds(pid) for role, pid in _pids(run_dir, proc.pid).items()}))
+                marks.append((step, {role: cpu_seconds(pid) for role, pid in _pids(run_dir, proc.pid).items()}))
         if proc.returncode != 0:
             err.seek(0)
             raise SystemExit(f"asyncps {' '.join(args)} failed:\n{err.read()[-2000:]}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import queue
 import statistics
 import sys
@@ -35,17 +34,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstat import cpu_seconds  # noqa: E402
 import transport as T  # noqa: E402  (the raw service, the no-op optimizer, gRPC options)
 
 from asyncps.allocator import tune_allocator  # noqa: E402
 
 MIB = 1 << 20
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid`, all threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _timed_handlers(acc: dict) -> None:
@@ -175,12 +169,12 @@ def run(mib: int, calls: int, reps: int) -> list[dict]:
                     op()
                 parent.send("handler")
                 before = parent.recv()
-                s0, c0, walls = _cpu_seconds(server_pid), time.process_time(), []
+                s0, c0, walls = cpu_seconds(server_pid), time.process_time(), []
                 for _ in range(calls):
                     t0 = time.perf_counter()
                     op()
                     walls.append(time.perf_counter() - t0)
-                s1, c1 = _cpu_seconds(server_pid), time.process_time()
+                s1, c1 = cpu_seconds(server_pid), time.process_time()
                 parent.send("handler")
                 after = parent.recv()
                 n = after["calls"] - before["calls"]

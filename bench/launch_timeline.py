@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """user + system CPU seconds of a live process (all its threads); None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / TICK
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from procstat import cpu_seconds  # noqa: E402  (NaN once a process is gone)
 
 
 def roles(run_dir: Path) -> dict[str, int]:
@@ -75,7 +65,7 @@ def main() -> None:
             pids = {"launcher": proc.pid, **roles(run_dir)}
             if first_step is None and training_started(run_dir):
                 first_step = now
-            samples.append((now, {role: c for role, pid in pids.items() if (c := cpu_seconds(pid)) is not None}))
+            samples.append((now, {role: c for role, pid in pids.items() if (c := cpu_seconds(pid)) == c}))
             time.sleep(args.every)
         ended = time.perf_counter() - started
     print(f"launch exited {proc.returncode} after {ended:.2f} s; training started (first progress row) at "

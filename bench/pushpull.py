@@ -26,10 +26,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 from multiprocessing.process import BaseProcess
-import os
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benches' shared helpers
+from procstat import cpu_seconds  # noqa: E402
 
 import numpy as np
 
@@ -41,13 +44,6 @@ def tiny_shapes(n: int = 6) -> dict[str, tuple[int, ...]]:
     """--tiny: n 8-float tensors, the same calls with no bytes to speak of: the fixed cost of a
     round trip, and what each tensor adds to it."""
     return {f"tiny{i}": (8,) for i in range(n)}
-
-
-def _cpu_seconds(proc: BaseProcess) -> float:
-    """user + system CPU seconds of a started process, all threads (from /proc)."""
-    with open(f"/proc/{proc.pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _server_main(conn, index: int, shards: int, workers: int, profile: str | None) -> None:
@@ -187,6 +183,7 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
         proc.start()
         servers.append((proc, parent, _answer(proc, parent)))
     ports = [port for _, _, port in servers]
+    server_pids = [int(proc.pid or 0) for proc, _, _ in servers]  # started: each answered with its port
     workers = []
     for w in range(clients):
         parent, child = ctx.Pipe()
@@ -203,13 +200,13 @@ def run(calls: int, clients: int, shards: int, reps: int, profile: str | None, u
             if last and profile:
                 for _, conn, _ in servers:
                     conn.send("profile")
-            ps_cpu0 = [_cpu_seconds(p) for p, _, _ in servers]
+            ps_cpu0 = [cpu_seconds(pid) for pid in server_pids]
             t0 = time.perf_counter()
             for _, conn in workers:
                 conn.send(msg)
             results = [_answer(proc, conn) for proc, conn in workers]
             wall = time.perf_counter() - t0
-            ps_cpu = sum(_cpu_seconds(p) - c for (p, _, _), c in zip(servers, ps_cpu0))
+            ps_cpu = sum(cpu_seconds(pid) - c for pid, c in zip(server_pids, ps_cpu0))
             n = calls * clients
             if rep:
                 rows.append({"calls_per_s": n / wall, "wall_ms": 1e3 * statistics.mean(r[0] for r in results) / calls,

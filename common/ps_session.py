@@ -2,9 +2,10 @@
 
 Why: a unary call pays gRPC's per-call setup (call object, metadata, status, the server's
 interceptors) on every step. A message each way on a stream that stays open costs half as much
-(bench/grpc_floor.py: 64 bytes, 0.61 ms as a unary call, 0.30 ms on an open stream). For the
-worker's push-pull of six 8-float tensors that was 1.10 ms a round trip as PushPullOne and 0.72
-ms on a session; for the MNIST MLP's 1.08 MB, 2.55 ms and 2.23 ms.
+(bench/grpc_floor.py: 64 bytes, 0.61 ms as a unary call, 0.30 ms on an open stream).
+`bench/pushpull.py --transport grpc`, before -> with sessions: the worker's push-pull of six
+8-float tensors (`--tiny`) 1.13-1.18 -> 0.81-0.90 ms a round trip; the MNIST MLP's 1.08 MB
+2.63-2.67 -> 2.37-2.45 ms (docs/performance.md, seventh pass).
 
 What it sends is exactly PushPullOne's request and what it gets back is PushPullOne's reply, one
 message each, in order (protos/ps.proto). The session is an optimization that never changes
@@ -32,8 +33,8 @@ an outcome:
 - Retries: the channel's retry policy (common/ps_client.py) leaves the session out; its
   fallback, PushPullOne, is retried as every call is.
 
-A daemon thread per open session reads the replies, so a call can wait with a timeout. It costs
-0-30 us a round trip against reading in the caller (measured beside the numbers above).
+A daemon thread per open session reads the replies, so a call can wait with a timeout. Against
+reading in the caller it cost 7-32 us a round trip (a throwaway comparison, not kept as a bench).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from collections.abc import Callable
 
 import grpc
 
+from asyncps.protos.rpc import StatusError
 from asyncps.protos.serving import STREAM_IDLE_TIMEOUT
 
 logger = logging.getLogger(__name__)
@@ -63,27 +65,20 @@ LIFETIMES = 4  # a session's deadline in rpc_timeouts (as the shard's cap on a s
 RETRY_AFTER_S = 5.0
 
 
-class SessionTimeout(grpc.RpcError):
+class SessionTimeout(StatusError):
     """No answer on a session within the client's deadline: what a unary call's deadline raises."""
 
     def __init__(self, seconds: float):
-        super().__init__(f"no answer from the shard's session within {seconds:g} s")
-        self._details = str(self)
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-
-    def details(self) -> str:
-        return self._details
+        super().__init__(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer from the shard's session within {seconds:g} s")
 
 
 class _Stream:
     """One open PushPullSession call and the thread that reads its replies."""
 
     def __init__(self, method, lifetime: float):
-        self.opened = self.used = time.monotonic()
-        self.deadline = self.opened + lifetime
-        self.ended = False  # the reader saw the stream end (an error or a clean end)
+        self.used = time.monotonic()
+        self.deadline = self.used + lifetime
+        self.ended = threading.Event()  # the reader saw the stream end (an error or a clean end)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._call = method(iter(self._requests.get, None), timeout=lifetime, wait_for_ready=True)
@@ -96,7 +91,7 @@ class _Stream:
                 self._replies.put(reply)
         except Exception as err:  # an RpcError; anything else must not leave a caller waiting either
             end = err
-        self.ended = True
+        self.ended.set()
         self._replies.put(end)
 
     def exchange(self, request: bytes, timeout: float) -> bytes | grpc.RpcError | BaseException | None:
@@ -167,7 +162,7 @@ class Session:
     def _fresh(self) -> _Stream:
         now = time.monotonic()
         stream = self._stream
-        if stream is not None and (stream.ended or now - stream.used > IDLE_REOPEN_S
+        if stream is not None and (stream.ended.is_set() or now - stream.used > IDLE_REOPEN_S
                                    or stream.deadline - now < self._timeout + ANSWER_SLACK_S):
             self._drop()
             stream = None

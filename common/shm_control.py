@@ -38,6 +38,8 @@ import struct
 
 import grpc
 
+from asyncps.protos.rpc import StatusError
+
 HEADER = struct.Struct("<IB")
 DEADLINE = struct.Struct("<d")
 HELLO, CALL = 1, 2  # client -> shard
@@ -48,18 +50,8 @@ HELLO_SECONDS = 5.0  # an accepted connection must prove itself this fast
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class ControlError(grpc.RpcError):
+class ControlError(StatusError):
     """A control call's failure, shaped like the gRPC error the same call would raise."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 class FrameError(ConnectionError):

@@ -44,6 +44,22 @@ PS_METHODS = {
 }
 
 
+class StatusError(grpc.RpcError):
+    """A failure raised on the client side of a call, shaped like the gRPC error the same call
+    would raise (code() and details()), so callers handle both alike (shm_control.ControlError,
+    ps_session.SessionTimeout)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
 def _identity(x):
     return x
 

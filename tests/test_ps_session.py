@@ -187,13 +187,6 @@ def test_closing_the_client_ends_a_push_left_waiting_on_a_session_at_once():
         assert not caller.is_alive() and ended == [grpc.StatusCode.CANCELLED]
 
 
-def _wait_for(what: str, predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.01)
-
-
 def test_a_session_the_shard_ended_for_idling_is_reopened_without_an_error():
     """The shard's stream guard ends an idle session cleanly; the next push-pull opens another."""
     with _cluster(1, streams=StreamLimits(idle_timeout=0.2)) as (client, servers):
@@ -201,7 +194,7 @@ def test_a_session_the_shard_ended_for_idling_is_reopened_without_an_error():
         _, versions = client.pull(worker=0)
         _, _, versions = client.push_pull(_grads(0), versions, 0, 0)
         session = client._sessions[0]
-        _wait_for("end of the idle session", lambda: session._stream is not None and session._stream.ended)
+        assert session._stream.ended.wait(30), "the shard never ended the idle session"
         assert servers[0].streams.counts["idle"] == 1
         results, _, _ = client.push_pull(_grads(1), versions, 0, 1)
         assert results[0].result == "APPLIED" and session.opened == 2 and session.fallbacks == 0
